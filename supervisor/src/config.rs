@@ -1,0 +1,1 @@
+//! Configuration: TOML file + CLI flags, validated once into typed values.

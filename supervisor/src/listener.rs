@@ -1,0 +1,1 @@
+//! Listening sockets: unix and TCP, bound once in the master.
