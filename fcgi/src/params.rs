@@ -1,0 +1,199 @@
+//! Name-value pairs: the PARAMS stream and the GET_VALUES bodies.
+//!
+//! "FastCGI transmits a name-value pair as the length of the name, followed by the length of the
+//! value, followed by the name, followed by the value. Lengths of 127 bytes and less can be
+//! encoded in one byte, while longer lengths are always encoded in four bytes."
+//!
+//! Names and values are bytes, not text: a value may be any binary string, and a name may repeat
+//! (every occurrence is kept, in order).
+
+use bytes::{BufMut, Bytes};
+
+use crate::Error;
+
+/// The longest name or value the 4-byte length form can express (the high bit is the marker).
+pub const MAX_PAIR_LEN: usize = 0x7fff_ffff;
+
+/// Writes a length in the 1-byte form when it fits in 7 bits, else the 4-byte form.
+pub fn encode_length(len: usize, dst: &mut impl BufMut) {
+    debug_assert!(len <= MAX_PAIR_LEN, "caller bounds pair lengths");
+    if len <= 127 {
+        dst.put_u8(len as u8);
+    } else {
+        // "nameLengthB3 >> 7 == 1": the top bit marks the 4-byte form.
+        dst.put_u32(len as u32 | 0x8000_0000);
+    }
+}
+
+/// Reads a length: `Some((len, bytes used))`, or `None` if `src` is too short to hold it.
+pub fn decode_length(src: &[u8]) -> Option<(usize, usize)> {
+    let first = *src.first()?;
+    if first >> 7 == 0 {
+        return Some((usize::from(first), 1));
+    }
+    let b = src.get(..4)?;
+    let len = u32::from_be_bytes([b[0] & 0x7f, b[1], b[2], b[3]]);
+    Some((len as usize, 4))
+}
+
+/// The bytes one pair takes on the wire.
+pub fn encoded_pair_len(name: &[u8], value: &[u8]) -> usize {
+    let len_of = |n: usize| if n <= 127 { 1 } else { 4 };
+    len_of(name.len()) + len_of(value.len()) + name.len() + value.len()
+}
+
+/// Writes one name-value pair.
+pub fn encode_pair(name: &[u8], value: &[u8], dst: &mut impl BufMut) {
+    encode_length(name.len(), dst);
+    encode_length(value.len(), dst);
+    dst.put_slice(name);
+    dst.put_slice(value);
+}
+
+/// The name-value pairs of one request, in the order they arrived, duplicates included.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Params {
+    pairs: Vec<(Bytes, Bytes)>,
+}
+
+impl Params {
+    /// Decodes a whole stream's worth of pairs, sharing `src`'s memory. At most `max_pairs`.
+    pub fn decode(src: Bytes, max_pairs: usize) -> Result<Params, Error> {
+        let mut pairs = Vec::new();
+        let mut pos = 0;
+        while pos < src.len() {
+            if pairs.len() == max_pairs {
+                return Err(Error::TooManyParams { limit: max_pairs });
+            }
+            let (name_len, n) = decode_length(&src[pos..]).ok_or(Error::TruncatedParams)?;
+            pos += n;
+            let (value_len, n) = decode_length(&src[pos..]).ok_or(Error::TruncatedParams)?;
+            pos += n;
+            // Checked before slicing: a length from the wire is never trusted.
+            let rest = src.len() - pos;
+            if name_len > rest || value_len > rest - name_len {
+                return Err(Error::TruncatedParams);
+            }
+            let name = src.slice(pos..pos + name_len);
+            pos += name_len;
+            let value = src.slice(pos..pos + value_len);
+            pos += value_len;
+            pairs.push((name, value));
+        }
+        Ok(Params { pairs })
+    }
+
+    /// Builds params from pairs (for clients and tests).
+    pub fn from_pairs<N: Into<Bytes>, V: Into<Bytes>>(pairs: impl IntoIterator<Item = (N, V)>) -> Params {
+        Params {
+            pairs: pairs.into_iter().map(|(n, v)| (n.into(), v.into())).collect(),
+        }
+    }
+
+    /// Writes every pair.
+    pub fn encode(&self, dst: &mut impl BufMut) {
+        for (name, value) in &self.pairs {
+            encode_pair(name, value, dst);
+        }
+    }
+
+    /// The bytes [`Params::encode`] writes.
+    pub fn encoded_len(&self) -> usize {
+        self.pairs.iter().map(|(n, v)| encoded_pair_len(n, v)).sum()
+    }
+
+    /// The value of the last pair named `name`: later pairs override earlier ones, as in a CGI
+    /// environment built by `setenv`.
+    pub fn get(&self, name: impl AsRef<[u8]>) -> Option<&Bytes> {
+        let name = name.as_ref();
+        self.pairs.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// The value of `name` as UTF-8 text, if present and valid.
+    pub fn get_str(&self, name: impl AsRef<[u8]>) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Every pair, in arrival order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
+        self.pairs.iter().map(|(n, v)| (n, v))
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// True when there are no pairs.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// Appends a pair.
+    pub fn push(&mut self, name: impl Into<Bytes>, value: impl Into<Bytes>) {
+        self.pairs.push((name.into(), value.into()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_and_four_byte_lengths() {
+        let mut buf = Vec::new();
+        encode_pair(b"A", &[b'v'; 128], &mut buf);
+        assert_eq!(&buf[..6], b"\x01\x80\x00\x00\x80A");
+        let p = Params::decode(Bytes::from(buf), 10).expect("valid");
+        assert_eq!(p.get("A").map(|v| v.len()), Some(128));
+        assert_eq!(decode_length(b"\x7f"), Some((127, 1)));
+        assert_eq!(decode_length(b"\xff\xff\xff\xff"), Some((MAX_PAIR_LEN, 4)));
+        assert_eq!(decode_length(b"\x80\x00\x01"), None);
+    }
+
+    #[test]
+    fn duplicates_kept_and_last_wins() {
+        let raw = Bytes::from_static(b"\x01\x01ax\x01\x01ay\x01\x00b");
+        let p = Params::decode(raw, 10).expect("valid");
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.get("a").map(|v| &v[..]), Some(&b"y"[..]));
+        assert_eq!(p.get("b").map(|v| v.len()), Some(0));
+        assert_eq!(p.iter().filter(|(n, _)| &n[..] == b"a").count(), 2);
+    }
+
+    #[test]
+    fn binary_values() {
+        let mut p = Params::default();
+        p.push(&b"BIN"[..], &b"\x00\xff\xfe\r\n"[..]);
+        let mut buf = Vec::new();
+        p.encode(&mut buf);
+        let back = Params::decode(Bytes::from(buf), 10).expect("valid");
+        assert_eq!(back, p);
+        assert_eq!(back.get_str("BIN"), None, "not UTF-8");
+    }
+
+    #[test]
+    fn truncated_pairs_are_errors() {
+        for raw in [&b"\x05"[..], b"\x05\x01abc", b"\x80\x00", b"\x01\x80\x00\x00\x10a"] {
+            assert_eq!(
+                Params::decode(Bytes::copy_from_slice(raw), 10),
+                Err(Error::TruncatedParams),
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn impossible_lengths_do_not_allocate() {
+        // Both lengths near 2^31: rejected by arithmetic, with nothing allocated for them.
+        let raw = Bytes::from_static(b"\xff\xff\xff\xff\xff\xff\xff\xffab");
+        assert_eq!(Params::decode(raw, 10), Err(Error::TruncatedParams));
+    }
+
+    #[test]
+    fn pair_limit() {
+        let raw = Bytes::from_static(b"\x01\x00a\x01\x00b\x01\x00c");
+        assert_eq!(Params::decode(raw.clone(), 2), Err(Error::TooManyParams { limit: 2 }));
+        assert_eq!(Params::decode(raw, 3).map(|p| p.len()), Ok(3));
+    }
+}
