@@ -1,1 +1,143 @@
-fn main() {}
+//! The example application: every route the README, the tests and the benchmarks use.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use supervisor::http::{header, HeaderValue, StatusCode};
+use supervisor::{status, text, with_type, Body, Request, Responder, Response, Role};
+
+/// Preloaded once in the master, shared copy-on-write by every worker.
+struct App {
+    greeting: &'static str,
+}
+
+impl App {
+    fn new() -> Result<App, String> {
+        if let Ok(why) = std::env::var("APP_EXAMPLE_FAIL_SETUP") {
+            return Err(format!("setup refused on purpose (APP_EXAMPLE_FAIL_SETUP={why})"));
+        }
+        Ok(App { greeting: "Hello, world!\n" })
+    }
+}
+
+impl Responder for App {
+    fn respond(&self, req: &mut Request) -> Response {
+        match req.role() {
+            Role::Authorizer => return authorize(req),
+            Role::Filter => return filter(req),
+            _ => {}
+        }
+        match req.path() {
+            "/hello" => text(self.greeting),
+            "/echo" => echo(req),
+            "/env" => env(req),
+            "/sleep" => sleep(req),
+            "/big" => big(req),
+            "/pid" => text(format!("{}\n", std::process::id())),
+            "/panic" => panic!("/panic was requested"),
+            "/crash" => std::process::abort(),
+            _ => status(StatusCode::NOT_FOUND),
+        }
+    }
+
+    /// A deploy whose workers cannot start, for trying the crash-loop backoff.
+    fn init_worker(&self) -> Result<(), String> {
+        match std::env::var("APP_EXAMPLE_FAIL_WORKER_INIT") {
+            Ok(why) => Err(format!("refused on purpose (APP_EXAMPLE_FAIL_WORKER_INIT={why})")),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// The body back, byte for byte, streamed: memory stays bounded for any size.
+fn echo(req: &mut Request) -> Response {
+    let content_type = req.header("content-type").and_then(|v| HeaderValue::from_str(v).ok());
+    let mut body = req.take_body();
+    let mut res = Response::new(Body::stream(move |out| {
+        while let Some(chunk) = body.next_chunk() {
+            out.write_all(&chunk)?;
+        }
+        Ok(())
+    }));
+    if let Some(ct) = content_type {
+        res.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    res
+}
+
+/// Every FastCGI param as a JSON object (binary values lossily as UTF-8; the last duplicate wins).
+fn env(req: &Request) -> Response {
+    let map: serde_json::Map<String, serde_json::Value> = req
+        .params()
+        .iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
+            )
+        })
+        .collect();
+    with_type("application/json", serde_json::Value::Object(map).to_string())
+}
+
+fn sleep(req: &Request) -> Response {
+    let Some(ms) = req.query_param("ms").and_then(|v| v.parse::<u64>().ok()) else {
+        return bad_request("ms must be a number of milliseconds: /sleep?ms=250\n");
+    };
+    std::thread::sleep(Duration::from_millis(ms));
+    text(format!("slept {ms}\n"))
+}
+
+/// N bytes of a repeating pattern, produced 64 KiB at a time: no N-sized buffer.
+fn big(req: &Request) -> Response {
+    let Some(n) = req.query_param("bytes").and_then(|v| v.parse::<u64>().ok()) else {
+        return bad_request("bytes must be a number: /big?bytes=1000000\n");
+    };
+    let mut res = with_type(
+        "application/octet-stream",
+        Body::stream(move |out| {
+            let block: Vec<u8> = (0..64 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut left = n;
+            while left > 0 {
+                let take = left.min(block.len() as u64) as usize;
+                out.write_all(&block[..take])?;
+                left -= take as u64;
+            }
+            Ok(())
+        }),
+    );
+    // The length is exact, so the client can show progress.
+    res.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    res
+}
+
+/// Authorizer role: allow requests that carry `Authorization: Bearer letmein`, and tell the web
+/// server who the user is through a `Variable-` header.
+fn authorize(req: &Request) -> Response {
+    if req.header("authorization") == Some("Bearer letmein") {
+        let mut res = text("");
+        res.headers_mut().insert("variable-auth-user", HeaderValue::from_static("example"));
+        res
+    } else {
+        status(StatusCode::FORBIDDEN)
+    }
+}
+
+/// Filter role: the DATA stream (the file being filtered) upper-cased.
+fn filter(req: &mut Request) -> Response {
+    let mut data = Vec::new();
+    if let Err(e) = req.data().read_to_end(&mut data) {
+        return text(format!("cannot read the data stream: {e}\n"));
+    }
+    text(data.to_ascii_uppercase())
+}
+
+fn bad_request(why: &'static str) -> Response {
+    let mut res = text(why);
+    *res.status_mut() = StatusCode::BAD_REQUEST;
+    res
+}
+
+fn main() {
+    supervisor::run(App::new)
+}

@@ -1,7 +1,155 @@
-//! The prefork supervisor (being assembled; see the crate docs once complete).
+//! The prefork supervisor: turns one [`Responder`] into a preforked, self-healing FastCGI
+//! server behind nginx.
+//!
+//! ```no_run
+//! use supervisor::{text, Request, Responder, Response};
+//!
+//! struct Hello;
+//!
+//! impl Responder for Hello {
+//!     fn respond(&self, _req: &mut Request) -> Response {
+//!         text("Hello, world!\n")
+//!     }
+//! }
+//!
+//! fn main() {
+//!     supervisor::run(|| Ok::<_, std::convert::Infallible>(Hello))
+//! }
+//! ```
+//!
+//! # Layout
+//! - `master`: forks and supervises workers; single-threaded,
+//!   synchronous, no async runtime (so `fork` is safe). `signals` maps signals to intents.
+//! - `worker`, `connection`, `handler`: a worker's tokio I/O thread, its FastCGI connections,
+//!   and the handler threads where application code runs.
+//! - [`policy`]: pool sizing, respawn backoff, timeouts, recycling: pure functions of a
+//!   scoreboard snapshot and `now`.
+//! - [`scoreboard`]: the shared-memory table workers write and the master reads.
+//! - [`config`], [`listener`], `logging`: the operator's surface.
+//! - `sys`: the only module with `unsafe` (fork, shared memory, raw fds).
+//! - [`Request`], [`Response`], [`Body`]: what the application sees.
+//!
+//! # How application code runs
+//! Setup (the closure given to [`run`]) runs once in the master before any fork, so what it
+//! loads is shared copy-on-write by every worker. [`Responder::respond`] runs on a worker's
+//! handler thread: blocking code is first-class. A worker runs at most
+//! `max_requests_in_flight` requests at once (default 1: classic one-request-per-process),
+//! one handler thread each; its I/O thread keeps reading bodies and writing responses
+//! meanwhile, and holds idle kept-alive connections for free. Async code runs by building a
+//! runtime inside the handler (`tokio::runtime::Builder::new_current_thread()`), or by
+//! calling into one the app keeps per worker.
+//!
+//! A panic in `respond` is caught: the request is answered `500 Internal Server Error`, the
+//! panic is logged, and the worker keeps serving (unwinding must stay enabled: with
+//! `panic = "abort"` a panic costs the worker, which the master replaces). An abort or a
+//! segfault costs only that worker.
 
 pub mod config;
+mod connection;
+mod handler;
 pub mod listener;
+mod logging;
+mod master;
 pub mod policy;
+mod request;
+mod response;
 pub mod scoreboard;
+pub mod signals;
 mod sys;
+mod worker;
+
+use std::fmt::Display;
+use std::sync::Arc;
+
+pub use fcgi::Role;
+pub use http;
+pub use request::{BodyReader, Request};
+pub use response::{status, text, with_type, Body, BodyWriter, Response};
+
+/// The application: one method, called for every request on a handler thread of a worker
+/// process. Blocking is fine: that is what handler threads are for.
+pub trait Responder: Send + Sync + 'static {
+    /// Answers one request.
+    fn respond(&self, request: &mut Request) -> Response;
+
+    /// Runs once in each worker right after it is forked, before it accepts: the place for
+    /// what must not be shared across `fork` (database connections, random seeds). An error
+    /// ends the worker; the master replaces it, backing off if every worker fails the same way.
+    fn init_worker(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Runs the server: parses the command line and the config file, binds the listeners, runs
+/// `setup` once (before forking: its data is shared copy-on-write by the workers), then
+/// supervises the pool until stopped. Exits the process: 0 after a graceful stop, 1 when the
+/// setup or the listeners fail, 2 for a bad configuration.
+pub fn run<R, E, F>(setup: F) -> !
+where
+    R: Responder,
+    E: Display,
+    F: FnOnce() -> Result<R, E>,
+{
+    std::process::exit(run_to_exit_code(setup))
+}
+
+fn run_to_exit_code<R, E, F>(setup: F) -> i32
+where
+    R: Responder,
+    E: Display,
+    F: FnOnce() -> Result<R, E>,
+{
+    let program = std::env::args().next().unwrap_or_else(|| "server".into());
+    let cli = match config::Cli::parse_from_env() {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let cfg = match config::Config::load(&cli) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            return 2;
+        }
+    };
+    if cfg.check_config {
+        println!("{program}: configuration ok");
+        return 0;
+    }
+    if let Err(e) = logging::init(cfg.log_format, cfg.log_file.as_deref()) {
+        eprintln!("{program}: {e}");
+        return 1;
+    }
+    let mut listeners = Vec::new();
+    for addr in &cfg.listen {
+        match listener::Listener::bind(addr, cfg.backlog, &cfg.socket) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                tracing::error!(listen = %addr, error = %e, "cannot listen");
+                return 1;
+            }
+        }
+    }
+    if let Some(path) = &cfg.pid_file {
+        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+            tracing::error!(path = %path.display(), error = %e, "cannot write pid file");
+            return 1;
+        }
+    }
+    let app = match setup() {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "application setup failed");
+            if let Some(path) = &cfg.pid_file {
+                let _ = std::fs::remove_file(path);
+            }
+            return 1;
+        }
+    };
+    match master::Master::new(cfg, Arc::new(app), listeners) {
+        Ok(master) => master.run(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the master");
+            1
+        }
+    }
+}

@@ -1,1 +1,208 @@
-//! Listening sockets: unix and TCP, bound once in the master.
+//! Listening sockets, bound once in the master before the first fork; workers inherit them.
+//!
+//! Unix sockets get their mode (0660 by default) and owner; a stale socket file left by a
+//! crashed server is replaced, a live one is an error; the file is removed on exit only by the
+//! process that created it. All sockets are close-on-exec.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr};
+
+use crate::config::{ListenAddr, SocketOptions};
+
+/// A std listener for a worker to hand to tokio.
+#[derive(Debug)]
+pub enum ListenerSocket {
+    /// TCP.
+    Tcp(std::net::TcpListener),
+    /// A unix stream socket.
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// One bound, listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    addr: ListenAddr,
+    /// The socket file this process created, and the pid that created it: a forked worker
+    /// dropping its copy must not unlink the master's socket.
+    created: Option<(PathBuf, u32)>,
+}
+
+impl Listener {
+    /// Binds and listens on `addr`.
+    pub fn bind(addr: &ListenAddr, backlog: i32, opts: &SocketOptions) -> io::Result<Listener> {
+        let backlog = Backlog::new(backlog).map_err(|e| io::Error::other(format!("backlog {backlog}: {e}")))?;
+        match addr {
+            ListenAddr::Tcp(sa) => {
+                let family = if sa.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+                let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+                socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)?;
+                if sa.is_ipv6() {
+                    // `[::]:9000` means IPv6 only; listen on `0.0.0.0:9000` too for both.
+                    socket::setsockopt(&fd, socket::sockopt::Ipv6V6Only, &true)?;
+                }
+                socket::bind(fd.as_fd().as_raw_fd_compat(), &SockaddrStorage::from(*sa))
+                    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("bind {sa}: {e}")))?;
+                socket::listen(&fd, backlog)?;
+                Ok(Listener { fd, addr: addr.clone(), created: None })
+            }
+            ListenAddr::Unix(path) => {
+                remove_stale(path)?;
+                let fd = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+                socket::bind(fd.as_fd().as_raw_fd_compat(), &UnixAddr::new(path.as_path())?)
+                    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("bind {}: {e}", path.display())))?;
+                let listener = Listener {
+                    fd,
+                    addr: addr.clone(),
+                    created: Some((path.clone(), std::process::id())),
+                };
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(opts.mode))?;
+                if opts.owner.is_some() || opts.group.is_some() {
+                    nix::unistd::chown(
+                        path.as_path(),
+                        opts.owner.map(nix::unistd::Uid::from_raw),
+                        opts.group.map(nix::unistd::Gid::from_raw),
+                    )
+                    .map_err(|e| io::Error::other(format!("chown {}: {e}", path.display())))?;
+                }
+                socket::listen(&listener.fd, backlog)?;
+                Ok(listener)
+            }
+        }
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> &ListenAddr {
+        &self.addr
+    }
+
+    /// True for a unix socket.
+    pub fn is_unix(&self) -> bool {
+        matches!(self.addr, ListenAddr::Unix(_))
+    }
+
+    /// A second descriptor of the same socket, as a std listener.
+    pub fn try_clone_std(&self) -> io::Result<ListenerSocket> {
+        let fd = self.fd.try_clone()?;
+        Ok(match self.addr {
+            ListenAddr::Tcp(_) => ListenerSocket::Tcp(fd.into()),
+            ListenAddr::Unix(_) => ListenerSocket::Unix(fd.into()),
+        })
+    }
+
+    /// Connections waiting in the kernel's accept queue, where it can be read (TCP).
+    pub fn queue_len(&self) -> Option<u32> {
+        match self.addr {
+            ListenAddr::Tcp(_) => crate::sys::tcp_accept_queue(self.fd.as_fd()),
+            ListenAddr::Unix(_) => None,
+        }
+    }
+
+    /// The local TCP address (the real port when bound to port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        let sa: SockaddrStorage = socket::getsockname(self.fd.as_fd().as_raw_fd_compat()).ok()?;
+        if let Some(v4) = sa.as_sockaddr_in() {
+            return Some(SocketAddr::from((v4.ip(), v4.port())));
+        }
+        sa.as_sockaddr_in6().map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some((path, pid)) = &self.created {
+            if *pid == std::process::id() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// Removes a socket file nobody answers on; refuses to touch a live socket or another file.
+fn remove_stale(path: &Path) -> io::Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket; remove it or choose another path", path.display()),
+        ));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{}: another server is listening on it", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// nix 0.30 takes raw fds in `bind`/`getsockname`; keep the conversion in one place.
+trait RawCompat {
+    fn as_raw_fd_compat(&self) -> std::os::fd::RawFd;
+}
+
+impl RawCompat for BorrowedFd<'_> {
+    fn as_raw_fd_compat(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("listener-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    fn opts() -> SocketOptions {
+        SocketOptions { mode: 0o660, owner: None, group: None }
+    }
+
+    #[test]
+    fn unix_socket_mode_stale_file_and_removal() {
+        let dir = tmp("unix");
+        let path = dir.join("app.sock");
+        let addr = ListenAddr::Unix(path.clone());
+        // A stale socket: bound once, listener dropped without unlinking (std leaves the file).
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
+        let l = Listener::bind(&addr, 16, &opts()).expect("replaces the stale file");
+        let mode = std::fs::metadata(&path).expect("socket file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        let live = Listener::bind(&addr, 16, &opts()).expect_err("a live socket is not replaced");
+        assert_eq!(live.kind(), io::ErrorKind::AddrInUse);
+        drop(l);
+        assert!(!path.exists(), "removed by the process that created it");
+        std::fs::write(&path, b"not a socket").expect("file");
+        assert!(Listener::bind(&addr, 16, &opts()).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn tcp_v4_and_v6_with_queue_length() {
+        let l = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr")), 16, &opts()).expect("bind");
+        let at = l.local_addr().expect("local addr");
+        let _a = std::net::TcpStream::connect(at).expect("connect");
+        let _b = std::net::TcpStream::connect(at).expect("connect");
+        assert_eq!(l.queue_len(), Some(2));
+        match Listener::bind(&ListenAddr::Tcp("[::1]:0".parse().expect("addr")), 16, &opts()) {
+            Ok(v6) => assert!(v6.local_addr().is_some_and(|a| a.is_ipv6())),
+            Err(e) => eprintln!("no IPv6 loopback on this machine: {e}"),
+        }
+    }
+}

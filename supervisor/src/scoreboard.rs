@@ -1,1 +1,455 @@
-//! The shared-memory scoreboard: one slot per worker.
+//! The scoreboard: a table in shared memory, one slot per worker, created by the master before
+//! the first fork. Each worker writes its own slot; the master and the status page read them
+//! all. It is plain atomics over [`crate::sys::SharedWords`], so this module needs no `unsafe`.
+//!
+//! Orderings: a writer publishes with `Release` and readers load with `Acquire`, so a reader
+//! that sees a state also sees the fields written before it. The request's method and URI are
+//! several words long, so they are guarded by a sequence counter (a seqlock): odd while being
+//! written, and a reader retries until it reads the same even value before and after.
+
+use std::io;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::sys::SharedWords;
+
+/// Pool-wide counters before the slots.
+const HEADER_WORDS: usize = 8;
+const H_ACCEPTED: usize = 0;
+
+// Word offsets within a slot.
+const PID: usize = 0;
+const GENERATION: usize = 1;
+const STATE: usize = 2;
+const STARTED: usize = 3;
+const SINCE: usize = 4;
+const REQUESTS: usize = 5;
+const IN_FLIGHT: usize = 6;
+const CONTENT_LENGTH: usize = 7;
+const LAST_DURATION: usize = 8;
+const RSS: usize = 9;
+const SEQ: usize = 10;
+const TEXT_LENS: usize = 11;
+const METHOD: usize = 12;
+/// Bytes of the method kept: the longest registered HTTP method (`UPDATEREDIRECTREF`) is 17;
+/// 15 covers every common one.
+pub const METHOD_BYTES: usize = 16;
+const URI: usize = METHOD + METHOD_BYTES / 8;
+/// Bytes of the request URI kept, like PHP-FPM's status page which shows the first 255 or so.
+pub const URI_BYTES: usize = 256;
+const SLOT_WORDS: usize = URI + URI_BYTES / 8;
+
+/// Reader retries before it settles for an empty string instead of a torn one.
+const SEQLOCK_RETRIES: usize = 16;
+
+/// What a worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// No worker.
+    Free,
+    /// Forked, not yet accepting.
+    Starting,
+    /// Accepting, with room for a request.
+    Idle,
+    /// At its cap of requests in flight.
+    Busy,
+    /// Finishing its requests before it exits.
+    Draining,
+}
+
+impl SlotState {
+    fn code(self) -> u64 {
+        match self {
+            SlotState::Free => 0,
+            SlotState::Starting => 1,
+            SlotState::Idle => 2,
+            SlotState::Busy => 3,
+            SlotState::Draining => 4,
+        }
+    }
+
+    fn from_code(code: u64) -> SlotState {
+        match code {
+            1 => SlotState::Starting,
+            2 => SlotState::Idle,
+            3 => SlotState::Busy,
+            4 => SlotState::Draining,
+            _ => SlotState::Free,
+        }
+    }
+}
+
+/// A copy of one slot at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotSnapshot {
+    /// The slot's index.
+    pub index: usize,
+    /// The worker's pid (0 before the fork returned).
+    pub pid: i32,
+    /// The generation the worker belongs to.
+    pub generation: u64,
+    /// What it is doing.
+    pub state: SlotState,
+    /// When it was spawned.
+    pub started: Duration,
+    /// When it entered its current state (for Busy: when the current request started).
+    pub since: Duration,
+    /// Requests it has finished.
+    pub requests: u64,
+    /// Requests running now.
+    pub in_flight: u32,
+    /// Method of the current or last request.
+    pub method: String,
+    /// URI of the current or last request (truncated to [`URI_BYTES`]).
+    pub uri: String,
+    /// CONTENT_LENGTH of the current or last request.
+    pub content_length: u64,
+    /// How long the last finished request took.
+    pub last_duration: Duration,
+    /// Resident memory as last measured by the worker, in bytes.
+    pub rss: u64,
+}
+
+/// The table.
+pub struct Scoreboard {
+    mem: SharedWords,
+    slots: usize,
+}
+
+impl Scoreboard {
+    /// Maps a table of `slots` free slots. Call before forking.
+    pub fn new(slots: usize) -> io::Result<Scoreboard> {
+        let mem = SharedWords::new(HEADER_WORDS + slots * SLOT_WORDS)?;
+        Ok(Scoreboard { mem, slots })
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots
+    }
+
+    /// True when the table has no slots.
+    pub fn is_empty(&self) -> bool {
+        self.slots == 0
+    }
+
+    /// Slot `index`. Panics on an index past the end: that is a bug in the master.
+    pub fn slot(&self, index: usize) -> Slot<'_> {
+        assert!(index < self.slots, "scoreboard slot {index} of {}", self.slots);
+        let start = HEADER_WORDS + index * SLOT_WORDS;
+        Slot { index, w: &self.mem.words()[start..start + SLOT_WORDS] }
+    }
+
+    /// The first free slot (master only: it alone claims slots).
+    pub fn free_slot(&self) -> Option<usize> {
+        (0..self.slots).find(|&i| self.slot(i).state() == SlotState::Free)
+    }
+
+    /// Every slot in use.
+    pub fn snapshot(&self) -> Vec<SlotSnapshot> {
+        (0..self.slots)
+            .map(|i| self.slot(i))
+            .filter(|s| s.state() != SlotState::Free)
+            .map(|s| s.snapshot())
+            .collect()
+    }
+
+    /// Requests accepted by every worker since the table was made ("accepted conn").
+    pub fn accepted(&self) -> u64 {
+        self.mem.words()[H_ACCEPTED].load(Ordering::Relaxed)
+    }
+
+    /// Counts one accepted request.
+    pub fn add_accepted(&self) {
+        self.mem.words()[H_ACCEPTED].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One worker's slot.
+#[derive(Clone, Copy)]
+pub struct Slot<'a> {
+    index: usize,
+    w: &'a [AtomicU64],
+}
+
+impl Slot<'_> {
+    fn get(&self, field: usize) -> u64 {
+        self.w[field].load(Ordering::Acquire)
+    }
+
+    fn set(&self, field: usize, value: u64) {
+        self.w[field].store(value, Ordering::Release);
+    }
+
+    /// Master, before the fork: a new worker of `generation`, Starting.
+    pub fn reset(&self, generation: u64, now: Duration) {
+        for field in [PID, REQUESTS, IN_FLIGHT, CONTENT_LENGTH, LAST_DURATION, RSS, TEXT_LENS] {
+            self.set(field, 0);
+        }
+        self.set(GENERATION, generation);
+        self.set(STARTED, micros(now));
+        self.set(SINCE, micros(now));
+        self.set(STATE, SlotState::Starting.code());
+    }
+
+    /// Records the worker's pid (the master after fork, the worker itself too).
+    pub fn set_pid(&self, pid: i32) {
+        self.set(PID, pid as u32 as u64);
+    }
+
+    /// Master, after reaping the worker: the slot is free again.
+    pub fn free(&self) {
+        self.set(STATE, SlotState::Free.code());
+        self.set(PID, 0);
+    }
+
+    /// The worker's state.
+    pub fn state(&self) -> SlotState {
+        SlotState::from_code(self.get(STATE))
+    }
+
+    /// Changes the state (worker: Idle when ready, Draining when it stops accepting).
+    pub fn set_state(&self, state: SlotState, now: Duration) {
+        self.set(SINCE, micros(now));
+        self.set(STATE, state.code());
+    }
+
+    /// Requests this worker has finished.
+    pub fn requests(&self) -> u64 {
+        self.get(REQUESTS)
+    }
+
+    /// Worker: a request starts.
+    pub fn begin_request(&self, method: &str, uri: &str, content_length: u64, cap: u32, now: Duration) {
+        let in_flight = self.w[IN_FLIGHT].fetch_add(1, Ordering::AcqRel) + 1;
+        self.write_text(method, uri);
+        self.set(CONTENT_LENGTH, content_length);
+        self.set(SINCE, micros(now));
+        if in_flight >= u64::from(cap) && self.state() != SlotState::Draining {
+            self.set(STATE, SlotState::Busy.code());
+        }
+    }
+
+    /// Worker: a request ended after `duration`.
+    pub fn end_request(&self, duration: Duration, cap: u32, now: Duration) {
+        let before = self.w[IN_FLIGHT].fetch_sub(1, Ordering::AcqRel);
+        self.w[REQUESTS].fetch_add(1, Ordering::AcqRel);
+        self.set(LAST_DURATION, micros(duration));
+        self.set(SINCE, micros(now));
+        if before.saturating_sub(1) < u64::from(cap) && self.state() == SlotState::Busy {
+            self.set(STATE, SlotState::Idle.code());
+        }
+    }
+
+    /// Worker: its resident memory, in bytes.
+    pub fn set_rss(&self, bytes: u64) {
+        self.set(RSS, bytes);
+    }
+
+    fn write_text(&self, method: &str, uri: &str) {
+        let method = truncate(method, METHOD_BYTES);
+        let uri = truncate(uri, URI_BYTES);
+        let seq = self.w[SEQ].load(Ordering::Relaxed);
+        self.w[SEQ].store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        pack(&self.w[METHOD..URI], method.as_bytes());
+        pack(&self.w[URI..SLOT_WORDS], uri.as_bytes());
+        self.w[TEXT_LENS].store(method.len() as u64 | (uri.len() as u64) << 16, Ordering::Relaxed);
+        self.w[SEQ].store(seq.wrapping_add(2), Ordering::Release);
+    }
+
+    fn read_text(&self) -> (String, String) {
+        for _ in 0..SEQLOCK_RETRIES {
+            let before = self.w[SEQ].load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let lens = self.w[TEXT_LENS].load(Ordering::Relaxed);
+            let method = unpack(&self.w[METHOD..URI], (lens & 0xffff) as usize);
+            let uri = unpack(&self.w[URI..SLOT_WORDS], (lens >> 16 & 0xffff) as usize);
+            fence(Ordering::Acquire);
+            if self.w[SEQ].load(Ordering::Relaxed) == before {
+                // Only whole writes are read, and they were cut on char boundaries.
+                return (
+                    String::from_utf8_lossy(&method).into_owned(),
+                    String::from_utf8_lossy(&uri).into_owned(),
+                );
+            }
+        }
+        (String::new(), String::new())
+    }
+
+    /// A copy of the slot.
+    pub fn snapshot(&self) -> SlotSnapshot {
+        let (method, uri) = self.read_text();
+        SlotSnapshot {
+            index: self.index,
+            pid: self.get(PID) as u32 as i32,
+            generation: self.get(GENERATION),
+            state: self.state(),
+            started: Duration::from_micros(self.get(STARTED)),
+            since: Duration::from_micros(self.get(SINCE)),
+            requests: self.get(REQUESTS),
+            in_flight: self.get(IN_FLIGHT) as u32,
+            method,
+            uri,
+            content_length: self.get(CONTENT_LENGTH),
+            last_duration: Duration::from_micros(self.get(LAST_DURATION)),
+            rss: self.get(RSS),
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn pack(words: &[AtomicU64], bytes: &[u8]) {
+    for (word, chunk) in words.iter().zip(bytes.chunks(8)) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        word.store(u64::from_le_bytes(b), Ordering::Relaxed);
+    }
+}
+
+fn unpack(words: &[AtomicU64], len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    for word in words {
+        if out.len() >= len {
+            break;
+        }
+        out.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The monotonic clock every process shares (`CLOCK_MONOTONIC`): the scoreboard's and the
+/// policies' time.
+pub fn now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
+/// This process's resident set size in bytes, from `/proc/self/statm`.
+pub fn self_rss() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
+    Some(pages * page as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::{fork, Fork};
+
+    const T0: Duration = Duration::from_secs(100);
+
+    #[test]
+    fn a_request_round_trip() {
+        let board = Scoreboard::new(2).expect("map");
+        let slot = board.slot(1);
+        slot.reset(3, T0);
+        slot.set_pid(1234);
+        assert_eq!(board.free_slot(), Some(0));
+        slot.set_state(SlotState::Idle, T0);
+        slot.begin_request("GET", "/hello?x=1", 7, 1, T0 + Duration::from_secs(1));
+        let s = slot.snapshot();
+        assert_eq!((s.pid, s.generation, s.state, s.in_flight), (1234, 3, SlotState::Busy, 1));
+        assert_eq!((s.method.as_str(), s.uri.as_str(), s.content_length), ("GET", "/hello?x=1", 7));
+        slot.end_request(Duration::from_millis(5), 1, T0 + Duration::from_secs(2));
+        let s = slot.snapshot();
+        assert_eq!((s.state, s.requests, s.in_flight), (SlotState::Idle, 1, 0));
+        assert_eq!(s.last_duration, Duration::from_millis(5));
+        assert_eq!(s.since, T0 + Duration::from_secs(2));
+        assert_eq!(board.snapshot().len(), 1);
+        slot.free();
+        assert!(board.snapshot().is_empty());
+    }
+
+    #[test]
+    fn a_busy_worker_below_its_cap_stays_idle() {
+        let board = Scoreboard::new(1).expect("map");
+        let slot = board.slot(0);
+        slot.reset(1, T0);
+        slot.set_state(SlotState::Idle, T0);
+        slot.begin_request("GET", "/", 0, 2, T0);
+        assert_eq!(slot.state(), SlotState::Idle);
+        slot.begin_request("GET", "/", 0, 2, T0);
+        assert_eq!(slot.state(), SlotState::Busy);
+    }
+
+    #[test]
+    fn long_text_is_cut_on_a_char_boundary() {
+        let board = Scoreboard::new(1).expect("map");
+        let slot = board.slot(0);
+        let uri = format!("/{}", "é".repeat(200));
+        slot.begin_request("PROPPATCHLONGMETHOD", &uri, 0, 1, T0);
+        let s = slot.snapshot();
+        assert!(s.uri.len() <= URI_BYTES && s.uri.len() >= URI_BYTES - 1, "{}", s.uri.len());
+        assert!(uri.starts_with(&s.uri));
+        assert_eq!(s.method, "PROPPATCHLONGMET");
+    }
+
+    #[test]
+    fn a_forked_worker_is_seen_by_the_master() {
+        let board = Scoreboard::new(1).expect("map");
+        board.slot(0).reset(1, T0);
+        match fork().expect("fork") {
+            Fork::Child => {
+                board.slot(0).begin_request("POST", "/child", 3, 1, T0);
+                board.add_accepted();
+                std::process::exit(0);
+            }
+            Fork::Parent(child) => {
+                nix::sys::wait::waitpid(child, None).expect("wait");
+                let s = board.slot(0).snapshot();
+                assert_eq!((s.method.as_str(), s.uri.as_str(), s.state), ("POST", "/child", SlotState::Busy));
+                assert_eq!(board.accepted(), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn readers_never_see_torn_text() {
+        let board = std::sync::Arc::new(Scoreboard::new(1).expect("map"));
+        let writer = {
+            let board = std::sync::Arc::clone(&board);
+            std::thread::spawn(move || {
+                for i in 0..20_000 {
+                    let (m, u) = if i % 2 == 0 { ("GET", "/aaaaaaaaaaaaaaaaaaaaaaaa") } else { ("DELETE", "/bb") };
+                    board.slot(0).begin_request(m, u, 0, 1, T0);
+                }
+            })
+        };
+        for _ in 0..20_000 {
+            let (m, u) = board.slot(0).read_text();
+            assert!(
+                matches!((m.as_str(), u.as_str()), ("", "") | ("GET", "/aaaaaaaaaaaaaaaaaaaaaaaa") | ("DELETE", "/bb")),
+                "torn: {m} {u}"
+            );
+        }
+        writer.join().expect("writer");
+    }
+
+    #[test]
+    fn clock_and_rss() {
+        assert!(now() > Duration::ZERO);
+        assert!(self_rss().is_some_and(|r| r > 0));
+    }
+}

@@ -1,0 +1,219 @@
+//! One FastCGI connection in a worker: read records, start requests, feed their bodies, write
+//! their responses. Runs on the worker's I/O thread; never blocks it.
+//!
+//! Body bytes go to the handler through a small bounded channel. While a chunk waits for room,
+//! the connection stops reading the socket, so a slow application slows the client instead of
+//! growing memory. Responses come back as encoded records; the tail of each (last STDOUT, empty
+//! STDOUT, END_REQUEST) is written in one write.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fcgi::server::{Event, ServerConnection};
+use fcgi::Role;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::handler::Job;
+use crate::request::{BodyReader, Request};
+use crate::response::Out;
+
+/// What every connection of a worker shares.
+pub(crate) struct Context {
+    pub limits: fcgi::Limits,
+    pub keepalive_timeout: Duration,
+    pub jobs: std::sync::mpsc::Sender<Job>,
+    pub permits: Arc<Semaphore>,
+    /// Becomes true when the worker drains: idle connections close, busy ones finish first.
+    pub draining: watch::Receiver<bool>,
+    /// Starts the drain (an accept loop that cannot go on).
+    pub stop: watch::Sender<bool>,
+    /// Dropped with the last reference to the context: the worker waits for that to exit.
+    pub _done: mpsc::Sender<()>,
+}
+
+/// Record-sized chunks of body one request buffers before the socket stops being read.
+fn body_chunks(limits: &fcgi::Limits) -> usize {
+    (limits.max_buffered_body / fcgi::record::MAX_CONTENT_LEN).max(1)
+}
+
+struct Streams {
+    id: u16,
+    stdin: Option<mpsc::Sender<Bytes>>,
+    data: Option<mpsc::Sender<Bytes>>,
+}
+
+/// Serves one connection until the peer closes it, the protocol says to, or the worker drains.
+pub(crate) async fn serve<Rd, Wr>(mut rd: Rd, mut wr: Wr, ctx: Rc<Context>)
+where
+    Rd: AsyncRead + Unpin,
+    Wr: AsyncWrite + Unpin,
+{
+    let mut conn = ServerConnection::new(ctx.limits);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let (out_tx, mut out_rx) = mpsc::channel::<Out>(8);
+    let mut streams: Vec<Streams> = Vec::new();
+    // A body chunk waiting for room in its request's channel; reading pauses meanwhile.
+    let mut pending: Option<Bytes> = None;
+    let mut pending_tx: Option<mpsc::Sender<Bytes>> = None;
+    let mut draining = ctx.draining.clone();
+    let mut eof = false;
+    let peer = "fastcgi peer";
+
+    loop {
+        // Take every complete record already buffered.
+        while pending.is_none() {
+            let event = match conn.decode(&mut buf) {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(pid = std::process::id(), error = %e, "closing {peer} connection");
+                    return;
+                }
+            };
+            if let Some((tx, chunk)) = dispatch(event, &ctx, &out_tx, &mut streams) {
+                pending_tx = Some(tx);
+                pending = Some(chunk);
+            }
+        }
+        if let Some(control) = conn.take_output() {
+            if wr.write_all(&control).await.is_err() {
+                return;
+            }
+        }
+        let idle = conn.active() == 0 && pending.is_none();
+        if idle && (eof || conn.wants_close() || *draining.borrow()) {
+            return;
+        }
+
+        if pending.is_none() {
+            pending_tx = None;
+        }
+        tokio::select! {
+            read = rd.read_buf(&mut buf), if pending.is_none() && !eof => {
+                buf.reserve(16 * 1024);
+                match read {
+                    Ok(0) => {
+                        if let Err(e) = conn.handle_eof(&buf) {
+                            tracing::warn!(pid = std::process::id(), error = %e, "closing {peer} connection");
+                            return;
+                        }
+                        eof = true;
+                        // Bodies still open will never complete: their readers see the end.
+                        streams.clear();
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+            room = reserve(&pending_tx), if pending.is_some() => {
+                // A closed channel means the handler stopped reading: the rest is drained.
+                if let (Ok(permit), Some(chunk)) = (room, pending.take()) {
+                    permit.send(chunk);
+                }
+                pending = None;
+            }
+            Some(out) = out_rx.recv() => {
+                let close = match out {
+                    Out::Chunk(records) => wr.write_all(&records).await.is_err(),
+                    Out::Last(id, mut tail) => {
+                        streams.retain(|s| s.id != id);
+                        let close = conn.end_request(id, 0, &mut tail);
+                        wr.write_all(&tail).await.is_err() || close
+                    }
+                };
+                if close {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(ctx.keepalive_timeout), if idle => return,
+            _ = draining.changed(), if idle => {}
+        }
+    }
+}
+
+async fn reserve(tx: &Option<mpsc::Sender<Bytes>>) -> Result<mpsc::Permit<'_, Bytes>, mpsc::error::SendError<()>> {
+    match tx {
+        Some(tx) => tx.reserve().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Acts on one event; returns a body chunk that must wait for room.
+fn dispatch(
+    event: Event,
+    ctx: &Rc<Context>,
+    out: &mpsc::Sender<Out>,
+    streams: &mut Vec<Streams>,
+) -> Option<(mpsc::Sender<Bytes>, Bytes)> {
+    match event {
+        Event::Request(req) => {
+            let chunks = body_chunks(&ctx.limits);
+            let (stdin_tx, stdin_rx) = mpsc::channel(chunks);
+            let (data, data_tx) = if req.role == Role::Filter {
+                let (tx, rx) = mpsc::channel(chunks);
+                (BodyReader::new(rx), Some(tx))
+            } else {
+                (BodyReader::empty(), None)
+            };
+            streams.push(Streams { id: req.id, stdin: Some(stdin_tx), data: data_tx });
+            let request = Request {
+                role: req.role,
+                params: req.params,
+                body: BodyReader::new(stdin_rx),
+                data,
+            };
+            let id = req.id;
+            let out = out.clone();
+            let permits = Arc::clone(&ctx.permits);
+            let jobs = ctx.jobs.clone();
+            // Waiting for a free handler must not stall this connection's other traffic.
+            tokio::task::spawn_local(async move {
+                let Ok(permit) = permits.acquire_owned().await else { return };
+                let _ = jobs.send(Job { id, request, out, permit });
+            });
+            None
+        }
+        Event::Stdin { id, data } => feed(streams, id, data, |s| &mut s.stdin),
+        Event::Data { id, data } => feed(streams, id, data, |s| &mut s.data),
+        Event::StdinEnd { id } => {
+            close(streams, id, |s| &mut s.stdin);
+            None
+        }
+        Event::DataEnd { id } => {
+            close(streams, id, |s| &mut s.data);
+            None
+        }
+        Event::Abort { id } => {
+            // The handler sees its body end early; whatever it answers goes to a client that
+            // no longer waits, and END_REQUEST closes the request.
+            close(streams, id, |s| &mut s.stdin);
+            close(streams, id, |s| &mut s.data);
+            None
+        }
+    }
+}
+
+fn feed(
+    streams: &mut [Streams],
+    id: u16,
+    data: Bytes,
+    which: impl Fn(&mut Streams) -> &mut Option<mpsc::Sender<Bytes>>,
+) -> Option<(mpsc::Sender<Bytes>, Bytes)> {
+    let s = streams.iter_mut().find(|s| s.id == id)?;
+    let tx = which(s).as_ref()?;
+    match tx.try_send(data) {
+        Ok(()) => None,
+        Err(mpsc::error::TrySendError::Full(data)) => Some((tx.clone(), data)),
+        // The handler is done with the body: what is left is drained, not an error.
+        Err(mpsc::error::TrySendError::Closed(_)) => None,
+    }
+}
+
+fn close(streams: &mut [Streams], id: u16, which: impl Fn(&mut Streams) -> &mut Option<mpsc::Sender<Bytes>>) {
+    if let Some(s) = streams.iter_mut().find(|s| s.id == id) {
+        *which(s) = None;
+    }
+}

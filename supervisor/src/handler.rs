@@ -1,0 +1,149 @@
+//! The worker's handler threads: where the application's code runs.
+//!
+//! Application code is blocking by design (that is the point of a prefork server), so it never
+//! runs on the I/O thread: the I/O thread assembles requests and writes responses, while
+//! `max_requests_in_flight` handler threads each run one request at a time. A panic costs only
+//! its request, which is answered `500`; the thread and the worker keep serving.
+
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use fcgi::response::ResponseWriter;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use crate::request::Request;
+use crate::response::{self, Out};
+use crate::scoreboard::{self, Scoreboard};
+use crate::Responder;
+
+/// One request handed to a handler thread.
+pub(crate) struct Job {
+    pub id: u16,
+    pub request: Request,
+    pub out: mpsc::Sender<Out>,
+    /// Held while the request runs: the worker's cap on requests in flight.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// When this worker should stop taking requests and exit.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recycle {
+    /// Requests after which the worker recycles itself (`max_requests` with jitter).
+    pub request_limit: Option<u64>,
+    /// Resident memory above which the worker recycles itself.
+    pub max_rss: Option<u64>,
+}
+
+/// What the handler threads share.
+pub(crate) struct Shared<R> {
+    pub app: Arc<R>,
+    pub board: Arc<Scoreboard>,
+    pub slot: usize,
+    pub cap: u32,
+    pub recycle: Recycle,
+    /// Set by a handler thread when the worker reached a recycling limit.
+    pub recycle_now: AtomicBool,
+    /// Wakes the I/O thread to start draining.
+    pub wake: tokio::sync::watch::Sender<bool>,
+}
+
+/// Starts `n` handler threads taking jobs from the returned sender.
+pub(crate) fn start<R: Responder>(n: usize, shared: Arc<Shared<R>>) -> std::io::Result<std_mpsc::Sender<Job>> {
+    let (tx, rx) = std_mpsc::channel::<Job>();
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..n {
+        let rx = Arc::clone(&rx);
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name(format!("handler-{i}"))
+            .spawn(move || loop {
+                // The lock is held only while waiting for the next job, never while running one.
+                let job = match rx.lock() {
+                    Ok(guard) => guard.recv(),
+                    Err(_) => return,
+                };
+                match job {
+                    Ok(job) => run(&shared, job),
+                    Err(_) => return,
+                }
+            })?;
+    }
+    Ok(tx)
+}
+
+fn run<R: Responder>(shared: &Shared<R>, job: Job) {
+    let Job { id, mut request, out, permit } = job;
+    let slot = shared.board.slot(shared.slot);
+    let started = scoreboard::now();
+    slot.begin_request(
+        request.method().as_str(),
+        request.uri(),
+        request.content_length().unwrap_or(0),
+        shared.cap,
+        started,
+    );
+    shared.board.add_accepted();
+    tracing::debug!(pid = std::process::id(), method = %request.method(), uri = request.uri(), "request started");
+
+    let app = &shared.app;
+    let answered = panic::catch_unwind(AssertUnwindSafe(|| app.respond(&mut request)));
+    let res = answered.unwrap_or_else(|cause| {
+        tracing::error!(
+            pid = std::process::id(),
+            uri = request.uri(),
+            panic = panic_message(&cause),
+            "responder panicked; answering 500"
+        );
+        response::status(http::StatusCode::INTERNAL_SERVER_ERROR)
+    });
+    let sent = panic::catch_unwind(AssertUnwindSafe(|| response::send(id, res, &out)));
+    if sent.is_err() {
+        // The body stream panicked part-way: the status is already sent, so end the request
+        // with what was written.
+        tracing::error!(pid = std::process::id(), uri = request.uri(), "response stream panicked; ending it early");
+        let mut tail = BytesMut::new();
+        ResponseWriter::new(id).finish(&mut tail);
+        let _ = out.blocking_send(Out::Last(id, tail));
+    }
+    drop(request);
+
+    let now = scoreboard::now();
+    slot.end_request(now.saturating_sub(started), shared.cap, now);
+    drop(permit);
+    check_recycle(shared);
+}
+
+fn check_recycle<R>(shared: &Shared<R>) {
+    let slot = shared.board.slot(shared.slot);
+    let served = slot.snapshot().requests;
+    let over_requests = shared.recycle.request_limit.is_some_and(|limit| served >= limit);
+    let rss = if shared.recycle.max_rss.is_some() { scoreboard::self_rss() } else { None };
+    if let Some(bytes) = rss {
+        slot.set_rss(bytes);
+    }
+    let over_rss = matches!((rss, shared.recycle.max_rss), (Some(r), Some(max)) if r > max);
+    if (over_requests || over_rss) && !shared.recycle_now.swap(true, Ordering::AcqRel) {
+        tracing::info!(
+            pid = std::process::id(),
+            requests = served,
+            rss = rss.unwrap_or(0),
+            reason = if over_requests { "max_requests" } else { "max_rss" },
+            "worker recycling"
+        );
+        shared.wake.send_replace(true);
+    }
+}
+
+fn panic_message(cause: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = cause.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = cause.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+

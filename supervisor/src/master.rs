@@ -1,0 +1,460 @@
+//! The master: single-threaded and synchronous. It owns the listeners and the workers, reads
+//! signals from a signalfd, reaps children in a loop (signals coalesce), and once a second (or
+//! at once, when a signal arrives) asks the policies what to do and does it.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::config::Config;
+use crate::handler::Recycle;
+use crate::listener::Listener;
+use crate::policy::{self, Pool, PoolMode, Respawn, SlowLog, TimeoutAction, WorkerState, WorkerView};
+use crate::scoreboard::{self, Scoreboard, SlotSnapshot, SlotState};
+use crate::signals::{self, Intent};
+use crate::sys::{self, Fork};
+use crate::{worker, Responder};
+
+/// The maintenance tick: how often an idle master wakes.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What the master knows of one worker beyond its scoreboard slot.
+#[derive(Debug)]
+struct Worker {
+    slot: usize,
+    generation: u64,
+    started: Duration,
+    /// SIGTERM sent for a request timeout, and when.
+    timeout_term_at: Option<Duration>,
+    /// Told to stop (pool shrink, reload, shutdown): its exit is expected.
+    stopping: bool,
+}
+
+struct Stopping {
+    deadline: Duration,
+    killed: bool,
+}
+
+/// The running master.
+pub(crate) struct Master<R> {
+    cfg: Config,
+    app: Arc<R>,
+    listeners: Vec<Listener>,
+    board: Arc<Scoreboard>,
+    pool: Pool,
+    respawn: Respawn,
+    slow: SlowLog,
+    workers: HashMap<Pid, Worker>,
+    generation: u64,
+    stopping: Option<Stopping>,
+    signals: SignalFd,
+    /// Wake on a connection arriving, not just on the tick: set while `ondemand` has no worker
+    /// ready to take one and room to start one.
+    watch_listeners: bool,
+}
+
+/// Scoreboard slots: room for a full pool, a second generation during reload, and workers that
+/// are draining while their replacements start.
+fn slots_for(cfg: &Config) -> usize {
+    cfg.pool.workers * 2 + 8
+}
+
+impl<R: Responder> Master<R> {
+    /// Takes over: blocks the handled signals, creates the scoreboard. Call before any fork.
+    pub(crate) fn new(cfg: Config, app: Arc<R>, listeners: Vec<Listener>) -> std::io::Result<Self> {
+        let mask = signals::handled();
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        let board = Arc::new(Scoreboard::new(slots_for(&cfg))?);
+        Ok(Master {
+            pool: Pool::new(cfg.pool.clone()),
+            cfg,
+            app,
+            listeners,
+            board,
+            respawn: Respawn::new(),
+            slow: SlowLog::default(),
+            workers: HashMap::new(),
+            generation: 1,
+            stopping: None,
+            signals,
+            watch_listeners: false,
+        })
+    }
+
+    /// Runs until the pool has stopped. Returns the process exit code.
+    pub(crate) fn run(mut self) -> i32 {
+        tracing::info!(
+            pid = std::process::id(),
+            listen = %self.listeners.iter().map(|l| l.addr().to_string()).collect::<Vec<_>>().join(", "),
+            pm = ?self.cfg.pool.mode,
+            workers = self.cfg.pool.workers,
+            "master started"
+        );
+        for _ in 0..self.pool.initial_workers() {
+            self.spawn(scoreboard::now());
+        }
+        loop {
+            let now = scoreboard::now();
+            self.wait(self.next_wake(now));
+            for intent in self.read_intents() {
+                self.apply(intent);
+            }
+            self.reap();
+            let now = scoreboard::now();
+            if let Some(stop) = &mut self.stopping {
+                if self.workers.is_empty() {
+                    tracing::info!(pid = std::process::id(), "master stopped");
+                    return 0;
+                }
+                if now >= stop.deadline && !stop.killed {
+                    stop.killed = true;
+                    tracing::warn!(
+                        workers = self.workers.len(),
+                        timeout = ?self.cfg.shutdown_timeout,
+                        "shutdown timeout reached; killing remaining workers"
+                    );
+                    self.signal_all(Signal::SIGKILL);
+                }
+                continue;
+            }
+            self.maintain(now);
+        }
+    }
+
+    fn next_wake(&self, now: Duration) -> Duration {
+        let mut wake = TICK;
+        if let Some(t) = self.respawn.hold_until(now) {
+            wake = wake.min(t.saturating_sub(now));
+        }
+        if let Some(stop) = &self.stopping {
+            wake = wake.min(stop.deadline.saturating_sub(now));
+        }
+        wake.max(Duration::from_millis(1))
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+        if self.watch_listeners {
+            fds.extend(self.listeners.iter().map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)));
+        }
+        // EINTR and friends only mean "look again": the loop re-reads signals and the clock.
+        let _ = poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX));
+    }
+
+    /// Connections waiting for a worker: the kernel's accept-queue length where it can be read,
+    /// else 1 for a listener with a connection pending.
+    fn waiting(&self) -> usize {
+        self.listeners
+            .iter()
+            .map(|l| match l.queue_len() {
+                Some(n) => n as usize,
+                None => {
+                    let mut fds = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
+                    let ready = poll(&mut fds, PollTimeout::ZERO).unwrap_or(0) > 0;
+                    usize::from(ready)
+                }
+            })
+            .sum()
+    }
+
+    fn read_intents(&mut self) -> Vec<Intent> {
+        let mut intents = Vec::new();
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else { continue };
+            if let Some(intent) = signals::intent(sig, self.stopping.is_some()) {
+                intents.push(intent);
+            }
+        }
+        intents
+    }
+
+    fn apply(&mut self, intent: Intent) {
+        match intent {
+            Intent::Stop => {
+                if self.stopping.is_none() {
+                    tracing::info!(
+                        workers = self.workers.len(),
+                        timeout = ?self.cfg.shutdown_timeout,
+                        "graceful stop: draining workers"
+                    );
+                    self.stopping = Some(Stopping {
+                        deadline: scoreboard::now() + self.cfg.shutdown_timeout,
+                        killed: false,
+                    });
+                    self.stop_all();
+                }
+            }
+            Intent::StopNow => {
+                tracing::warn!(workers = self.workers.len(), "immediate stop: killing workers");
+                self.stopping = Some(Stopping { deadline: scoreboard::now(), killed: true });
+                self.signal_all(Signal::SIGKILL);
+            }
+            Intent::Grow | Intent::Shrink => {
+                let mut cfg = self.pool.config().clone();
+                let before = cfg.workers;
+                cfg.workers = if intent == Intent::Grow {
+                    before + 1
+                } else {
+                    before.saturating_sub(1).max(1)
+                };
+                if cfg.workers + 8 > self.board.len() / 2 + 8 && intent == Intent::Grow {
+                    tracing::warn!(workers = before, "cannot grow: scoreboard is full");
+                    return;
+                }
+                cfg.min_spare = cfg.min_spare.min(cfg.workers);
+                cfg.max_spare = cfg.max_spare.min(cfg.workers);
+                cfg.start_workers = cfg.start_workers.min(cfg.workers);
+                tracing::info!(from = before, to = cfg.workers, "pool size changed by signal");
+                self.pool.set_config(cfg);
+            }
+            Intent::ReopenLogs => crate::logging::reopen(),
+            Intent::Reload | Intent::Upgrade => {
+                tracing::warn!(?intent, "not supported by this version; ignored");
+            }
+            Intent::Reap => {}
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for (pid, w) in self.workers.iter_mut() {
+            w.stopping = true;
+            let _ = kill(*pid, Signal::SIGTERM);
+        }
+    }
+
+    fn signal_all(&self, sig: Signal) {
+        for pid in self.workers.keys() {
+            let _ = kill(*pid, sig);
+        }
+    }
+
+    /// Reaps every exited child; one log line each.
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(status) => status,
+            };
+            let (pid, cause, clean) = match status {
+                WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}"), code == 0),
+                WaitStatus::Signaled(pid, sig, core) => (
+                    pid,
+                    format!("signal {}{}", sig.as_str(), if core { " (core dumped)" } else { "" }),
+                    false,
+                ),
+                _ => continue,
+            };
+            let Some(w) = self.workers.remove(&pid) else { continue };
+            let now = scoreboard::now();
+            let snap = self.board.slot(w.slot).snapshot();
+            self.board.slot(w.slot).free();
+            let lifetime = now.saturating_sub(w.started);
+            let expected = w.stopping || w.timeout_term_at.is_some() || clean;
+            if expected {
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    generation = w.generation,
+                    cause,
+                    lifetime_ms = lifetime.as_millis() as u64,
+                    requests = snap.requests,
+                    "worker exited"
+                );
+            } else {
+                tracing::warn!(
+                    pid = pid.as_raw(),
+                    generation = w.generation,
+                    cause,
+                    lifetime_ms = lifetime.as_millis() as u64,
+                    requests = snap.requests,
+                    "worker died unexpectedly"
+                );
+                if let Some(delay) = self.respawn.on_crash(lifetime, now) {
+                    tracing::warn!(
+                        delay_ms = delay.as_millis() as u64,
+                        "workers keep dying young: delaying respawn (crash-loop backoff)"
+                    );
+                }
+            }
+        }
+    }
+
+    fn views(&self) -> (Vec<WorkerView>, Vec<(WorkerView, SlotSnapshot)>) {
+        let mut current = Vec::new();
+        let mut all = Vec::new();
+        for (pid, w) in &self.workers {
+            let snap = self.board.slot(w.slot).snapshot();
+            let state = match snap.state {
+                SlotState::Starting | SlotState::Free => WorkerState::Starting,
+                SlotState::Idle => WorkerState::Idle,
+                SlotState::Busy => WorkerState::Busy,
+                SlotState::Draining => WorkerState::Draining,
+            };
+            let view = WorkerView {
+                pid: pid.as_raw(),
+                state: if w.stopping { WorkerState::Draining } else { state },
+                started: w.started,
+                since: snap.since,
+                requests: snap.requests,
+                timeout_term_at: w.timeout_term_at,
+            };
+            if view.state != WorkerState::Draining && w.generation == self.generation {
+                current.push(view.clone());
+            }
+            all.push((view, snap));
+        }
+        (current, all)
+    }
+
+    /// One maintenance pass: timeouts, slow requests, pool size.
+    fn maintain(&mut self, now: Duration) {
+        let (current, all) = self.views();
+        if current
+            .iter()
+            .any(|v| v.state != WorkerState::Starting && now.saturating_sub(v.started) >= policy::YOUNG_DEATH)
+        {
+            self.respawn.on_healthy();
+        }
+        let busy: Vec<WorkerView> = all.iter().map(|(v, _)| v.clone()).collect();
+        if let Some(timeout) = self.cfg.request_timeout {
+            for action in policy::request_timeouts(&busy, timeout, self.cfg.request_timeout_grace, now) {
+                self.timeout(action, &all, now);
+            }
+        }
+        if let Some(threshold) = self.cfg.slow_request_timeout {
+            for (pid, elapsed) in self.slow.check(&busy, threshold, now) {
+                if let Some((_, snap)) = all.iter().find(|(v, _)| v.pid == pid) {
+                    tracing::warn!(
+                        pid,
+                        method = snap.method,
+                        uri = snap.uri,
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "slow request"
+                    );
+                }
+            }
+        }
+        let waiting = self.waiting();
+        let plan = self.pool.tick(&current, waiting, now);
+        if let Some(max) = plan.max_reached {
+            tracing::warn!(
+                workers = max.workers,
+                waiting = max.waiting,
+                "pool is at its maximum and requests are waiting; raise `workers` if this persists"
+            );
+        }
+        for pid in plan.stop {
+            if let Some(w) = self.workers.get_mut(&Pid::from_raw(pid)) {
+                w.stopping = true;
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let ready = current.iter().any(|v| matches!(v.state, WorkerState::Idle | WorkerState::Starting));
+        self.watch_listeners = self.pool.config().mode == PoolMode::OnDemand
+            && !ready
+            && plan.spawn == 0
+            && current.len() < self.pool.config().workers;
+        if plan.spawn > 0 {
+            if let Some(until) = self.respawn.hold_until(now) {
+                tracing::debug!(wait_ms = until.saturating_sub(now).as_millis() as u64, "respawn held back");
+                return;
+            }
+            for _ in 0..plan.spawn {
+                self.spawn(now);
+            }
+        }
+    }
+
+    fn timeout(&mut self, action: TimeoutAction, all: &[(WorkerView, SlotSnapshot)], now: Duration) {
+        let (pid, elapsed, sig) = match action {
+            TimeoutAction::Term { pid, elapsed } => (pid, elapsed, Signal::SIGTERM),
+            TimeoutAction::Kill { pid, elapsed } => (pid, elapsed, Signal::SIGKILL),
+        };
+        let (method, uri) = all
+            .iter()
+            .find(|(v, _)| v.pid == pid)
+            .map(|(_, s)| (s.method.clone(), s.uri.clone()))
+            .unwrap_or_default();
+        tracing::warn!(
+            pid,
+            method,
+            uri,
+            elapsed_ms = elapsed.as_millis() as u64,
+            signal = sig.as_str(),
+            "request timeout: ending worker"
+        );
+        if let Some(w) = self.workers.get_mut(&Pid::from_raw(pid)) {
+            if sig == Signal::SIGTERM {
+                w.timeout_term_at = Some(now);
+            }
+            w.stopping = true;
+        }
+        let _ = kill(Pid::from_raw(pid), sig);
+    }
+
+    fn spawn(&mut self, now: Duration) {
+        let Some(slot) = self.board.free_slot() else {
+            tracing::warn!(slots = self.board.len(), "scoreboard full; not spawning");
+            return;
+        };
+        self.board.slot(slot).reset(self.generation, now);
+        match sys::fork() {
+            Ok(Fork::Child) => self.become_worker(slot),
+            Ok(Fork::Parent(pid)) => {
+                self.board.slot(slot).set_pid(pid.as_raw());
+                self.workers.insert(
+                    pid,
+                    Worker { slot, generation: self.generation, started: now, timeout_term_at: None, stopping: false },
+                );
+                tracing::debug!(pid = pid.as_raw(), slot, generation = self.generation, "worker spawned");
+            }
+            Err(e) => {
+                self.board.slot(slot).free();
+                tracing::error!(error = %e, "fork failed");
+            }
+        }
+    }
+
+    fn become_worker(&self, slot: usize) -> ! {
+        let sockets = self.listeners.iter().map(|l| l.try_clone_std()).collect::<Result<Vec<_>, _>>();
+        let sockets = match sockets {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "worker cannot use the listeners");
+                std::process::exit(1)
+            }
+        };
+        let pid = std::process::id();
+        let settings = worker::Settings {
+            slot,
+            max_in_flight: self.cfg.max_requests_in_flight.get(),
+            keepalive_timeout: self.cfg.keepalive_timeout,
+            limits: fcgi::Limits {
+                max_reqs: self.cfg.max_requests_in_flight.get(),
+                ..fcgi::Limits::default()
+            },
+            recycle: Recycle {
+                request_limit: policy::request_limit(self.cfg.max_requests, self.cfg.max_requests_jitter, u64::from(pid)),
+                max_rss: self.cfg.max_rss,
+            },
+        };
+        worker::run(Arc::clone(&self.app), sockets, Arc::clone(&self.board), settings)
+    }
+}
+
+impl<R> Drop for Master<R> {
+    fn drop(&mut self) {
+        if let Some(path) = &self.cfg.pid_file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+

@@ -1,0 +1,175 @@
+//! Starting the example application as the operator would, and talking FastCGI to it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use fcgi::client::Response;
+use fcgi::io::Client;
+use fcgi::Params;
+use nix::sys::signal::Signal;
+
+use crate::{bin_path, free_port, wait_until, Proc, TempDir};
+
+/// Where a test reaches the application.
+#[derive(Debug, Clone)]
+pub enum Addr {
+    /// A unix socket path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(String),
+}
+
+/// A running `app-example` master listening on a unix socket and a TCP port.
+pub struct App {
+    proc: Proc,
+    unix: PathBuf,
+    port: u16,
+}
+
+impl App {
+    /// Starts `app-example` with `args` after its two listeners, and waits until both accept.
+    pub fn start(dir: &TempDir, args: &[&str]) -> App {
+        App::start_with_env(dir, args, &[])
+    }
+
+    /// As [`App::start`], with extra environment variables.
+    pub fn start_with_env(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> App {
+        let unix = dir.path().join("app.sock");
+        let port = free_port();
+        let mut cmd = Command::new(bin_path("app-example"));
+        cmd.arg("--listen")
+            .arg(format!("unix:{}", unix.display()))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let proc = Proc::spawn(dir, "app", cmd);
+        let app = App { proc, unix, port };
+        let fails = env.iter().any(|(k, _)| *k == "APP_EXAMPLE_FAIL_SETUP");
+        if !fails {
+            wait_until(Duration::from_secs(15), "the app to listen", || {
+                app.unix.exists() && std::net::TcpStream::connect(("127.0.0.1", app.port)).is_ok()
+            });
+        }
+        app
+    }
+
+    /// Runs `app-example` with `args` to completion: its exit code and stderr + stdout.
+    pub fn run_to_exit(dir: &TempDir, args: &[&str]) -> (Option<i32>, String) {
+        let out = Command::new(bin_path("app-example"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run app-example");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        (out.status.code(), text)
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    /// The unix listener.
+    pub fn unix(&self) -> Addr {
+        Addr::Unix(self.unix.clone())
+    }
+
+    /// The unix socket's path.
+    pub fn unix_path(&self) -> &Path {
+        &self.unix
+    }
+
+    /// The TCP listener.
+    pub fn tcp(&self) -> Addr {
+        Addr::Tcp(format!("127.0.0.1:{}", self.port))
+    }
+
+    /// Sends `sig` to the master.
+    pub fn signal(&self, sig: Signal) {
+        self.proc.signal(sig);
+    }
+
+    /// Waits for the master to exit.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        self.proc.wait_timeout(timeout)
+    }
+
+    /// Everything the master and its workers logged so far.
+    pub fn stderr(&self) -> String {
+        self.proc.stderr_text()
+    }
+
+    /// Waits until the log holds `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        wait_until(Duration::from_secs(15), needle, || self.stderr().contains(needle));
+    }
+}
+
+/// One Responder request, `FCGI_KEEP_CONN` off, on a fresh connection.
+pub fn fcgi_request(addr: &Addr, method: &str, uri: &str, body: &[u8]) -> Result<Response, String> {
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let params = Params::from_pairs([
+        ("REQUEST_METHOD", method.to_string()),
+        ("REQUEST_URI", uri.to_string()),
+        ("SCRIPT_NAME", path.to_string()),
+        ("DOCUMENT_URI", path.to_string()),
+        ("QUERY_STRING", query.to_string()),
+        ("CONTENT_LENGTH", body.len().to_string()),
+        ("SERVER_PROTOCOL", "HTTP/1.1".to_string()),
+    ]);
+    fcgi_request_with(addr, &params, body)
+}
+
+/// One request with the given params, on a fresh connection.
+pub fn fcgi_request_with(addr: &Addr, params: &Params, body: &[u8]) -> Result<Response, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let work = async {
+            match addr {
+                Addr::Unix(p) => {
+                    let mut c = Client::connect_unix(p).await.map_err(|e| e.to_string())?;
+                    c.request_with(fcgi::Role::Responder, false, params, body, None)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Addr::Tcp(a) => {
+                    let mut c = Client::connect_tcp(a.as_str()).await.map_err(|e| e.to_string())?;
+                    c.request_with(fcgi::Role::Responder, false, params, body, None)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), work)
+            .await
+            .map_err(|_| "no response within 60 s".to_string())?
+    })
+}
+
+/// The live (not zombie) children of `master`, from /proc.
+pub fn worker_pids(master: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+            // Fields after the command name: state, ppid, ...
+            let Some(rest) = stat.rsplit(')').next() else { return false };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
+            ppid == Some(master) && state != Some("Z")
+        })
+        .collect()
+}

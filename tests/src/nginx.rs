@@ -1,0 +1,3 @@
+//! nginx.
+/// Placeholder until the nginx harness lands.
+pub struct Nginx;
