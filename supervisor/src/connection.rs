@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use fcgi::server::{Event, ServerConnection};
 use fcgi::Role;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::handler::Job;
 use crate::request::{BodyReader, Request};
@@ -45,8 +45,15 @@ struct Streams {
     data: Option<mpsc::Sender<Bytes>>,
 }
 
+/// How long the room reserved at accept waits for the connection's first request before it is
+/// given back: nginx sends its request at once, a client that sends nothing must not keep a
+/// worker from accepting.
+const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(2);
+
 /// Serves one connection until the peer closes it, the protocol says to, or the worker drains.
-pub(crate) async fn serve<Rd, Wr>(mut rd: Rd, mut wr: Wr, ctx: Rc<Context>)
+/// `reserved` is the room for a request the accept loop took before accepting: the first
+/// request runs in it, so the worker never accepts more connections than it can serve.
+pub(crate) async fn serve<Rd, Wr>(mut rd: Rd, mut wr: Wr, ctx: Rc<Context>, reserved: OwnedSemaphorePermit)
 where
     Rd: AsyncRead + Unpin,
     Wr: AsyncWrite + Unpin,
@@ -61,6 +68,8 @@ where
     let mut draining = ctx.draining.clone();
     let mut eof = false;
     let peer = "fastcgi peer";
+    let mut reserved = Some(reserved);
+    let give_back = tokio::time::Instant::now() + FIRST_REQUEST_WAIT;
 
     loop {
         // Take every complete record already buffered.
@@ -73,7 +82,7 @@ where
                     return;
                 }
             };
-            if let Some((tx, chunk)) = dispatch(event, &ctx, &out_tx, &mut streams) {
+            if let Some((tx, chunk)) = dispatch(event, &ctx, &out_tx, &mut streams, &mut reserved) {
                 pending_tx = Some(tx);
                 pending = Some(chunk);
             }
@@ -84,7 +93,9 @@ where
             }
         }
         let idle = conn.active() == 0 && pending.is_none();
-        if idle && (eof || conn.wants_close() || *draining.borrow()) {
+        // A connection accepted with room reserved gets its first request served, drain or not.
+        let drained = *draining.borrow() && reserved.is_none();
+        if idle && (eof || conn.wants_close() || drained) {
             return;
         }
 
@@ -129,6 +140,7 @@ where
                 }
             }
             _ = tokio::time::sleep(ctx.keepalive_timeout), if idle => return,
+            _ = tokio::time::sleep_until(give_back), if reserved.is_some() => reserved = None,
             _ = draining.changed(), if idle => {}
         }
     }
@@ -147,6 +159,7 @@ fn dispatch(
     ctx: &Rc<Context>,
     out: &mpsc::Sender<Out>,
     streams: &mut Vec<Streams>,
+    reserved: &mut Option<OwnedSemaphorePermit>,
 ) -> Option<(mpsc::Sender<Bytes>, Bytes)> {
     match event {
         Event::Request(req) => {
@@ -167,6 +180,10 @@ fn dispatch(
             };
             let id = req.id;
             let out = out.clone();
+            if let Some(permit) = reserved.take() {
+                let _ = ctx.jobs.send(Job { id, request, out, permit });
+                return None;
+            }
             let permits = Arc::clone(&ctx.permits);
             let jobs = ctx.jobs.clone();
             // Waiting for a free handler must not stall this connection's other traffic.

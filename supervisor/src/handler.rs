@@ -112,8 +112,10 @@ fn run<R: Responder>(shared: &Shared<R>, job: Job) {
 
     let now = scoreboard::now();
     slot.end_request(now.saturating_sub(started), shared.cap, now);
-    drop(permit);
+    // Decide on recycling before giving the room back, so the accept loop, which needs that
+    // room, already sees the drain and does not take a connection it would not serve.
     check_recycle(shared);
+    drop(permit);
 }
 
 fn check_recycle<R>(shared: &Shared<R>) {

@@ -55,8 +55,8 @@ pub(crate) struct Master<R> {
     generation: u64,
     stopping: Option<Stopping>,
     signals: SignalFd,
-    /// Wake on a connection arriving, not just on the tick: set while `ondemand` has no worker
-    /// ready to take one and room to start one.
+    /// Wake on a connection arriving, not just on the tick: set while a `dynamic` or `ondemand`
+    /// pool has no worker ready to take one and room to start one.
     watch_listeners: bool,
 }
 
@@ -358,7 +358,7 @@ impl<R: Responder> Master<R> {
             }
         }
         let ready = current.iter().any(|v| matches!(v.state, WorkerState::Idle | WorkerState::Starting));
-        self.watch_listeners = self.pool.config().mode == PoolMode::OnDemand
+        self.watch_listeners = self.pool.config().mode != PoolMode::Static
             && !ready
             && plan.spawn == 0
             && current.len() < self.pool.config().workers;

@@ -140,26 +140,24 @@ impl Pool {
             PoolMode::Dynamic => {
                 // Starting workers are about to be idle: count them as spare.
                 let spare = idle + starting;
-                let mut want = self.cfg.min_spare.saturating_sub(spare);
-                if waiting > 0 && spare == 0 {
-                    want = want.max(waiting);
-                }
+                let want = self.cfg.min_spare.saturating_sub(spare);
                 if want > 0 && room > 0 {
                     plan.spawn = want.min(self.rate).min(room);
                     self.rate = (self.rate * 2).min(self.cfg.max_spawn_rate.max(1));
                 } else {
                     self.rate = 1;
                 }
+                // Requests already waiting are demand, not a guess: serve them in one tick.
+                if waiting > 0 && spare == 0 {
+                    plan.spawn = plan.spawn.max(waiting.min(self.cfg.max_spawn_rate).min(room));
+                }
                 if idle > self.cfg.max_spare {
                     plan.stop = longest_idle(workers, idle - self.cfg.max_spare);
                 }
             }
             PoolMode::OnDemand => {
-                if waiting > 0 && idle + starting == 0 && room > 0 {
-                    plan.spawn = waiting.min(self.rate).min(room);
-                    self.rate = (self.rate * 2).min(self.cfg.max_spawn_rate.max(1));
-                } else {
-                    self.rate = 1;
+                if waiting > 0 && idle + starting == 0 {
+                    plan.spawn = waiting.min(self.cfg.max_spawn_rate).min(room);
                 }
                 let expired: Vec<&WorkerView> = workers
                     .iter()
@@ -416,7 +414,7 @@ mod tests {
             assert!(ws.len() <= 10);
             ticks += 1;
         }
-        assert!(ticks <= 4, "grew to the maximum in {ticks} ticks");
+        assert!(ticks <= 2, "grew to the maximum in {ticks} ticks");
         let plan = pool.tick(&ws, 20, T);
         assert_eq!(plan.spawn, 0);
         assert_eq!(plan.max_reached, Some(MaxReached { workers: 10, waiting: 20 }));

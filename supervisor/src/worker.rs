@@ -103,10 +103,7 @@ fn serve<R: Responder>(
             stop: drain_tx.clone(),
             _done: done_tx,
         });
-        let accepting: Vec<_> = listeners
-            .into_iter()
-            .map(|l| tokio::task::spawn_local(accept_loop(l, Rc::clone(&ctx))))
-            .collect();
+        let accepting = tokio::task::spawn_local(accept_loop(listeners, Rc::clone(&ctx)));
         let slot = board.slot(settings.slot);
         slot.set_pid(std::process::id() as i32);
         slot.set_state(SlotState::Idle, scoreboard::now());
@@ -114,9 +111,7 @@ fn serve<R: Responder>(
         wait_for_drain(drain_rx).await?;
         slot.set_state(SlotState::Draining, scoreboard::now());
         drain_tx.send_replace(true);
-        for task in &accepting {
-            task.abort();
-        }
+        accepting.abort();
         // Every connection holds the context; when the last one has finished its requests and
         // closed, the `done` sender inside it is dropped and this returns.
         drop(ctx);
@@ -146,58 +141,98 @@ async fn wait_for_drain(mut drain: watch::Receiver<bool>) -> std::io::Result<()>
     }
 }
 
-/// Accepts connections while the worker has room for another request.
-async fn accept_loop(listener: ListenerSocket, ctx: Rc<Context>) {
-    let result = match listener {
-        ListenerSocket::Tcp(l) => match l.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(l)) {
-            Ok(l) => {
-                accept_each(&ctx, || async {
-                    let (stream, _) = l.accept().await?;
-                    stream.set_nodelay(true)?;
-                    let (rd, wr) = stream.into_split();
-                    Ok(tokio::task::spawn_local(connection::serve(rd, wr, Rc::clone(&ctx))))
-                })
-                .await
+enum Listening {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Listening {
+    fn new(socket: ListenerSocket) -> std::io::Result<Listening> {
+        Ok(match socket {
+            ListenerSocket::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                Listening::Tcp(tokio::net::TcpListener::from_std(l)?)
             }
-            Err(e) => Err(e),
-        },
-        ListenerSocket::Unix(l) => match l.set_nonblocking(true).and_then(|()| tokio::net::UnixListener::from_std(l)) {
-            Ok(l) => {
-                accept_each(&ctx, || async {
-                    let (stream, _) = l.accept().await?;
-                    let (rd, wr) = stream.into_split();
-                    Ok(tokio::task::spawn_local(connection::serve(rd, wr, Rc::clone(&ctx))))
-                })
-                .await
+            ListenerSocket::Unix(l) => {
+                l.set_nonblocking(true)?;
+                Listening::Unix(tokio::net::UnixListener::from_std(l)?)
             }
-            Err(e) => Err(e),
-        },
-    };
-    if let Err(e) = result {
-        tracing::error!(pid = std::process::id(), error = %e, "cannot accept; worker draining");
-        ctx.stop.send_replace(true);
+        })
+    }
+
+    fn poll_accept(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<Accepted>> {
+        match self {
+            Listening::Tcp(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Tcp(s)),
+            Listening::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Unix(s)),
+        }
     }
 }
 
-async fn accept_each<F, Fut>(ctx: &Rc<Context>, mut accept: F) -> std::io::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<tokio::task::JoinHandle<()>>>,
-{
-    loop {
-        // At the cap, stop accepting: the kernel gives the connection to a worker with room.
-        match ctx.permits.acquire().await {
-            Ok(room) => drop(room),
-            Err(_) => return Ok(()),
+/// The next connection on any listener, starting the scan at a rotating index so a busy
+/// listener cannot starve the others.
+async fn accept_any(listeners: &[Listening], turn: &mut usize) -> std::io::Result<Accepted> {
+    std::future::poll_fn(|cx| {
+        let n = listeners.len();
+        for i in 0..n {
+            let l = &listeners[(*turn + i) % n];
+            if let std::task::Poll::Ready(result) = l.poll_accept(cx) {
+                *turn = (*turn + i + 1) % n;
+                return std::task::Poll::Ready(result);
+            }
         }
-        match accept().await {
-            Ok(_) => {}
-            // Per-connection failures (the peer reset before we accepted, fd limits) must not
-            // stop the worker; back off briefly on resource exhaustion.
-            Err(e) if is_transient(&e) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(e) => return Err(e),
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Accepts connections, on every listener, while the worker has room for another request.
+async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Rc<Context>) {
+    let listeners = match sockets.into_iter().map(Listening::new).collect::<Result<Vec<_>, _>>() {
+        Ok(l) => l,
+        Err(e) => return fail(&ctx, e),
+    };
+    let mut turn = 0;
+    loop {
+        let Some(room) = room(&ctx).await else { return };
+        if *ctx.draining.borrow() {
+            return;
+        }
+        match accept_any(&listeners, &mut turn).await {
+            Ok(Accepted::Tcp(stream)) => {
+                let _ = stream.set_nodelay(true);
+                let (rd, wr) = stream.into_split();
+                tokio::task::spawn_local(connection::serve(rd, wr, Rc::clone(&ctx), room));
+            }
+            Ok(Accepted::Unix(stream)) => {
+                let (rd, wr) = stream.into_split();
+                tokio::task::spawn_local(connection::serve(rd, wr, Rc::clone(&ctx), room));
+            }
+            Err(e) if is_transient(&e) => backoff().await,
+            Err(e) => return fail(&ctx, e),
         }
     }
+}
+
+fn fail(ctx: &Context, e: std::io::Error) {
+    tracing::error!(pid = std::process::id(), error = %e, "cannot accept; worker draining");
+    ctx.stop.send_replace(true);
+}
+
+/// Room for one more request, reserved before accepting: at the cap the worker stops
+/// accepting, and the kernel gives the connection to a worker with room.
+async fn room(ctx: &Context) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    Arc::clone(&ctx.permits).acquire_owned().await.ok()
+}
+
+/// Per-connection accept failures (a peer that reset first, fd exhaustion) must not stop the
+/// worker; on resource exhaustion it pauses briefly instead of spinning.
+async fn backoff() {
+    tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
 fn is_transient(e: &std::io::Error) -> bool {

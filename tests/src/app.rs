@@ -48,11 +48,11 @@ impl App {
         }
         let proc = Proc::spawn(dir, "app", cmd);
         let app = App { proc, unix, port };
+        // Listening starts before setup and the first fork; the log says when the master runs.
+        // (A probe connection would itself make a dynamic or ondemand pool spawn.)
         let fails = env.iter().any(|(k, _)| *k == "APP_EXAMPLE_FAIL_SETUP");
         if !fails {
-            wait_until(Duration::from_secs(15), "the app to listen", || {
-                app.unix.exists() && std::net::TcpStream::connect(("127.0.0.1", app.port)).is_ok()
-            });
+            app.wait_for_log("master started");
         }
         app
     }
@@ -110,6 +110,14 @@ impl App {
     /// Waits until the log holds `needle`.
     pub fn wait_for_log(&self, needle: &str) {
         wait_until(Duration::from_secs(15), needle, || self.stderr().contains(needle));
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- app log ---\n{}--- end of app log ---", self.stderr());
+        }
     }
 }
 

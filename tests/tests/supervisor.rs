@@ -165,9 +165,11 @@ fn graceful_stop_finishes_the_request_in_flight() {
 fn bad_configuration_exits_2_naming_the_key() {
     let dir = TempDir::new("badconfig");
     let cases: &[(&[&str], &str)] = &[
-        (&["--workers", "0"], "workers"),
-        (&["--request-timeout", "soon"], "request"),
-        (&["--pm", "sometimes"], "pm"),
+        (&["--listen", "127.0.0.1:0", "--workers", "0"], "\"workers\""),
+        (&["--listen", "127.0.0.1:0", "--request-timeout", "soon"], "\"request_timeout\""),
+        (&["--listen", "127.0.0.1:0", "--pm", "sometimes"], "\"pm\""),
+        (&["--listen", "nowhere"], "\"listen\""),
+        (&["--listen", "127.0.0.1:0", "--no-such-flag"], "--no-such-flag"),
     ];
     for (args, key) in cases {
         let (code, err) = App::run_to_exit(&dir, args);
@@ -176,7 +178,7 @@ fn bad_configuration_exits_2_naming_the_key() {
     }
     let conf = dir.path().join("bad.toml");
     std::fs::write(&conf, "workers = 2\nwrokers = 3\n").expect("write config");
-    let (code, err) = App::run_to_exit(&dir, &["--config", conf.to_str().expect("utf-8 path")]);
+    let (code, err) = App::run_to_exit(&dir, &["--config", conf.to_str().expect("utf-8 path"), "--check-config"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("wrokers"), "the unknown key is named: {err}");
     let (code, out) = App::run_to_exit(&dir, &["--check-config", "--listen", "127.0.0.1:0"]);
