@@ -14,9 +14,13 @@ struct App {
 impl App {
     fn new() -> Result<App, String> {
         if let Ok(why) = std::env::var("APP_EXAMPLE_FAIL_SETUP") {
-            return Err(format!("setup refused on purpose (APP_EXAMPLE_FAIL_SETUP={why})"));
+            return Err(format!(
+                "setup refused on purpose (APP_EXAMPLE_FAIL_SETUP={why})"
+            ));
         }
-        Ok(App { greeting: "Hello, world!\n" })
+        Ok(App {
+            greeting: "Hello, world!\n",
+        })
     }
 }
 
@@ -43,22 +47,26 @@ impl Responder for App {
     /// A deploy whose workers cannot start, for trying the crash-loop backoff.
     fn init_worker(&self) -> Result<(), String> {
         match std::env::var("APP_EXAMPLE_FAIL_WORKER_INIT") {
-            Ok(why) => Err(format!("refused on purpose (APP_EXAMPLE_FAIL_WORKER_INIT={why})")),
+            Ok(why) => Err(format!(
+                "refused on purpose (APP_EXAMPLE_FAIL_WORKER_INIT={why})"
+            )),
             Err(_) => Ok(()),
         }
     }
 }
 
-/// The body back, byte for byte, streamed: memory stays bounded for any size.
+/// The body back, byte for byte. It is read whole before the answer starts: nginx does not
+/// read a response while it is still sending the request body, so a handler that streams
+/// output while it reads input would stall once the buffers between them fill.
 fn echo(req: &mut Request) -> Response {
-    let content_type = req.header("content-type").and_then(|v| HeaderValue::from_str(v).ok());
-    let mut body = req.take_body();
-    let mut res = Response::new(Body::stream(move |out| {
-        while let Some(chunk) = body.next_chunk() {
-            out.write_all(&chunk)?;
-        }
-        Ok(())
-    }));
+    let content_type = req
+        .header("content-type")
+        .and_then(|v| HeaderValue::from_str(v).ok());
+    let body = match req.body_bytes() {
+        Ok(body) => body,
+        Err(e) => return text(format!("cannot read the request body: {e}\n")),
+    };
+    let mut res = Response::new(Body::from(body));
     if let Some(ct) = content_type {
         res.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
@@ -77,7 +85,10 @@ fn env(req: &Request) -> Response {
             )
         })
         .collect();
-    with_type("application/json", serde_json::Value::Object(map).to_string())
+    with_type(
+        "application/json",
+        serde_json::Value::Object(map).to_string(),
+    )
 }
 
 fn sleep(req: &Request) -> Response {
@@ -107,7 +118,8 @@ fn big(req: &Request) -> Response {
         }),
     );
     // The length is exact, so the client can show progress.
-    res.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    res.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     res
 }
 
@@ -116,7 +128,8 @@ fn big(req: &Request) -> Response {
 fn authorize(req: &Request) -> Response {
     if req.header("authorization") == Some("Bearer letmein") {
         let mut res = text("");
-        res.headers_mut().insert("variable-auth-user", HeaderValue::from_static("example"));
+        res.headers_mut()
+            .insert("variable-auth-user", HeaderValue::from_static("example"));
         res
     } else {
         status(StatusCode::FORBIDDEN)

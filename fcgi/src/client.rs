@@ -84,11 +84,21 @@ pub fn decode_event(src: &mut BytesMut) -> Result<Option<ClientEvent>, Error> {
     };
     let id = rec.request_id;
     let event = match rec.record_type {
-        kind::STDOUT => ClientEvent::Stdout { id, data: rec.content },
-        kind::STDERR => ClientEvent::Stderr { id, data: rec.content },
+        kind::STDOUT => ClientEvent::Stdout {
+            id,
+            data: rec.content,
+        },
+        kind::STDERR => ClientEvent::Stderr {
+            id,
+            data: rec.content,
+        },
         kind::END_REQUEST => {
             let (app_status, protocol_status) = record::parse_end_request(&rec)?;
-            ClientEvent::End { id, app_status, protocol_status }
+            ClientEvent::End {
+                id,
+                app_status,
+                protocol_status,
+            }
         }
         kind::GET_VALUES_RESULT => ClientEvent::Values(Params::decode(rec.content, usize::MAX)?),
         kind::UNKNOWN_TYPE => {
@@ -119,7 +129,11 @@ impl Response {
         match event {
             ClientEvent::Stdout { data, .. } => self.stdout.extend_from_slice(&data),
             ClientEvent::Stderr { data, .. } => self.stderr.extend_from_slice(&data),
-            ClientEvent::End { app_status, protocol_status, .. } => {
+            ClientEvent::End {
+                app_status,
+                protocol_status,
+                ..
+            } => {
                 self.app_status = app_status;
                 self.protocol_status = Some(protocol_status);
                 return true;

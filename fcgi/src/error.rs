@@ -80,8 +80,14 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Error::UnsupportedVersion(v) => write!(f, "unsupported FastCGI version {v}, expected 1"),
-            Error::BadContentLength { record_type, len, expected } => write!(
+            Error::UnsupportedVersion(v) => {
+                write!(f, "unsupported FastCGI version {v}, expected 1")
+            }
+            Error::BadContentLength {
+                record_type,
+                len,
+                expected,
+            } => write!(
                 f,
                 "record type {record_type} has content length {len}, expected {expected}"
             ),
@@ -91,25 +97,38 @@ impl fmt::Display for Error {
             Error::BadRequestId { record_type, id } => {
                 write!(f, "record type {record_type} cannot carry request id {id}")
             }
-            Error::UnknownRequest { id } => write!(f, "record for request id {id}, which was never begun"),
+            Error::UnknownRequest { id } => {
+                write!(f, "record for request id {id}, which was never begun")
+            }
             Error::DuplicateRequest { id } => {
-                write!(f, "BEGIN_REQUEST for request id {id}, which is still active")
+                write!(
+                    f,
+                    "BEGIN_REQUEST for request id {id}, which is still active"
+                )
             }
             Error::TooManyRequests { limit } => {
                 write!(f, "more than {limit} requests open on one connection")
             }
             Error::ParamsTooLarge { limit } => write!(f, "params exceed {limit} bytes"),
             Error::TooManyParams { limit } => write!(f, "params exceed {limit} name-value pairs"),
-            Error::TruncatedParams => write!(f, "name-value pair runs past the end of the params stream"),
+            Error::TruncatedParams => {
+                write!(f, "name-value pair runs past the end of the params stream")
+            }
             Error::StreamAfterEnd { record_type, id } => write!(
                 f,
                 "record type {record_type} for request id {id} after its stream ended"
             ),
             Error::StdinBeforeParams { id } => {
-                write!(f, "STDIN or DATA for request id {id} before its PARAMS ended")
+                write!(
+                    f,
+                    "STDIN or DATA for request id {id} before its PARAMS ended"
+                )
             }
             Error::Truncated { buffered } => {
-                write!(f, "connection closed inside a record ({buffered} bytes buffered)")
+                write!(
+                    f,
+                    "connection closed inside a record ({buffered} bytes buffered)"
+                )
             }
             Error::IncompleteResponse => write!(f, "connection closed before END_REQUEST"),
         }

@@ -110,12 +110,17 @@ impl Client<UnixStream> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// A client over an established stream.
     pub fn new(stream: S) -> Self {
-        Client { stream, buf: BytesMut::new(), next_id: 1 }
+        Client {
+            stream,
+            buf: BytesMut::new(),
+            next_id: 1,
+        }
     }
 
     /// Sends a Responder request with `FCGI_KEEP_CONN` and reads the whole response.
     pub async fn request(&mut self, params: &Params, stdin: &[u8]) -> Result<Response, IoError> {
-        self.request_with(Role::Responder, true, params, stdin, None).await
+        self.request_with(Role::Responder, true, params, stdin, None)
+            .await
     }
 
     /// Sends any request (a Filter's DATA stream in `data`) and reads the whole response.
@@ -134,14 +139,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if let Some(data) = data {
             client::encode_stream_with_end(crate::record::kind::DATA, id, data, &mut out);
         }
-        self.stream.write_all(&out).await?;
-        let mut response = Response::default();
-        loop {
-            if client::read_response(&mut self.buf, id, &mut response)? {
-                return Ok(response);
+        // Write and read at once, as web servers do: an application may answer before it has
+        // read the whole body, and waiting for our write to finish first could deadlock.
+        let (mut rd, mut wr) = tokio::io::split(&mut self.stream);
+        let buf = &mut self.buf;
+        let send = async {
+            wr.write_all(&out).await?;
+            Ok::<(), IoError>(())
+        };
+        let receive = async {
+            let mut response = Response::default();
+            loop {
+                if client::read_response(buf, id, &mut response)? {
+                    return Ok::<Response, IoError>(response);
+                }
+                buf.reserve(READ_CHUNK);
+                if rd.read_buf(buf).await? == 0 {
+                    return Err(IoError::Protocol(Error::IncompleteResponse));
+                }
             }
-            self.fill().await?;
-        }
+        };
+        let ((), response) = tokio::try_join!(send, receive)?;
+        Ok(response)
     }
 
     /// Asks the application for the values of `names` (GET_VALUES).

@@ -84,9 +84,14 @@ impl Params {
     }
 
     /// Builds params from pairs (for clients and tests).
-    pub fn from_pairs<N: Into<Bytes>, V: Into<Bytes>>(pairs: impl IntoIterator<Item = (N, V)>) -> Params {
+    pub fn from_pairs<N: Into<Bytes>, V: Into<Bytes>>(
+        pairs: impl IntoIterator<Item = (N, V)>,
+    ) -> Params {
         Params {
-            pairs: pairs.into_iter().map(|(n, v)| (n.into(), v.into())).collect(),
+            pairs: pairs
+                .into_iter()
+                .map(|(n, v)| (n.into(), v.into()))
+                .collect(),
         }
     }
 
@@ -106,7 +111,11 @@ impl Params {
     /// environment built by `setenv`.
     pub fn get(&self, name: impl AsRef<[u8]>) -> Option<&Bytes> {
         let name = name.as_ref();
-        self.pairs.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v)
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
     }
 
     /// The value of `name` as UTF-8 text, if present and valid.
@@ -174,7 +183,12 @@ mod tests {
 
     #[test]
     fn truncated_pairs_are_errors() {
-        for raw in [&b"\x05"[..], b"\x05\x01abc", b"\x80\x00", b"\x01\x80\x00\x00\x10a"] {
+        for raw in [
+            &b"\x05"[..],
+            b"\x05\x01abc",
+            b"\x80\x00",
+            b"\x01\x80\x00\x00\x10a",
+        ] {
             assert_eq!(
                 Params::decode(Bytes::copy_from_slice(raw), 10),
                 Err(Error::TruncatedParams),
@@ -193,7 +207,10 @@ mod tests {
     #[test]
     fn pair_limit() {
         let raw = Bytes::from_static(b"\x01\x00a\x01\x00b\x01\x00c");
-        assert_eq!(Params::decode(raw.clone(), 2), Err(Error::TooManyParams { limit: 2 }));
+        assert_eq!(
+            Params::decode(raw.clone(), 2),
+            Err(Error::TooManyParams { limit: 2 })
+        );
         assert_eq!(Params::decode(raw, 3).map(|p| p.len()), Ok(3));
     }
 }

@@ -202,7 +202,9 @@ pub fn check_eof(src: &BytesMut) -> Result<(), Error> {
     if src.is_empty() {
         Ok(())
     } else {
-        Err(Error::Truncated { buffered: src.len() })
+        Err(Error::Truncated {
+            buffered: src.len(),
+        })
     }
 }
 
@@ -216,7 +218,10 @@ pub fn padding_for(content_len: usize) -> u8 {
 
 /// Writes one record with `content` (at most [`MAX_CONTENT_LEN`] bytes) and 8-byte padding.
 pub fn encode(record_type: u8, request_id: u16, content: &[u8], dst: &mut impl BufMut) {
-    debug_assert!(content.len() <= MAX_CONTENT_LEN, "caller splits content into records");
+    debug_assert!(
+        content.len() <= MAX_CONTENT_LEN,
+        "caller splits content into records"
+    );
     let padding = padding_for(content.len());
     Header {
         record_type,
@@ -325,12 +330,21 @@ mod tests {
     fn header_round_trip_and_padding_skipped() {
         let mut buf = BytesMut::new();
         encode(kind::STDOUT, 7, b"hello", &mut buf);
-        assert_eq!(&buf[..], b"\x01\x06\x00\x07\x00\x05\x03\x00hello\x00\x00\x00");
+        assert_eq!(
+            &buf[..],
+            b"\x01\x06\x00\x07\x00\x05\x03\x00hello\x00\x00\x00"
+        );
         buf.extend_from_slice(b"\x01\x05\x00\x01\x00\x00\x00\x00");
         let r = decode(&mut buf).expect("valid").expect("complete");
-        assert_eq!((r.record_type, r.request_id, &r.content[..]), (kind::STDOUT, 7, &b"hello"[..]));
+        assert_eq!(
+            (r.record_type, r.request_id, &r.content[..]),
+            (kind::STDOUT, 7, &b"hello"[..])
+        );
         let r = decode(&mut buf).expect("valid").expect("complete");
-        assert_eq!((r.record_type, r.request_id, r.content.len()), (kind::STDIN, 1, 0));
+        assert_eq!(
+            (r.record_type, r.request_id, r.content.len()),
+            (kind::STDIN, 1, 0)
+        );
         assert!(buf.is_empty());
     }
 
@@ -341,7 +355,10 @@ mod tests {
         buf.extend_from_slice(b"\x00abcd\x00\x00\x00");
         assert_eq!(decode(&mut buf), Ok(None), "padding not yet complete");
         buf.extend_from_slice(b"\x00");
-        assert_eq!(decode(&mut buf).expect("valid").expect("complete").content, &b"abcd"[..]);
+        assert_eq!(
+            decode(&mut buf).expect("valid").expect("complete").content,
+            &b"abcd"[..]
+        );
     }
 
     #[test]
@@ -361,14 +378,23 @@ mod tests {
     fn begin_and_end_request_bodies() {
         let mut buf = BytesMut::new();
         encode_begin_request(1, Role::Responder, true, &mut buf);
-        assert_eq!(&buf[..], b"\x01\x01\x00\x01\x00\x08\x00\x00\x00\x01\x01\x00\x00\x00\x00\x00");
+        assert_eq!(
+            &buf[..],
+            b"\x01\x01\x00\x01\x00\x08\x00\x00\x00\x01\x01\x00\x00\x00\x00\x00"
+        );
         let r = decode(&mut buf).expect("valid").expect("complete");
         assert_eq!(parse_begin_request(&r), Ok((Role::Responder, true)));
 
         encode_end_request(1, 0x0102_0304, ProtocolStatus::Overloaded, &mut buf);
-        assert_eq!(&buf[..], b"\x01\x03\x00\x01\x00\x08\x00\x00\x01\x02\x03\x04\x02\x00\x00\x00");
+        assert_eq!(
+            &buf[..],
+            b"\x01\x03\x00\x01\x00\x08\x00\x00\x01\x02\x03\x04\x02\x00\x00\x00"
+        );
         let r = decode(&mut buf).expect("valid").expect("complete");
-        assert_eq!(parse_end_request(&r), Ok((0x0102_0304, ProtocolStatus::Overloaded)));
+        assert_eq!(
+            parse_end_request(&r),
+            Ok((0x0102_0304, ProtocolStatus::Overloaded))
+        );
     }
 
     #[test]
@@ -377,7 +403,11 @@ mod tests {
         let r = decode(&mut buf).expect("valid").expect("complete");
         assert_eq!(
             parse_begin_request(&r),
-            Err(Error::BadContentLength { record_type: 1, len: 2, expected: 8 })
+            Err(Error::BadContentLength {
+                record_type: 1,
+                len: 2,
+                expected: 8
+            })
         );
     }
 
@@ -385,7 +415,10 @@ mod tests {
     fn unknown_type_body() {
         let mut buf = BytesMut::new();
         encode_unknown_type(42, &mut buf);
-        assert_eq!(&buf[..], b"\x01\x0b\x00\x00\x00\x08\x00\x00\x2a\x00\x00\x00\x00\x00\x00\x00");
+        assert_eq!(
+            &buf[..],
+            b"\x01\x0b\x00\x00\x00\x08\x00\x00\x2a\x00\x00\x00\x00\x00\x00\x00"
+        );
     }
 
     #[test]
@@ -397,16 +430,27 @@ mod tests {
         assert_eq!(buf.len() % 8, 0);
         let a = decode(&mut buf).expect("valid").expect("complete");
         let b = decode(&mut buf).expect("valid").expect("complete");
-        assert_eq!((a.content.len(), b.content.len()), (MAX_ALIGNED_CONTENT_LEN, 3));
+        assert_eq!(
+            (a.content.len(), b.content.len()),
+            (MAX_ALIGNED_CONTENT_LEN, 3)
+        );
         encode_stream(kind::STDOUT, 1, b"", &mut buf);
-        assert!(buf.is_empty(), "an empty chunk must not end the stream by accident");
+        assert!(
+            buf.is_empty(),
+            "an empty chunk must not end the stream by accident"
+        );
     }
 
     #[test]
     fn max_content_and_padding_lengths() {
         let mut buf = BytesMut::new();
-        Header { record_type: kind::STDIN, request_id: 65535, content_len: 65535, padding_len: 255 }
-            .encode(&mut buf);
+        Header {
+            record_type: kind::STDIN,
+            request_id: 65535,
+            content_len: 65535,
+            padding_len: 255,
+        }
+        .encode(&mut buf);
         buf.put_bytes(b'x', 65535 + 255);
         let r = decode(&mut buf).expect("valid").expect("complete");
         assert_eq!((r.request_id, r.content.len()), (65535, 65535));

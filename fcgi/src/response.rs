@@ -18,7 +18,10 @@ pub struct ResponseWriter {
 impl ResponseWriter {
     /// Output for request `id`.
     pub fn new(id: u16) -> ResponseWriter {
-        ResponseWriter { id, stderr_used: false }
+        ResponseWriter {
+            id,
+            stderr_used: false,
+        }
     }
 
     /// The request id.

@@ -120,7 +120,10 @@ impl ServerConnection {
             kind::GET_VALUES => {
                 // "Management records have a requestId value of zero."
                 if id != NULL_REQUEST_ID {
-                    return Err(Error::BadRequestId { record_type: rec.record_type, id });
+                    return Err(Error::BadRequestId {
+                        record_type: rec.record_type,
+                        id,
+                    });
                 }
                 self.answer_get_values(rec.content)?;
                 Ok(None)
@@ -137,7 +140,9 @@ impl ServerConnection {
             | kind::STDOUT
             | kind::STDERR
             | kind::GET_VALUES_RESULT
-            | kind::UNKNOWN_TYPE => Err(Error::UnexpectedRecord { record_type: rec.record_type }),
+            | kind::UNKNOWN_TYPE => Err(Error::UnexpectedRecord {
+                record_type: rec.record_type,
+            }),
             other => {
                 // "The application responds to a management record of unknown type with
                 // FCGI_UNKNOWN_TYPE." Application records of a future type get the same answer.
@@ -188,7 +193,12 @@ impl ServerConnection {
             }
             None => Phase::Params(BytesMut::new()),
         };
-        self.slots.push(Slot { id, role, keep_conn, phase });
+        self.slots.push(Slot {
+            id,
+            role,
+            keep_conn,
+            phase,
+        });
         Ok(None)
     }
 
@@ -225,7 +235,10 @@ impl ServerConnection {
                 if rec.content.is_empty() {
                     let raw = std::mem::take(buf).freeze();
                     let params = Params::decode(raw, max_params)?;
-                    slot.phase = Phase::Running { stdin_done: false, data_done: slot.role != Role::Filter };
+                    slot.phase = Phase::Running {
+                        stdin_done: false,
+                        data_done: slot.role != Role::Filter,
+                    };
                     return Ok(Some(Event::Request(Request {
                         id,
                         role: slot.role,
@@ -234,13 +247,17 @@ impl ServerConnection {
                     })));
                 }
                 if buf.len() + rec.content.len() > max_params_bytes {
-                    return Err(Error::ParamsTooLarge { limit: max_params_bytes });
+                    return Err(Error::ParamsTooLarge {
+                        limit: max_params_bytes,
+                    });
                 }
                 buf.extend_from_slice(&rec.content);
                 Ok(None)
             }
             (Phase::Params(_), _) => Err(Error::StdinBeforeParams { id }),
-            (Phase::Running { .. }, kind::PARAMS) => Err(Error::StreamAfterEnd { record_type: t, id }),
+            (Phase::Running { .. }, kind::PARAMS) => {
+                Err(Error::StreamAfterEnd { record_type: t, id })
+            }
             (Phase::Running { .. }, kind::ABORT_REQUEST) => Ok(Some(Event::Abort { id })),
             (Phase::Running { stdin_done, .. }, kind::STDIN) => {
                 if *stdin_done {
@@ -250,7 +267,10 @@ impl ServerConnection {
                     *stdin_done = true;
                     return Ok(Some(Event::StdinEnd { id }));
                 }
-                Ok(Some(Event::Stdin { id, data: rec.content }))
+                Ok(Some(Event::Stdin {
+                    id,
+                    data: rec.content,
+                }))
             }
             (Phase::Running { data_done, .. }, _) => {
                 // DATA: only the Filter role has this stream; for others it counts as ended.
@@ -261,7 +281,10 @@ impl ServerConnection {
                     *data_done = true;
                     return Ok(Some(Event::DataEnd { id }));
                 }
-                Ok(Some(Event::Data { id, data: rec.content }))
+                Ok(Some(Event::Data {
+                    id,
+                    data: rec.content,
+                }))
             }
         }
     }
@@ -272,7 +295,13 @@ impl ServerConnection {
     pub fn end_request(&mut self, id: u16, app_status: u32, dst: &mut BytesMut) -> bool {
         record::encode_end_request(id, app_status, ProtocolStatus::RequestComplete, dst);
         if let Some(i) = self.position(id) {
-            let done = matches!(self.slots[i].phase, Phase::Running { stdin_done: true, .. });
+            let done = matches!(
+                self.slots[i].phase,
+                Phase::Running {
+                    stdin_done: true,
+                    ..
+                }
+            );
             if !self.slots[i].keep_conn {
                 // "If zero, the application closes the connection after responding."
                 self.close_after_idle = true;
@@ -333,14 +362,22 @@ impl ServerConnection {
         // Three known names with at most 20-digit values cannot exceed one record, but a peer
         // that repeats them could: answer only what fits.
         body.truncate(record::MAX_CONTENT_LEN);
-        record::encode(kind::GET_VALUES_RESULT, NULL_REQUEST_ID, &body, &mut self.out);
+        record::encode(
+            kind::GET_VALUES_RESULT,
+            NULL_REQUEST_ID,
+            &body,
+            &mut self.out,
+        );
         Ok(())
     }
 }
 
 fn nonzero_id(rec: &Record) -> Result<(), Error> {
     if rec.request_id == NULL_REQUEST_ID {
-        return Err(Error::BadRequestId { record_type: rec.record_type, id: 0 });
+        return Err(Error::BadRequestId {
+            record_type: rec.record_type,
+            id: 0,
+        });
     }
     Ok(())
 }

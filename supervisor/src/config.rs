@@ -178,7 +178,8 @@ impl FromStr for ListenAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        const EXPECTED: &str = "unix:/path/to.sock, /path/to.sock, 127.0.0.1:9000, [::1]:9000 or localhost:9000";
+        const EXPECTED: &str =
+            "unix:/path/to.sock, /path/to.sock, 127.0.0.1:9000, [::1]:9000 or localhost:9000";
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(format!("expected {EXPECTED}"));
@@ -293,10 +294,19 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::Value { key, value, expected } => {
-                write!(f, "invalid value \"{value}\" for key \"{key}\": expected {expected}")
+            ConfigError::Value {
+                key,
+                value,
+                expected,
+            } => {
+                write!(
+                    f,
+                    "invalid value \"{value}\" for key \"{key}\": expected {expected}"
+                )
             }
-            ConfigError::File { path, message } => write!(f, "config file {}: {}", path.display(), message.trim()),
+            ConfigError::File { path, message } => {
+                write!(f, "config file {}: {}", path.display(), message.trim())
+            }
         }
     }
 }
@@ -304,7 +314,11 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn bad(key: &'static str, value: impl fmt::Display, expected: impl Into<String>) -> ConfigError {
-    ConfigError::Value { key, value: value.to_string(), expected: expected.into() }
+    ConfigError::Value {
+        key,
+        value: value.to_string(),
+        expected: expected.into(),
+    }
 }
 
 /// Parses `500ms`, `30s`, `5m`, `1h` (a bare number is seconds).
@@ -312,7 +326,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| "expected a duration like 500ms, 30s, 5m, 1h".to_string())?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a duration like 500ms, 30s, 5m, 1h".to_string())?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
@@ -328,7 +344,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| "expected a size like 512m, 1g, 65536".to_string())?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a size like 512m, 1g, 65536".to_string())?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -336,11 +354,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         _ => return Err("expected a size like 512m, 1g, 65536".into()),
     };
-    n.checked_mul(mult).ok_or_else(|| "size too large".to_string())
+    n.checked_mul(mult)
+        .ok_or_else(|| "size too large".to_string())
 }
 
 fn duration(key: &'static str, v: Option<&String>) -> Result<Option<Duration>, ConfigError> {
-    v.map(|s| parse_duration(s).map_err(|e| bad(key, s, e.trim_start_matches("expected ")))).transpose()
+    v.map(|s| parse_duration(s).map_err(|e| bad(key, s, e.trim_start_matches("expected "))))
+        .transpose()
 }
 
 fn user_id(key: &'static str, v: &str, group: bool) -> Result<u32, ConfigError> {
@@ -348,11 +368,27 @@ fn user_id(key: &'static str, v: &str, group: bool) -> Result<u32, ConfigError> 
         return Ok(n);
     }
     let found = if group {
-        nix::unistd::Group::from_name(v).ok().flatten().map(|g| g.gid.as_raw())
+        nix::unistd::Group::from_name(v)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
     } else {
-        nix::unistd::User::from_name(v).ok().flatten().map(|u| u.uid.as_raw())
+        nix::unistd::User::from_name(v)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
     };
-    found.ok_or_else(|| bad(key, v, if group { "an existing group name or a gid" } else { "an existing user name or a uid" }))
+    found.ok_or_else(|| {
+        bad(
+            key,
+            v,
+            if group {
+                "an existing group name or a gid"
+            } else {
+                "an existing user name or a uid"
+            },
+        )
+    })
 }
 
 impl Config {
@@ -367,26 +403,51 @@ impl Config {
     }
 
     fn merge(cli: &Cli, f: FileConfig) -> Result<Config, ConfigError> {
-        let listen_src = if cli.listen.is_empty() { f.listen.unwrap_or_default() } else { cli.listen.clone() };
+        let listen_src = if cli.listen.is_empty() {
+            f.listen.unwrap_or_default()
+        } else {
+            cli.listen.clone()
+        };
         let listen = listen_src
             .iter()
-            .map(|s| s.parse::<ListenAddr>().map_err(|e| bad("listen", s, e.trim_start_matches("expected "))))
+            .map(|s| {
+                s.parse::<ListenAddr>()
+                    .map_err(|e| bad("listen", s, e.trim_start_matches("expected ")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if listen.is_empty() && std::env::var_os("LISTEN_FDS").is_none() {
-            return Err(bad("listen", "", "at least one address: give --listen ADDR or listen = [\"unix:/run/app.sock\"]"));
+            return Err(bad(
+                "listen",
+                "",
+                "at least one address: give --listen ADDR or listen = [\"unix:/run/app.sock\"]",
+            ));
         }
 
         let backlog = cli.backlog.or(f.backlog).unwrap_or(511);
         if backlog < 1 {
             return Err(bad("backlog", backlog, "a positive number (default 511)"));
         }
-        let mode_s = cli.socket_mode.clone().or(f.socket_mode).unwrap_or_else(|| "0660".into());
+        let mode_s = cli
+            .socket_mode
+            .clone()
+            .or(f.socket_mode)
+            .unwrap_or_else(|| "0660".into());
         let mode = u32::from_str_radix(mode_s.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o777)
             .ok_or_else(|| bad("socket_mode", &mode_s, "an octal mode like 0660"))?;
-        let owner = cli.socket_owner.clone().or(f.socket_owner).map(|v| user_id("socket_owner", &v, false)).transpose()?;
-        let group = cli.socket_group.clone().or(f.socket_group).map(|v| user_id("socket_group", &v, true)).transpose()?;
+        let owner = cli
+            .socket_owner
+            .clone()
+            .or(f.socket_owner)
+            .map(|v| user_id("socket_owner", &v, false))
+            .transpose()?;
+        let group = cli
+            .socket_group
+            .clone()
+            .or(f.socket_group)
+            .map(|v| user_id("socket_group", &v, true))
+            .transpose()?;
 
         let pm_s = cli.pm.clone().or(f.pm).unwrap_or_else(|| "static".into());
         let mode_pm = match pm_s.as_str() {
@@ -395,7 +456,9 @@ impl Config {
             "ondemand" => PoolMode::OnDemand,
             _ => return Err(bad("pm", &pm_s, "static, dynamic or ondemand")),
         };
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let workers = cli.workers.or(f.workers).unwrap_or(cpus * 2);
         if workers == 0 {
             return Err(bad("workers", workers, "at least 1"));
@@ -411,7 +474,11 @@ impl Config {
                 return Err(bad("min_spare", min_spare, "at least 1 with pm = dynamic"));
             }
             if max_spare < min_spare {
-                return Err(bad("max_spare", max_spare, format!("at least min_spare ({min_spare})")));
+                return Err(bad(
+                    "max_spare",
+                    max_spare,
+                    format!("at least min_spare ({min_spare})"),
+                ));
             }
             if start_workers < min_spare || start_workers > workers {
                 return Err(bad(
@@ -425,44 +492,82 @@ impl Config {
         if max_spawn_rate == 0 {
             return Err(bad("max_spawn_rate", 0, "at least 1 (default 32)"));
         }
-        let idle_timeout = duration("idle_timeout", cli.idle_timeout.as_ref().or(f.idle_timeout.as_ref()))?
-            .unwrap_or(Duration::from_secs(10));
+        let idle_timeout = duration(
+            "idle_timeout",
+            cli.idle_timeout.as_ref().or(f.idle_timeout.as_ref()),
+        )?
+        .unwrap_or(Duration::from_secs(10));
 
         let max_requests = cli.max_requests.or(f.max_requests).unwrap_or(0);
-        let max_requests_jitter = cli.max_requests_jitter.or(f.max_requests_jitter).unwrap_or(max_requests / 10);
+        let max_requests_jitter = cli
+            .max_requests_jitter
+            .or(f.max_requests_jitter)
+            .unwrap_or(max_requests / 10);
         let max_rss = cli
             .max_rss
             .as_ref()
             .or(f.max_rss.as_ref())
-            .map(|s| parse_size(s).map_err(|e| bad("max_rss", s, e.trim_start_matches("expected "))))
+            .map(|s| {
+                parse_size(s).map_err(|e| bad("max_rss", s, e.trim_start_matches("expected ")))
+            })
             .transpose()?;
-        let request_timeout = duration("request_timeout", cli.request_timeout.as_ref().or(f.request_timeout.as_ref()))?;
-        let request_timeout_grace =
-            duration("request_timeout_grace", cli.request_timeout_grace.as_ref().or(f.request_timeout_grace.as_ref()))?
-                .unwrap_or(Duration::from_secs(2));
-        let slow_request_timeout =
-            duration("slow_request_timeout", cli.slow_request_timeout.as_ref().or(f.slow_request_timeout.as_ref()))?;
-        let shutdown_timeout = duration("shutdown_timeout", cli.shutdown_timeout.as_ref().or(f.shutdown_timeout.as_ref()))?
-            .unwrap_or(Duration::from_secs(30));
-        let keepalive_timeout =
-            duration("keepalive_timeout", cli.keepalive_timeout.as_ref().or(f.keepalive_timeout.as_ref()))?
-                .unwrap_or(Duration::from_secs(75));
-        let in_flight = cli.max_requests_in_flight.or(f.max_requests_in_flight).unwrap_or(1);
-        let max_requests_in_flight =
-            NonZeroUsize::new(in_flight).ok_or_else(|| bad("max_requests_in_flight", in_flight, "at least 1"))?;
+        let request_timeout = duration(
+            "request_timeout",
+            cli.request_timeout.as_ref().or(f.request_timeout.as_ref()),
+        )?;
+        let request_timeout_grace = duration(
+            "request_timeout_grace",
+            cli.request_timeout_grace
+                .as_ref()
+                .or(f.request_timeout_grace.as_ref()),
+        )?
+        .unwrap_or(Duration::from_secs(2));
+        let slow_request_timeout = duration(
+            "slow_request_timeout",
+            cli.slow_request_timeout
+                .as_ref()
+                .or(f.slow_request_timeout.as_ref()),
+        )?;
+        let shutdown_timeout = duration(
+            "shutdown_timeout",
+            cli.shutdown_timeout
+                .as_ref()
+                .or(f.shutdown_timeout.as_ref()),
+        )?
+        .unwrap_or(Duration::from_secs(30));
+        let keepalive_timeout = duration(
+            "keepalive_timeout",
+            cli.keepalive_timeout
+                .as_ref()
+                .or(f.keepalive_timeout.as_ref()),
+        )?
+        .unwrap_or(Duration::from_secs(75));
+        let in_flight = cli
+            .max_requests_in_flight
+            .or(f.max_requests_in_flight)
+            .unwrap_or(1);
+        let max_requests_in_flight = NonZeroUsize::new(in_flight)
+            .ok_or_else(|| bad("max_requests_in_flight", in_flight, "at least 1"))?;
 
-        let format_s = cli.log_format.clone().or(f.log_format).unwrap_or_else(|| "text".into());
+        let format_s = cli
+            .log_format
+            .clone()
+            .or(f.log_format)
+            .unwrap_or_else(|| "text".into());
         let log_format = match format_s.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             _ => return Err(bad("log_format", &format_s, "text or json")),
         };
-        let path_key = |key: &'static str, v: Option<String>| -> Result<Option<String>, ConfigError> {
-            match v {
-                Some(p) if !p.starts_with('/') => Err(bad(key, &p, "a path starting with /, like /status")),
-                other => Ok(other),
-            }
-        };
+        let path_key =
+            |key: &'static str, v: Option<String>| -> Result<Option<String>, ConfigError> {
+                match v {
+                    Some(p) if !p.starts_with('/') => {
+                        Err(bad(key, &p, "a path starting with /, like /status"))
+                    }
+                    other => Ok(other),
+                }
+            };
         let status_path = path_key("status_path", cli.status_path.clone().or(f.status_path))?;
         let ping_path = path_key("ping_path", cli.ping_path.clone().or(f.ping_path))?;
 
@@ -492,19 +597,32 @@ impl Config {
             log_file: cli.log_file.clone().or(f.log_file),
             status_path,
             ping_path,
-            ping_response: cli.ping_response.clone().or(f.ping_response).unwrap_or_else(|| "pong".into()),
+            ping_response: cli
+                .ping_response
+                .clone()
+                .or(f.ping_response)
+                .unwrap_or_else(|| "pong".into()),
             slow_request_timeout,
             access_log: cli.access_log || f.access_log.unwrap_or(false),
-            pool_name: cli.pool_name.clone().or(f.pool_name).unwrap_or_else(|| "www".into()),
+            pool_name: cli
+                .pool_name
+                .clone()
+                .or(f.pool_name)
+                .unwrap_or_else(|| "www".into()),
             check_config: cli.check_config,
         })
     }
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
-    toml::from_str(&text).map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -528,7 +646,11 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("soon").is_err() && parse_duration("5d").is_err() && parse_duration("").is_err());
+        assert!(
+            parse_duration("soon").is_err()
+                && parse_duration("5d").is_err()
+                && parse_duration("").is_err()
+        );
         assert_eq!(parse_size("512"), Ok(512));
         assert_eq!(parse_size("64k"), Ok(65536));
         assert_eq!(parse_size("256MiB"), Ok(256 << 20));
@@ -555,7 +677,10 @@ mod tests {
         assert_eq!(c.pool.workers, 5);
         assert_eq!(c.pool.mode, PoolMode::Dynamic);
         assert_eq!(c.request_timeout, Some(Duration::from_secs(30)));
-        assert_eq!(c.listen, vec![ListenAddr::Tcp("127.0.0.1:9000".parse().expect("addr"))]);
+        assert_eq!(
+            c.listen,
+            vec![ListenAddr::Tcp("127.0.0.1:9000".parse().expect("addr"))]
+        );
     }
 
     #[test]
@@ -573,7 +698,19 @@ mod tests {
             (&["--max-rss", "lots"], "max_rss"),
             (&["--socket-mode", "999"], "socket_mode"),
             (&["--log-format", "xml"], "log_format"),
-            (&["--pm", "dynamic", "--workers", "4", "--min-spare", "3", "--max-spare", "2"], "max_spare"),
+            (
+                &[
+                    "--pm",
+                    "dynamic",
+                    "--workers",
+                    "4",
+                    "--min-spare",
+                    "3",
+                    "--max-spare",
+                    "2",
+                ],
+                "max_spare",
+            ),
             (&["--max-requests-in-flight", "0"], "max_requests_in_flight"),
             (&["--status-path", "status"], "status_path"),
         ];
@@ -586,10 +723,22 @@ mod tests {
 
     #[test]
     fn listen_addresses() {
-        assert_eq!("unix:/run/a.sock".parse(), Ok(ListenAddr::Unix("/run/a.sock".into())));
-        assert_eq!("/run/a.sock".parse(), Ok(ListenAddr::Unix("/run/a.sock".into())));
-        assert_eq!("127.0.0.1:9000".parse(), Ok(ListenAddr::Tcp("127.0.0.1:9000".parse().expect("v4"))));
-        assert_eq!("[::1]:9000".parse(), Ok(ListenAddr::Tcp("[::1]:9000".parse().expect("v6"))));
+        assert_eq!(
+            "unix:/run/a.sock".parse(),
+            Ok(ListenAddr::Unix("/run/a.sock".into()))
+        );
+        assert_eq!(
+            "/run/a.sock".parse(),
+            Ok(ListenAddr::Unix("/run/a.sock".into()))
+        );
+        assert_eq!(
+            "127.0.0.1:9000".parse(),
+            Ok(ListenAddr::Tcp("127.0.0.1:9000".parse().expect("v4")))
+        );
+        assert_eq!(
+            "[::1]:9000".parse(),
+            Ok(ListenAddr::Tcp("[::1]:9000".parse().expect("v6")))
+        );
         assert!("localhost:9000".parse::<ListenAddr>().is_ok());
         assert!("nonsense".parse::<ListenAddr>().is_err());
         assert!("unix:".parse::<ListenAddr>().is_err());

@@ -6,15 +6,16 @@
 //! growing memory. Responses come back as encoded records; the tail of each (last STDOUT, empty
 //! STDOUT, END_REQUEST) is written in one write.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use fcgi::server::{Event, ServerConnection};
 use fcgi::Role;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::handler::Job;
 use crate::request::{BodyReader, Request};
@@ -30,6 +31,9 @@ pub(crate) struct Context {
     pub draining: watch::Receiver<bool>,
     /// Starts the drain (an accept loop that cannot go on).
     pub stop: watch::Sender<bool>,
+    /// A request on an open connection waits for room: the accept loop gives back the room it
+    /// holds for a connection not yet accepted, so requests already here go first.
+    pub wanted: Notify,
     /// Dropped with the last reference to the context: the worker waits for that to exit.
     pub _done: mpsc::Sender<()>,
 }
@@ -53,8 +57,12 @@ const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(2);
 /// Serves one connection until the peer closes it, the protocol says to, or the worker drains.
 /// `reserved` is the room for a request the accept loop took before accepting: the first
 /// request runs in it, so the worker never accepts more connections than it can serve.
-pub(crate) async fn serve<Rd, Wr>(mut rd: Rd, mut wr: Wr, ctx: Rc<Context>, reserved: OwnedSemaphorePermit)
-where
+pub(crate) async fn serve<Rd, Wr>(
+    mut rd: Rd,
+    mut wr: Wr,
+    ctx: Rc<Context>,
+    reserved: OwnedSemaphorePermit,
+) where
     Rd: AsyncRead + Unpin,
     Wr: AsyncWrite + Unpin,
 {
@@ -65,6 +73,11 @@ where
     // A body chunk waiting for room in its request's channel; reading pauses meanwhile.
     let mut pending: Option<Bytes> = None;
     let mut pending_tx: Option<mpsc::Sender<Bytes>> = None;
+    // Encoded output not yet written. Writing never blocks reading: a client that sends a large
+    // body before it reads the response (libfcgi, our own client) must not deadlock us.
+    let mut outbox: VecDeque<Bytes> = VecDeque::new();
+    let mut queued = 0usize;
+    let mut close_when_written = false;
     let mut draining = ctx.draining.clone();
     let mut eof = false;
     let peer = "fastcgi peer";
@@ -73,7 +86,7 @@ where
 
     loop {
         // Take every complete record already buffered.
-        while pending.is_none() {
+        while pending.is_none() && !close_when_written {
             let event = match conn.decode(&mut buf) {
                 Ok(Some(event)) => event,
                 Ok(None) => break,
@@ -88,11 +101,13 @@ where
             }
         }
         if let Some(control) = conn.take_output() {
-            if wr.write_all(&control).await.is_err() {
-                return;
-            }
+            queued += control.len();
+            outbox.push_back(control);
         }
-        let idle = conn.active() == 0 && pending.is_none();
+        if outbox.is_empty() && close_when_written {
+            return;
+        }
+        let idle = conn.active() == 0 && pending.is_none() && outbox.is_empty();
         // A connection accepted with room reserved gets its first request served, drain or not.
         let drained = *draining.borrow() && reserved.is_none();
         if idle && (eof || conn.wants_close() || drained) {
@@ -103,7 +118,19 @@ where
             pending_tx = None;
         }
         tokio::select! {
-            read = rd.read_buf(&mut buf), if pending.is_none() && !eof => {
+            written = write_front(&mut wr, &outbox), if !outbox.is_empty() => match written {
+                Ok(n) => {
+                    queued -= n;
+                    if let Some(front) = outbox.front_mut() {
+                        front.advance(n);
+                        if front.is_empty() {
+                            outbox.pop_front();
+                        }
+                    }
+                }
+                Err(_) => return,
+            },
+            read = rd.read_buf(&mut buf), if pending.is_none() && !eof && !close_when_written => {
                 buf.reserve(16 * 1024);
                 match read {
                     Ok(0) => {
@@ -126,18 +153,17 @@ where
                 }
                 pending = None;
             }
-            Some(out) = out_rx.recv() => {
-                let close = match out {
-                    Out::Chunk(records) => wr.write_all(&records).await.is_err(),
+            Some(out) = out_rx.recv(), if queued < OUTBOX_HIGH_WATER => {
+                let bytes = match out {
+                    Out::Chunk(records) => records,
                     Out::Last(id, mut tail) => {
                         streams.retain(|s| s.id != id);
-                        let close = conn.end_request(id, 0, &mut tail);
-                        wr.write_all(&tail).await.is_err() || close
+                        close_when_written |= conn.end_request(id, 0, &mut tail);
+                        tail.freeze()
                     }
                 };
-                if close {
-                    return;
-                }
+                queued += bytes.len();
+                outbox.push_back(bytes);
             }
             _ = tokio::time::sleep(ctx.keepalive_timeout), if idle => return,
             _ = tokio::time::sleep_until(give_back), if reserved.is_some() => reserved = None,
@@ -146,7 +172,23 @@ where
     }
 }
 
-async fn reserve(tx: &Option<mpsc::Sender<Bytes>>) -> Result<mpsc::Permit<'_, Bytes>, mpsc::error::SendError<()>> {
+/// Output queued beyond which the handler's sends wait: a few records, so a slow client slows
+/// the application instead of growing memory.
+const OUTBOX_HIGH_WATER: usize = 256 * 1024;
+
+async fn write_front<Wr: AsyncWrite + Unpin>(
+    wr: &mut Wr,
+    outbox: &VecDeque<Bytes>,
+) -> std::io::Result<usize> {
+    match outbox.front() {
+        Some(front) => wr.write(front).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn reserve(
+    tx: &Option<mpsc::Sender<Bytes>>,
+) -> Result<mpsc::Permit<'_, Bytes>, mpsc::error::SendError<()>> {
     match tx {
         Some(tx) => tx.reserve().await,
         None => std::future::pending().await,
@@ -171,7 +213,11 @@ fn dispatch(
             } else {
                 (BodyReader::empty(), None)
             };
-            streams.push(Streams { id: req.id, stdin: Some(stdin_tx), data: data_tx });
+            streams.push(Streams {
+                id: req.id,
+                stdin: Some(stdin_tx),
+                data: data_tx,
+            });
             let request = Request {
                 role: req.role,
                 params: req.params,
@@ -181,15 +227,33 @@ fn dispatch(
             let id = req.id;
             let out = out.clone();
             if let Some(permit) = reserved.take() {
-                let _ = ctx.jobs.send(Job { id, request, out, permit });
+                let _ = ctx.jobs.send(Job {
+                    id,
+                    request,
+                    out,
+                    permit,
+                });
                 return None;
             }
-            let permits = Arc::clone(&ctx.permits);
-            let jobs = ctx.jobs.clone();
+            let ctx = Rc::clone(ctx);
             // Waiting for a free handler must not stall this connection's other traffic.
             tokio::task::spawn_local(async move {
-                let Ok(permit) = permits.acquire_owned().await else { return };
-                let _ = jobs.send(Job { id, request, out, permit });
+                let permit = match Arc::clone(&ctx.permits).try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        ctx.wanted.notify_one();
+                        let Ok(permit) = Arc::clone(&ctx.permits).acquire_owned().await else {
+                            return;
+                        };
+                        permit
+                    }
+                };
+                let _ = ctx.jobs.send(Job {
+                    id,
+                    request,
+                    out,
+                    permit,
+                });
             });
             None
         }
@@ -229,7 +293,11 @@ fn feed(
     }
 }
 
-fn close(streams: &mut [Streams], id: u16, which: impl Fn(&mut Streams) -> &mut Option<mpsc::Sender<Bytes>>) {
+fn close(
+    streams: &mut [Streams],
+    id: u16,
+    which: impl Fn(&mut Streams) -> &mut Option<mpsc::Sender<Bytes>>,
+) {
     if let Some(s) = streams.iter_mut().find(|s| s.id == id) {
         *which(s) = None;
     }

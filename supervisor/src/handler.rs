@@ -51,7 +51,10 @@ pub(crate) struct Shared<R> {
 }
 
 /// Starts `n` handler threads taking jobs from the returned sender.
-pub(crate) fn start<R: Responder>(n: usize, shared: Arc<Shared<R>>) -> std::io::Result<std_mpsc::Sender<Job>> {
+pub(crate) fn start<R: Responder>(
+    n: usize,
+    shared: Arc<Shared<R>>,
+) -> std::io::Result<std_mpsc::Sender<Job>> {
     let (tx, rx) = std_mpsc::channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
     for i in 0..n {
@@ -75,7 +78,12 @@ pub(crate) fn start<R: Responder>(n: usize, shared: Arc<Shared<R>>) -> std::io::
 }
 
 fn run<R: Responder>(shared: &Shared<R>, job: Job) {
-    let Job { id, mut request, out, permit } = job;
+    let Job {
+        id,
+        mut request,
+        out,
+        permit,
+    } = job;
     let slot = shared.board.slot(shared.slot);
     let started = scoreboard::now();
     slot.begin_request(
@@ -103,7 +111,11 @@ fn run<R: Responder>(shared: &Shared<R>, job: Job) {
     if sent.is_err() {
         // The body stream panicked part-way: the status is already sent, so end the request
         // with what was written.
-        tracing::error!(pid = std::process::id(), uri = request.uri(), "response stream panicked; ending it early");
+        tracing::error!(
+            pid = std::process::id(),
+            uri = request.uri(),
+            "response stream panicked; ending it early"
+        );
         let mut tail = BytesMut::new();
         ResponseWriter::new(id).finish(&mut tail);
         let _ = out.blocking_send(Out::Last(id, tail));
@@ -121,8 +133,15 @@ fn run<R: Responder>(shared: &Shared<R>, job: Job) {
 fn check_recycle<R>(shared: &Shared<R>) {
     let slot = shared.board.slot(shared.slot);
     let served = slot.snapshot().requests;
-    let over_requests = shared.recycle.request_limit.is_some_and(|limit| served >= limit);
-    let rss = if shared.recycle.max_rss.is_some() { scoreboard::self_rss() } else { None };
+    let over_requests = shared
+        .recycle
+        .request_limit
+        .is_some_and(|limit| served >= limit);
+    let rss = if shared.recycle.max_rss.is_some() {
+        scoreboard::self_rss()
+    } else {
+        None
+    };
     if let Some(bytes) = rss {
         slot.set_rss(bytes);
     }
@@ -132,7 +151,11 @@ fn check_recycle<R>(shared: &Shared<R>) {
             pid = std::process::id(),
             requests = served,
             rss = rss.unwrap_or(0),
-            reason = if over_requests { "max_requests" } else { "max_rss" },
+            reason = if over_requests {
+                "max_requests"
+            } else {
+                "max_rss"
+            },
             "worker recycling"
         );
         shared.wake.send_replace(true);
@@ -148,4 +171,3 @@ fn panic_message(cause: &Box<dyn std::any::Any + Send>) -> String {
         "non-string panic payload".to_string()
     }
 }
-

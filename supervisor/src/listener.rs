@@ -10,7 +10,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr};
+use nix::sys::socket::{
+    self, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr,
+};
 
 use crate::config::{ListenAddr, SocketOptions};
 
@@ -36,26 +38,49 @@ pub struct Listener {
 impl Listener {
     /// Binds and listens on `addr`.
     pub fn bind(addr: &ListenAddr, backlog: i32, opts: &SocketOptions) -> io::Result<Listener> {
-        let backlog = Backlog::new(backlog).map_err(|e| io::Error::other(format!("backlog {backlog}: {e}")))?;
+        let backlog = Backlog::new(backlog)
+            .map_err(|e| io::Error::other(format!("backlog {backlog}: {e}")))?;
         match addr {
             ListenAddr::Tcp(sa) => {
-                let family = if sa.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+                let family = if sa.is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
                 let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
                 socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)?;
                 if sa.is_ipv6() {
                     // `[::]:9000` means IPv6 only; listen on `0.0.0.0:9000` too for both.
                     socket::setsockopt(&fd, socket::sockopt::Ipv6V6Only, &true)?;
                 }
-                socket::bind(fd.as_fd().as_raw_fd_compat(), &SockaddrStorage::from(*sa))
-                    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("bind {sa}: {e}")))?;
+                socket::bind(fd.as_fd().as_raw_fd_compat(), &SockaddrStorage::from(*sa)).map_err(
+                    |e| io::Error::new(io::Error::from(e).kind(), format!("bind {sa}: {e}")),
+                )?;
                 socket::listen(&fd, backlog)?;
-                Ok(Listener { fd, addr: addr.clone(), created: None })
+                Ok(Listener {
+                    fd,
+                    addr: addr.clone(),
+                    created: None,
+                })
             }
             ListenAddr::Unix(path) => {
                 remove_stale(path)?;
-                let fd = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-                socket::bind(fd.as_fd().as_raw_fd_compat(), &UnixAddr::new(path.as_path())?)
-                    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("bind {}: {e}", path.display())))?;
+                let fd = socket::socket(
+                    AddressFamily::Unix,
+                    SockType::Stream,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )?;
+                socket::bind(
+                    fd.as_fd().as_raw_fd_compat(),
+                    &UnixAddr::new(path.as_path())?,
+                )
+                .map_err(|e| {
+                    io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("bind {}: {e}", path.display()),
+                    )
+                })?;
                 let listener = Listener {
                     fd,
                     addr: addr.clone(),
@@ -109,7 +134,8 @@ impl Listener {
         if let Some(v4) = sa.as_sockaddr_in() {
             return Some(SocketAddr::from((v4.ip(), v4.port())));
         }
-        sa.as_sockaddr_in6().map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+        sa.as_sockaddr_in6()
+            .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
     }
 }
 
@@ -131,11 +157,16 @@ impl Drop for Listener {
 
 /// Removes a socket file nobody answers on; refuses to touch a live socket or another file.
 fn remove_stale(path: &Path) -> io::Result<()> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
     if !meta.file_type().is_socket() {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket; remove it or choose another path", path.display()),
+            format!(
+                "{} exists and is not a socket; remove it or choose another path",
+                path.display()
+            ),
         ));
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -170,7 +201,11 @@ mod tests {
     }
 
     fn opts() -> SocketOptions {
-        SocketOptions { mode: 0o660, owner: None, group: None }
+        SocketOptions {
+            mode: 0o660,
+            owner: None,
+            group: None,
+        }
     }
 
     #[test]
@@ -181,7 +216,11 @@ mod tests {
         // A stale socket: bound once, listener dropped without unlinking (std leaves the file).
         drop(std::os::unix::net::UnixListener::bind(&path).expect("stale"));
         let l = Listener::bind(&addr, 16, &opts()).expect("replaces the stale file");
-        let mode = std::fs::metadata(&path).expect("socket file").permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&path)
+            .expect("socket file")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o660);
         std::os::unix::net::UnixStream::connect(&path).expect("connect");
         let live = Listener::bind(&addr, 16, &opts()).expect_err("a live socket is not replaced");
@@ -195,12 +234,21 @@ mod tests {
 
     #[test]
     fn tcp_v4_and_v6_with_queue_length() {
-        let l = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr")), 16, &opts()).expect("bind");
+        let l = Listener::bind(
+            &ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr")),
+            16,
+            &opts(),
+        )
+        .expect("bind");
         let at = l.local_addr().expect("local addr");
         let _a = std::net::TcpStream::connect(at).expect("connect");
         let _b = std::net::TcpStream::connect(at).expect("connect");
         assert_eq!(l.queue_len(), Some(2));
-        match Listener::bind(&ListenAddr::Tcp("[::1]:0".parse().expect("addr")), 16, &opts()) {
+        match Listener::bind(
+            &ListenAddr::Tcp("[::1]:0".parse().expect("addr")),
+            16,
+            &opts(),
+        ) {
             Ok(v6) => assert!(v6.local_addr().is_some_and(|a| a.is_ipv6())),
             Err(e) => eprintln!("no IPv6 loopback on this machine: {e}"),
         }

@@ -20,16 +20,24 @@ fn open(path: &Path) -> io::Result<File> {
 /// Installs the global subscriber. `RUST_LOG` refines the level (default `info`).
 pub fn init(format: LogFormat, file: Option<&Path>) -> io::Result<()> {
     if let Some(path) = file {
-        let f = open(path).map_err(|e| io::Error::new(e.kind(), format!("log file {}: {e}", path.display())))?;
+        let f = open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("log file {}: {e}", path.display())))?;
         let _ = LOG_FILE.set((path.to_path_buf(), Mutex::new(f)));
     }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal, never in files or pipes.
     let ansi = file.is_none() && std::io::IsTerminal::is_terminal(&io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(Target).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(Target)
+        .with_ansi(ansi);
     let result = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
     };
     // A second init (tests, embedding) keeps the first subscriber.
     let _ = result;
@@ -38,7 +46,9 @@ pub fn init(format: LogFormat, file: Option<&Path>) -> io::Result<()> {
 
 /// Reopens the log file at its path (after logrotate moved it); stderr needs nothing.
 pub fn reopen() {
-    let Some((path, file)) = LOG_FILE.get() else { return };
+    let Some((path, file)) = LOG_FILE.get() else {
+        return;
+    };
     match open(path) {
         Ok(new) => {
             if let Ok(mut f) = file.lock() {
@@ -46,7 +56,9 @@ pub fn reopen() {
             }
             tracing::info!(path = %path.display(), "log file reopened");
         }
-        Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot reopen log file; still writing the old one"),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot reopen log file; still writing the old one")
+        }
     }
 }
 

@@ -16,7 +16,9 @@ use nix::unistd::Pid;
 use crate::config::Config;
 use crate::handler::Recycle;
 use crate::listener::Listener;
-use crate::policy::{self, Pool, PoolMode, Respawn, SlowLog, TimeoutAction, WorkerState, WorkerView};
+use crate::policy::{
+    self, Pool, PoolMode, Respawn, SlowLog, TimeoutAction, WorkerState, WorkerView,
+};
 use crate::scoreboard::{self, Scoreboard, SlotSnapshot, SlotState};
 use crate::signals::{self, Intent};
 use crate::sys::{self, Fork};
@@ -144,10 +146,17 @@ impl<R: Responder> Master<R> {
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
         if self.watch_listeners {
-            fds.extend(self.listeners.iter().map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)));
+            fds.extend(
+                self.listeners
+                    .iter()
+                    .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+            );
         }
         // EINTR and friends only mean "look again": the loop re-reads signals and the clock.
-        let _ = poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX));
+        let _ = poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        );
     }
 
     /// Connections waiting for a worker: the kernel's accept-queue length where it can be read,
@@ -169,7 +178,9 @@ impl<R: Responder> Master<R> {
     fn read_intents(&mut self) -> Vec<Intent> {
         let mut intents = Vec::new();
         while let Ok(Some(info)) = self.signals.read_signal() {
-            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else { continue };
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+                continue;
+            };
             if let Some(intent) = signals::intent(sig, self.stopping.is_some()) {
                 intents.push(intent);
             }
@@ -194,8 +205,14 @@ impl<R: Responder> Master<R> {
                 }
             }
             Intent::StopNow => {
-                tracing::warn!(workers = self.workers.len(), "immediate stop: killing workers");
-                self.stopping = Some(Stopping { deadline: scoreboard::now(), killed: true });
+                tracing::warn!(
+                    workers = self.workers.len(),
+                    "immediate stop: killing workers"
+                );
+                self.stopping = Some(Stopping {
+                    deadline: scoreboard::now(),
+                    killed: true,
+                });
                 self.signal_all(Signal::SIGKILL);
             }
             Intent::Grow | Intent::Shrink => {
@@ -213,7 +230,11 @@ impl<R: Responder> Master<R> {
                 cfg.min_spare = cfg.min_spare.min(cfg.workers);
                 cfg.max_spare = cfg.max_spare.min(cfg.workers);
                 cfg.start_workers = cfg.start_workers.min(cfg.workers);
-                tracing::info!(from = before, to = cfg.workers, "pool size changed by signal");
+                tracing::info!(
+                    from = before,
+                    to = cfg.workers,
+                    "pool size changed by signal"
+                );
                 self.pool.set_config(cfg);
             }
             Intent::ReopenLogs => crate::logging::reopen(),
@@ -248,12 +269,18 @@ impl<R: Responder> Master<R> {
                 WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}"), code == 0),
                 WaitStatus::Signaled(pid, sig, core) => (
                     pid,
-                    format!("signal {}{}", sig.as_str(), if core { " (core dumped)" } else { "" }),
+                    format!(
+                        "signal {}{}",
+                        sig.as_str(),
+                        if core { " (core dumped)" } else { "" }
+                    ),
                     false,
                 ),
                 _ => continue,
             };
-            let Some(w) = self.workers.remove(&pid) else { continue };
+            let Some(w) = self.workers.remove(&pid) else {
+                continue;
+            };
             let now = scoreboard::now();
             let snap = self.board.slot(w.slot).snapshot();
             self.board.slot(w.slot).free();
@@ -300,7 +327,11 @@ impl<R: Responder> Master<R> {
             };
             let view = WorkerView {
                 pid: pid.as_raw(),
-                state: if w.stopping { WorkerState::Draining } else { state },
+                state: if w.stopping {
+                    WorkerState::Draining
+                } else {
+                    state
+                },
                 started: w.started,
                 since: snap.since,
                 requests: snap.requests,
@@ -317,15 +348,16 @@ impl<R: Responder> Master<R> {
     /// One maintenance pass: timeouts, slow requests, pool size.
     fn maintain(&mut self, now: Duration) {
         let (current, all) = self.views();
-        if current
-            .iter()
-            .any(|v| v.state != WorkerState::Starting && now.saturating_sub(v.started) >= policy::YOUNG_DEATH)
-        {
+        if current.iter().any(|v| {
+            v.state != WorkerState::Starting && now.saturating_sub(v.started) >= policy::YOUNG_DEATH
+        }) {
             self.respawn.on_healthy();
         }
         let busy: Vec<WorkerView> = all.iter().map(|(v, _)| v.clone()).collect();
         if let Some(timeout) = self.cfg.request_timeout {
-            for action in policy::request_timeouts(&busy, timeout, self.cfg.request_timeout_grace, now) {
+            for action in
+                policy::request_timeouts(&busy, timeout, self.cfg.request_timeout_grace, now)
+            {
                 self.timeout(action, &all, now);
             }
         }
@@ -357,14 +389,19 @@ impl<R: Responder> Master<R> {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
         }
-        let ready = current.iter().any(|v| matches!(v.state, WorkerState::Idle | WorkerState::Starting));
+        let ready = current
+            .iter()
+            .any(|v| matches!(v.state, WorkerState::Idle | WorkerState::Starting));
         self.watch_listeners = self.pool.config().mode != PoolMode::Static
             && !ready
             && plan.spawn == 0
             && current.len() < self.pool.config().workers;
         if plan.spawn > 0 {
             if let Some(until) = self.respawn.hold_until(now) {
-                tracing::debug!(wait_ms = until.saturating_sub(now).as_millis() as u64, "respawn held back");
+                tracing::debug!(
+                    wait_ms = until.saturating_sub(now).as_millis() as u64,
+                    "respawn held back"
+                );
                 return;
             }
             for _ in 0..plan.spawn {
@@ -373,7 +410,12 @@ impl<R: Responder> Master<R> {
         }
     }
 
-    fn timeout(&mut self, action: TimeoutAction, all: &[(WorkerView, SlotSnapshot)], now: Duration) {
+    fn timeout(
+        &mut self,
+        action: TimeoutAction,
+        all: &[(WorkerView, SlotSnapshot)],
+        now: Duration,
+    ) {
         let (pid, elapsed, sig) = match action {
             TimeoutAction::Term { pid, elapsed } => (pid, elapsed, Signal::SIGTERM),
             TimeoutAction::Kill { pid, elapsed } => (pid, elapsed, Signal::SIGKILL),
@@ -412,9 +454,20 @@ impl<R: Responder> Master<R> {
                 self.board.slot(slot).set_pid(pid.as_raw());
                 self.workers.insert(
                     pid,
-                    Worker { slot, generation: self.generation, started: now, timeout_term_at: None, stopping: false },
+                    Worker {
+                        slot,
+                        generation: self.generation,
+                        started: now,
+                        timeout_term_at: None,
+                        stopping: false,
+                    },
                 );
-                tracing::debug!(pid = pid.as_raw(), slot, generation = self.generation, "worker spawned");
+                tracing::debug!(
+                    pid = pid.as_raw(),
+                    slot,
+                    generation = self.generation,
+                    "worker spawned"
+                );
             }
             Err(e) => {
                 self.board.slot(slot).free();
@@ -424,7 +477,11 @@ impl<R: Responder> Master<R> {
     }
 
     fn become_worker(&self, slot: usize) -> ! {
-        let sockets = self.listeners.iter().map(|l| l.try_clone_std()).collect::<Result<Vec<_>, _>>();
+        let sockets = self
+            .listeners
+            .iter()
+            .map(|l| l.try_clone_std())
+            .collect::<Result<Vec<_>, _>>();
         let sockets = match sockets {
             Ok(s) => s,
             Err(e) => {
@@ -442,11 +499,20 @@ impl<R: Responder> Master<R> {
                 ..fcgi::Limits::default()
             },
             recycle: Recycle {
-                request_limit: policy::request_limit(self.cfg.max_requests, self.cfg.max_requests_jitter, u64::from(pid)),
+                request_limit: policy::request_limit(
+                    self.cfg.max_requests,
+                    self.cfg.max_requests_jitter,
+                    u64::from(pid),
+                ),
                 max_rss: self.cfg.max_rss,
             },
         };
-        worker::run(Arc::clone(&self.app), sockets, Arc::clone(&self.board), settings)
+        worker::run(
+            Arc::clone(&self.app),
+            sockets,
+            Arc::clone(&self.board),
+            settings,
+        )
     }
 }
 
@@ -457,4 +523,3 @@ impl<R> Drop for Master<R> {
         }
     }
 }
-

@@ -99,7 +99,11 @@ pub struct Pool {
 impl Pool {
     /// A pool following `cfg`.
     pub fn new(cfg: PoolConfig) -> Pool {
-        Pool { cfg, rate: 1, max_reported: false }
+        Pool {
+            cfg,
+            rate: 1,
+            max_reported: false,
+        }
     }
 
     /// The settings in force.
@@ -149,7 +153,9 @@ impl Pool {
                 }
                 // Requests already waiting are demand, not a guess: serve them in one tick.
                 if waiting > 0 && spare == 0 {
-                    plan.spawn = plan.spawn.max(waiting.min(self.cfg.max_spawn_rate).min(room));
+                    plan.spawn = plan
+                        .spawn
+                        .max(waiting.min(self.cfg.max_spawn_rate).min(room));
                 }
                 if idle > self.cfg.max_spare {
                     plan.stop = longest_idle(workers, idle - self.cfg.max_spare);
@@ -161,7 +167,10 @@ impl Pool {
                 }
                 let expired: Vec<&WorkerView> = workers
                     .iter()
-                    .filter(|w| w.state == WorkerState::Idle && now.saturating_sub(w.since) >= self.cfg.idle_timeout)
+                    .filter(|w| {
+                        w.state == WorkerState::Idle
+                            && now.saturating_sub(w.since) >= self.cfg.idle_timeout
+                    })
                     .collect();
                 plan.stop = longest_idle_of(expired, usize::MAX);
             }
@@ -169,7 +178,10 @@ impl Pool {
 
         let at_max = total >= max && idle == 0 && waiting > 0;
         if at_max && !self.max_reported {
-            plan.max_reached = Some(MaxReached { workers: total, waiting });
+            plan.max_reached = Some(MaxReached {
+                workers: total,
+                waiting,
+            });
         }
         self.max_reported = at_max;
         plan
@@ -181,7 +193,13 @@ fn count(workers: &[WorkerView], state: WorkerState) -> usize {
 }
 
 fn longest_idle(workers: &[WorkerView], n: usize) -> Vec<i32> {
-    longest_idle_of(workers.iter().filter(|w| w.state == WorkerState::Idle).collect(), n)
+    longest_idle_of(
+        workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Idle)
+            .collect(),
+        n,
+    )
 }
 
 fn longest_idle_of(mut idle: Vec<&WorkerView>, n: usize) -> Vec<i32> {
@@ -225,7 +243,11 @@ impl Respawn {
         if self.young_deaths < 2 {
             return None;
         }
-        self.delay = if self.delay.is_zero() { BACKOFF_START } else { (self.delay * 2).min(BACKOFF_MAX) };
+        self.delay = if self.delay.is_zero() {
+            BACKOFF_START
+        } else {
+            (self.delay * 2).min(BACKOFF_MAX)
+        };
         self.hold_until = Some(now + self.delay);
         self.backoffs += 1;
         Some(self.delay)
@@ -270,16 +292,27 @@ pub enum TimeoutAction {
 
 /// Busy workers whose request started more than `timeout` ago get one Term; those termed more
 /// than `grace` ago get Kill.
-pub fn request_timeouts(workers: &[WorkerView], timeout: Duration, grace: Duration, now: Duration) -> Vec<TimeoutAction> {
+pub fn request_timeouts(
+    workers: &[WorkerView],
+    timeout: Duration,
+    grace: Duration,
+    now: Duration,
+) -> Vec<TimeoutAction> {
     workers
         .iter()
         .filter_map(|w| {
             let elapsed = now.saturating_sub(w.since);
             match w.timeout_term_at {
-                Some(at) if now.saturating_sub(at) >= grace => Some(TimeoutAction::Kill { pid: w.pid, elapsed }),
+                Some(at) if now.saturating_sub(at) >= grace => Some(TimeoutAction::Kill {
+                    pid: w.pid,
+                    elapsed,
+                }),
                 Some(_) => None,
                 None if w.state == WorkerState::Busy && elapsed > timeout => {
-                    Some(TimeoutAction::Term { pid: w.pid, elapsed })
+                    Some(TimeoutAction::Term {
+                        pid: w.pid,
+                        elapsed,
+                    })
                 }
                 None => None,
             }
@@ -314,10 +347,18 @@ pub struct SlowLog {
 impl SlowLog {
     /// Busy workers whose current request has run longer than `threshold` and was not reported
     /// yet: (pid, elapsed).
-    pub fn check(&mut self, workers: &[WorkerView], threshold: Duration, now: Duration) -> Vec<(i32, Duration)> {
+    pub fn check(
+        &mut self,
+        workers: &[WorkerView],
+        threshold: Duration,
+        now: Duration,
+    ) -> Vec<(i32, Duration)> {
         // Forget requests that ended.
-        self.reported
-            .retain(|(pid, since)| workers.iter().any(|w| w.pid == *pid && w.since == *since && w.state == WorkerState::Busy));
+        self.reported.retain(|(pid, since)| {
+            workers
+                .iter()
+                .any(|w| w.pid == *pid && w.since == *since && w.state == WorkerState::Busy)
+        });
         let mut slow = Vec::new();
         for w in workers.iter().filter(|w| w.state == WorkerState::Busy) {
             let elapsed = now.saturating_sub(w.since);
@@ -341,7 +382,14 @@ mod tests {
     }
 
     fn w(pid: i32, state: WorkerState, since: Duration) -> WorkerView {
-        WorkerView { pid, state, started: Duration::ZERO, since, requests: 0, timeout_term_at: None }
+        WorkerView {
+            pid,
+            state,
+            started: Duration::ZERO,
+            since,
+            requests: 0,
+            timeout_term_at: None,
+        }
     }
 
     fn idle(n: i32) -> Vec<WorkerView> {
@@ -386,17 +434,27 @@ mod tests {
         let rates: Vec<usize> = (0..4).map(|_| pool.tick(&busy, 0, T).spawn).collect();
         assert_eq!(rates, [1, 2, 4, 4]);
         assert_eq!(pool.tick(&idle(8), 0, T).spawn, 0);
-        assert_eq!(pool.tick(&busy, 0, T).spawn, 1, "rate reset once nothing was needed");
+        assert_eq!(
+            pool.tick(&busy, 0, T).spawn,
+            1,
+            "rate reset once nothing was needed"
+        );
     }
 
     #[test]
     fn dynamic_stops_excess_idle_longest_idle_first_never_busy() {
         let mut pool = Pool::new(cfg(PoolMode::Dynamic));
-        let mut ws: Vec<_> = (1..=7).map(|p| w(p, WorkerState::Idle, T + secs(p as u64))).collect();
+        let mut ws: Vec<_> = (1..=7)
+            .map(|p| w(p, WorkerState::Idle, T + secs(p as u64)))
+            .collect();
         ws.push(w(8, WorkerState::Busy, T));
         ws.push(w(9, WorkerState::Starting, T));
         let plan = pool.tick(&ws, 0, T + secs(100));
-        assert_eq!(plan.stop, vec![1, 2, 3], "7 idle, max_spare 4: the 3 idle longest go");
+        assert_eq!(
+            plan.stop,
+            vec![1, 2, 3],
+            "7 idle, max_spare 4: the 3 idle longest go"
+        );
     }
 
     #[test]
@@ -417,10 +475,19 @@ mod tests {
         assert!(ticks <= 2, "grew to the maximum in {ticks} ticks");
         let plan = pool.tick(&ws, 20, T);
         assert_eq!(plan.spawn, 0);
-        assert_eq!(plan.max_reached, Some(MaxReached { workers: 10, waiting: 20 }));
+        assert_eq!(
+            plan.max_reached,
+            Some(MaxReached {
+                workers: 10,
+                waiting: 20
+            })
+        );
         assert_eq!(pool.tick(&ws, 20, T).max_reached, None, "once per episode");
         pool.tick(&ws, 0, T);
-        assert!(pool.tick(&ws, 5, T).max_reached.is_some(), "a new episode is reported again");
+        assert!(
+            pool.tick(&ws, 5, T).max_reached.is_some(),
+            "a new episode is reported again"
+        );
     }
 
     #[test]
@@ -430,7 +497,11 @@ mod tests {
         assert_eq!(pool.tick(&[], 0, T).spawn, 0);
         assert_eq!(pool.tick(&[], 1, T).spawn, 1);
         let starting = vec![w(1, WorkerState::Starting, T)];
-        assert_eq!(pool.tick(&starting, 1, T).spawn, 0, "a starting worker will take it");
+        assert_eq!(
+            pool.tick(&starting, 1, T).spawn,
+            0,
+            "a starting worker will take it"
+        );
         let ws = vec![w(1, WorkerState::Idle, T)];
         assert!(pool.tick(&ws, 0, T + secs(9)).stop.is_empty());
         assert_eq!(pool.tick(&ws, 0, T + secs(10)).stop, vec![1]);
@@ -446,12 +517,19 @@ mod tests {
     #[test]
     fn crash_loop_backs_off_exponentially_up_to_the_cap() {
         let mut r = Respawn::new();
-        assert_eq!(r.on_crash(Duration::from_millis(5), T), None, "the first young death is free");
+        assert_eq!(
+            r.on_crash(Duration::from_millis(5), T),
+            None,
+            "the first young death is free"
+        );
         let mut delays = Vec::new();
         for _ in 0..12 {
             delays.push(r.on_crash(Duration::from_millis(5), T).expect("backoff"));
         }
-        assert_eq!(&delays[..4], &[100, 200, 400, 800].map(Duration::from_millis));
+        assert_eq!(
+            &delays[..4],
+            &[100, 200, 400, 800].map(Duration::from_millis)
+        );
         assert_eq!(*delays.last().expect("12 delays"), BACKOFF_MAX);
         assert_eq!(r.hold_until(T), Some(T + BACKOFF_MAX));
         assert_eq!(r.backoffs(), 12);
@@ -486,13 +564,19 @@ mod tests {
         assert!(request_timeouts(&ws, secs(30), grace, T + secs(30)).is_empty());
         assert_eq!(
             request_timeouts(&ws, secs(30), grace, T + secs(31)),
-            vec![TimeoutAction::Term { pid: 1, elapsed: secs(31) }]
+            vec![TimeoutAction::Term {
+                pid: 1,
+                elapsed: secs(31)
+            }]
         );
         ws[0].timeout_term_at = Some(T + secs(31));
         assert!(request_timeouts(&ws, secs(30), grace, T + secs(32)).is_empty());
         assert_eq!(
             request_timeouts(&ws, secs(30), grace, T + secs(33)),
-            vec![TimeoutAction::Kill { pid: 1, elapsed: secs(33) }]
+            vec![TimeoutAction::Kill {
+                pid: 1,
+                elapsed: secs(33)
+            }]
         );
     }
 
@@ -500,8 +584,9 @@ mod tests {
     fn request_limits_with_jitter() {
         assert_eq!(request_limit(0, 10, 1), None);
         assert_eq!(request_limit(500, 0, 1), Some(500));
-        let limits: std::collections::BTreeSet<u64> =
-            (0..50).map(|seed| request_limit(500, 50, seed).expect("on")).collect();
+        let limits: std::collections::BTreeSet<u64> = (0..50)
+            .map(|seed| request_limit(500, 50, seed).expect("on"))
+            .collect();
         assert!(limits.iter().all(|l| (500..=550).contains(l)));
         assert!(limits.len() > 10, "the seed spreads the limits: {limits:?}");
     }

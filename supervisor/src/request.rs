@@ -33,7 +33,11 @@ impl Request {
     /// The path of the request, without the query: `DOCUMENT_URI`, else `SCRIPT_NAME` +
     /// `PATH_INFO`, else `REQUEST_URI` up to `?`.
     pub fn path(&self) -> &str {
-        if let Some(p) = self.params.get_str("DOCUMENT_URI").filter(|p| !p.is_empty()) {
+        if let Some(p) = self
+            .params
+            .get_str("DOCUMENT_URI")
+            .filter(|p| !p.is_empty())
+        {
             return p;
         }
         if let Some(p) = self.params.get_str("SCRIPT_NAME").filter(|p| !p.is_empty()) {
@@ -106,7 +110,9 @@ impl Request {
 
     /// `CONTENT_LENGTH`, if the web server sent a valid one.
     pub fn content_length(&self) -> Option<u64> {
-        self.params.get_str("CONTENT_LENGTH").and_then(|v| v.parse().ok())
+        self.params
+            .get_str("CONTENT_LENGTH")
+            .and_then(|v| v.parse().ok())
     }
 
     /// The request body, read as it arrives: memory stays bounded however large it is.
@@ -141,7 +147,13 @@ fn header_var(name: &str) -> String {
     }
     let mut var = String::with_capacity(5 + name.len());
     var.push_str("HTTP_");
-    var.extend(name.chars().map(|c| if c == '-' { '_' } else { c.to_ascii_uppercase() }));
+    var.extend(name.chars().map(|c| {
+        if c == '-' {
+            '_'
+        } else {
+            c.to_ascii_uppercase()
+        }
+    }));
     var
 }
 
@@ -156,16 +168,25 @@ pub struct BodyReader {
 
 impl BodyReader {
     pub(crate) fn new(rx: mpsc::Receiver<Bytes>) -> Self {
-        BodyReader { rx: Some(rx), chunk: Bytes::new() }
+        BodyReader {
+            rx: Some(rx),
+            chunk: Bytes::new(),
+        }
     }
 
     pub(crate) fn empty() -> Self {
-        BodyReader { rx: None, chunk: Bytes::new() }
+        BodyReader {
+            rx: None,
+            chunk: Bytes::new(),
+        }
     }
 
     /// A reader over bytes already in memory (for tests of responders).
     pub fn from_bytes(bytes: impl Into<Bytes>) -> Self {
-        BodyReader { rx: None, chunk: bytes.into() }
+        BodyReader {
+            rx: None,
+            chunk: bytes.into(),
+        }
     }
 
     /// The next chunk as it arrived, without copying; `None` at the end of the body.

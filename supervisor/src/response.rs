@@ -142,7 +142,11 @@ impl Write for BodyWriter {
 }
 
 /// Writes the CGI header block of `res` into `dst`: status line first, CRLF line ends.
-pub(crate) fn encode_head(parts: &http::response::Parts, body_len: Option<usize>, dst: &mut BytesMut) {
+pub(crate) fn encode_head(
+    parts: &http::response::Parts,
+    body_len: Option<usize>,
+    dst: &mut BytesMut,
+) {
     let status = parts.status;
     dst.put_slice(b"Status: ");
     dst.put_slice(status.as_str().as_bytes());
@@ -196,9 +200,14 @@ pub(crate) fn send(id: u16, res: Response, tx: &mpsc::Sender<Out>) -> io::Result
         }
         Body::Stream(f) => {
             encode_head(&parts, None, &mut head);
-            let mut w = BodyWriter { buf: head, fcgi, tx: tx.clone() };
+            let mut w = BodyWriter {
+                buf: head,
+                fcgi,
+                tx: tx.clone(),
+            };
             let result = f(&mut w);
-            let mut out = BytesMut::with_capacity(fcgi::record::stream_encoded_len(w.buf.len()) + 32);
+            let mut out =
+                BytesMut::with_capacity(fcgi::record::stream_encoded_len(w.buf.len()) + 32);
             fcgi.stdout(&w.buf, &mut out);
             fcgi.finish(&mut out);
             // Even a failed stream ends its request cleanly: the client sees a short body.
@@ -219,7 +228,8 @@ mod tests {
     #[test]
     fn head_has_status_first_and_exact_length() {
         let mut res = text("hi");
-        res.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from_static("99"));
+        res.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from_static("99"));
         let (parts, _) = res.into_parts();
         let mut dst = BytesMut::new();
         encode_head(&parts, Some(2), &mut dst);
@@ -233,7 +243,8 @@ mod tests {
     fn stream_head_has_no_length() {
         let mut res = http::Response::new(Body::Empty);
         *res.status_mut() = StatusCode::FOUND;
-        res.headers_mut().insert(http::header::LOCATION, HeaderValue::from_static("/x"));
+        res.headers_mut()
+            .insert(http::header::LOCATION, HeaderValue::from_static("/x"));
         let (parts, _) = res.into_parts();
         let mut dst = BytesMut::new();
         encode_head(&parts, None, &mut dst);

@@ -135,9 +135,16 @@ impl Scoreboard {
 
     /// Slot `index`. Panics on an index past the end: that is a bug in the master.
     pub fn slot(&self, index: usize) -> Slot<'_> {
-        assert!(index < self.slots, "scoreboard slot {index} of {}", self.slots);
+        assert!(
+            index < self.slots,
+            "scoreboard slot {index} of {}",
+            self.slots
+        );
         let start = HEADER_WORDS + index * SLOT_WORDS;
-        Slot { index, w: &self.mem.words()[start..start + SLOT_WORDS] }
+        Slot {
+            index,
+            w: &self.mem.words()[start..start + SLOT_WORDS],
+        }
     }
 
     /// The first free slot (master only: it alone claims slots).
@@ -183,7 +190,15 @@ impl Slot<'_> {
 
     /// Master, before the fork: a new worker of `generation`, Starting.
     pub fn reset(&self, generation: u64, now: Duration) {
-        for field in [PID, REQUESTS, IN_FLIGHT, CONTENT_LENGTH, LAST_DURATION, RSS, TEXT_LENS] {
+        for field in [
+            PID,
+            REQUESTS,
+            IN_FLIGHT,
+            CONTENT_LENGTH,
+            LAST_DURATION,
+            RSS,
+            TEXT_LENS,
+        ] {
             self.set(field, 0);
         }
         self.set(GENERATION, generation);
@@ -220,7 +235,14 @@ impl Slot<'_> {
     }
 
     /// Worker: a request starts.
-    pub fn begin_request(&self, method: &str, uri: &str, content_length: u64, cap: u32, now: Duration) {
+    pub fn begin_request(
+        &self,
+        method: &str,
+        uri: &str,
+        content_length: u64,
+        cap: u32,
+        now: Duration,
+    ) {
         let in_flight = self.w[IN_FLIGHT].fetch_add(1, Ordering::AcqRel) + 1;
         self.write_text(method, uri);
         self.set(CONTENT_LENGTH, content_length);
@@ -254,7 +276,10 @@ impl Slot<'_> {
         fence(Ordering::Release);
         pack(&self.w[METHOD..URI], method.as_bytes());
         pack(&self.w[URI..SLOT_WORDS], uri.as_bytes());
-        self.w[TEXT_LENS].store(method.len() as u64 | (uri.len() as u64) << 16, Ordering::Relaxed);
+        self.w[TEXT_LENS].store(
+            method.len() as u64 | (uri.len() as u64) << 16,
+            Ordering::Relaxed,
+        );
         self.w[SEQ].store(seq.wrapping_add(2), Ordering::Release);
     }
 
@@ -370,8 +395,14 @@ mod tests {
         slot.set_state(SlotState::Idle, T0);
         slot.begin_request("GET", "/hello?x=1", 7, 1, T0 + Duration::from_secs(1));
         let s = slot.snapshot();
-        assert_eq!((s.pid, s.generation, s.state, s.in_flight), (1234, 3, SlotState::Busy, 1));
-        assert_eq!((s.method.as_str(), s.uri.as_str(), s.content_length), ("GET", "/hello?x=1", 7));
+        assert_eq!(
+            (s.pid, s.generation, s.state, s.in_flight),
+            (1234, 3, SlotState::Busy, 1)
+        );
+        assert_eq!(
+            (s.method.as_str(), s.uri.as_str(), s.content_length),
+            ("GET", "/hello?x=1", 7)
+        );
         slot.end_request(Duration::from_millis(5), 1, T0 + Duration::from_secs(2));
         let s = slot.snapshot();
         assert_eq!((s.state, s.requests, s.in_flight), (SlotState::Idle, 1, 0));
@@ -401,7 +432,11 @@ mod tests {
         let uri = format!("/{}", "é".repeat(200));
         slot.begin_request("PROPPATCHLONGMETHOD", &uri, 0, 1, T0);
         let s = slot.snapshot();
-        assert!(s.uri.len() <= URI_BYTES && s.uri.len() >= URI_BYTES - 1, "{}", s.uri.len());
+        assert!(
+            s.uri.len() <= URI_BYTES && s.uri.len() >= URI_BYTES - 1,
+            "{}",
+            s.uri.len()
+        );
         assert!(uri.starts_with(&s.uri));
         assert_eq!(s.method, "PROPPATCHLONGMET");
     }
@@ -419,7 +454,10 @@ mod tests {
             Fork::Parent(child) => {
                 nix::sys::wait::waitpid(child, None).expect("wait");
                 let s = board.slot(0).snapshot();
-                assert_eq!((s.method.as_str(), s.uri.as_str(), s.state), ("POST", "/child", SlotState::Busy));
+                assert_eq!(
+                    (s.method.as_str(), s.uri.as_str(), s.state),
+                    ("POST", "/child", SlotState::Busy)
+                );
                 assert_eq!(board.accepted(), 1);
             }
         }
@@ -432,7 +470,11 @@ mod tests {
             let board = std::sync::Arc::clone(&board);
             std::thread::spawn(move || {
                 for i in 0..20_000 {
-                    let (m, u) = if i % 2 == 0 { ("GET", "/aaaaaaaaaaaaaaaaaaaaaaaa") } else { ("DELETE", "/bb") };
+                    let (m, u) = if i % 2 == 0 {
+                        ("GET", "/aaaaaaaaaaaaaaaaaaaaaaaa")
+                    } else {
+                        ("DELETE", "/bb")
+                    };
                     board.slot(0).begin_request(m, u, 0, 1, T0);
                 }
             })
@@ -440,7 +482,10 @@ mod tests {
         for _ in 0..20_000 {
             let (m, u) = board.slot(0).read_text();
             assert!(
-                matches!((m.as_str(), u.as_str()), ("", "") | ("GET", "/aaaaaaaaaaaaaaaaaaaaaaaa") | ("DELETE", "/bb")),
+                matches!(
+                    (m.as_str(), u.as_str()),
+                    ("", "") | ("GET", "/aaaaaaaaaaaaaaaaaaaaaaaa") | ("DELETE", "/bb")
+                ),
                 "torn: {m} {u}"
             );
         }

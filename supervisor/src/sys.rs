@@ -54,9 +54,17 @@ impl SharedWords {
         // kernel zero-fills it, and zero is a valid `AtomicU64`. MAP_SHARED keeps it shared with
         // children across fork.
         let ptr = unsafe {
-            mmap_anonymous(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED)
+            mmap_anonymous(
+                None,
+                bytes,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )
         }?;
-        Ok(SharedWords { ptr: ptr.cast(), len: n })
+        Ok(SharedWords {
+            ptr: ptr.cast(),
+            len: n,
+        })
     }
 
     /// The words.
@@ -104,7 +112,13 @@ pub(crate) fn tcp_accept_queue(fd: BorrowedFd<'_>) -> Option<u32> {
     // SAFETY: `info` is a writable buffer of `len` bytes that outlives the call; the kernel
     // writes at most `len` bytes and updates `len`.
     let rc = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
     };
     if rc != 0 {
         return None;

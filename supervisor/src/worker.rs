@@ -62,7 +62,10 @@ fn serve<R: Responder>(
     }
     // One log line per panic, with its place; the handler adds which request it cost.
     std::panic::set_hook(Box::new(|info| {
-        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         let payload = info.payload();
         let message = payload
             .downcast_ref::<&str>()
@@ -77,7 +80,9 @@ fn serve<R: Responder>(
     if let Err(why) = app.init_worker() {
         return Err(std::io::Error::other(format!("worker init failed: {why}")));
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let local = LocalSet::new();
     local.block_on(&runtime, async move {
         let (drain_tx, drain_rx) = watch::channel(false);
@@ -101,6 +106,7 @@ fn serve<R: Responder>(
             permits,
             draining: drain_rx.clone(),
             stop: drain_tx.clone(),
+            wanted: tokio::sync::Notify::new(),
             _done: done_tx,
         });
         let accepting = tokio::task::spawn_local(accept_loop(listeners, Rc::clone(&ctx)));
@@ -165,7 +171,10 @@ impl Listening {
         })
     }
 
-    fn poll_accept(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<Accepted>> {
+    fn poll_accept(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<Accepted>> {
         match self {
             Listening::Tcp(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Tcp(s)),
             Listening::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Unix(s)),
@@ -192,7 +201,11 @@ async fn accept_any(listeners: &[Listening], turn: &mut usize) -> std::io::Resul
 
 /// Accepts connections, on every listener, while the worker has room for another request.
 async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Rc<Context>) {
-    let listeners = match sockets.into_iter().map(Listening::new).collect::<Result<Vec<_>, _>>() {
+    let listeners = match sockets
+        .into_iter()
+        .map(Listening::new)
+        .collect::<Result<Vec<_>, _>>()
+    {
         Ok(l) => l,
         Err(e) => return fail(&ctx, e),
     };
@@ -202,7 +215,12 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Rc<Context>) {
         if *ctx.draining.borrow() {
             return;
         }
-        match accept_any(&listeners, &mut turn).await {
+        let accepted = tokio::select! {
+            accepted = accept_any(&listeners, &mut turn) => accepted,
+            // A request on a kept-alive connection needs the room: let it go first.
+            _ = ctx.wanted.notified() => continue,
+        };
+        match accepted {
             Ok(Accepted::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
                 let (rd, wr) = stream.into_split();
@@ -237,6 +255,11 @@ async fn backoff() {
 
 fn is_transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
-        || matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }

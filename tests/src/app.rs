@@ -109,7 +109,9 @@ impl App {
 
     /// Waits until the log holds `needle`.
     pub fn wait_for_log(&self, needle: &str) {
-        wait_until(Duration::from_secs(15), needle, || self.stderr().contains(needle));
+        wait_until(Duration::from_secs(15), needle, || {
+            self.stderr().contains(needle)
+        });
     }
 }
 
@@ -152,7 +154,9 @@ pub fn fcgi_request_with(addr: &Addr, params: &Params, body: &[u8]) -> Result<Re
                         .map_err(|e| e.to_string())
                 }
                 Addr::Tcp(a) => {
-                    let mut c = Client::connect_tcp(a.as_str()).await.map_err(|e| e.to_string())?;
+                    let mut c = Client::connect_tcp(a.as_str())
+                        .await
+                        .map_err(|e| e.to_string())?;
                     c.request_with(fcgi::Role::Responder, false, params, body, None)
                         .await
                         .map_err(|e| e.to_string())
@@ -167,13 +171,19 @@ pub fn fcgi_request_with(addr: &Addr, params: &Params, body: &[u8]) -> Result<Re
 
 /// The live (not zombie) children of `master`, from /proc.
 pub fn worker_pids(master: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
             // Fields after the command name: state, ppid, ...
-            let Some(rest) = stat.rsplit(')').next() else { return false };
+            let Some(rest) = stat.rsplit(')').next() else {
+                return false;
+            };
             let mut fields = rest.split_whitespace();
             let state = fields.next();
             let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());

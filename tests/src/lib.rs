@@ -60,7 +60,10 @@ pub fn free_port() -> u16 {
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// A binary of this workspace, built by `cargo build --workspace --bins` (the test command
@@ -68,9 +71,16 @@ pub fn repo_root() -> PathBuf {
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let bin = dir.join(name);
-    assert!(bin.exists(), "{} is missing: run `cargo build --workspace --bins` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
     bin
 }
 
@@ -96,7 +106,12 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let pid = child.id() as i32;
-        Proc { child: Mutex::new(child), pid, log, exited: Mutex::new(None) }
+        Proc {
+            child: Mutex::new(child),
+            pid,
+            log,
+            exited: Mutex::new(None),
+        }
     }
 
     /// Its pid (and process group id).
@@ -148,7 +163,10 @@ impl Drop for Proc {
 pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -11,7 +11,9 @@ use nix::sys::signal::Signal;
 fn static_pool_has_exactly_its_workers_and_serves_on_both_listeners() {
     let dir = TempDir::new("static");
     let app = App::start(&dir, &["--pm", "static", "--workers", "3"]);
-    wait_until(Duration::from_secs(10), "3 workers", || worker_pids(app.pid()).len() == 3);
+    wait_until(Duration::from_secs(10), "3 workers", || {
+        worker_pids(app.pid()).len() == 3
+    });
     let unix = fcgi_request(&app.unix(), "GET", "/hello", b"").expect("unix request");
     assert_eq!((unix.status(), unix.body()), (200, &b"Hello, world!\n"[..]));
     let tcp = fcgi_request(&app.tcp(), "GET", "/hello", b"").expect("tcp request");
@@ -23,39 +25,66 @@ fn dynamic_pool_grows_under_a_burst_and_shrinks_back() {
     let dir = TempDir::new("dynamic");
     let app = App::start(
         &dir,
-        &["--pm", "dynamic", "--workers", "6", "--start-workers", "2", "--min-spare", "1", "--max-spare", "2"],
+        &[
+            "--pm",
+            "dynamic",
+            "--workers",
+            "6",
+            "--start-workers",
+            "2",
+            "--min-spare",
+            "1",
+            "--max-spare",
+            "2",
+        ],
     );
-    wait_until(Duration::from_secs(10), "2 start workers", || worker_pids(app.pid()).len() == 2);
+    wait_until(Duration::from_secs(10), "2 start workers", || {
+        worker_pids(app.pid()).len() == 2
+    });
     let burst: Vec<_> = (0..6)
         .map(|_| {
             let addr = app.tcp();
             std::thread::spawn(move || fcgi_request(&addr, "GET", "/sleep?ms=4000", b""))
         })
         .collect();
-    wait_until(Duration::from_secs(4), "the pool to grow to 6", || worker_pids(app.pid()).len() == 6);
+    wait_until(Duration::from_secs(4), "the pool to grow to 6", || {
+        worker_pids(app.pid()).len() == 6
+    });
     for t in burst {
         let res = t.join().expect("client thread").expect("burst request");
         assert_eq!(res.body(), b"slept 4000\n");
     }
-    wait_until(Duration::from_secs(10), "the pool to shrink to max_spare", || {
-        worker_pids(app.pid()).len() == 2
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the pool to shrink to max_spare",
+        || worker_pids(app.pid()).len() == 2,
+    );
 }
 
 #[test]
 fn ondemand_starts_empty_spawns_for_a_request_and_reaps_idle_workers() {
     let dir = TempDir::new("ondemand");
-    let app = App::start(&dir, &["--pm", "ondemand", "--workers", "4", "--idle-timeout", "1s"]);
+    let app = App::start(
+        &dir,
+        &["--pm", "ondemand", "--workers", "4", "--idle-timeout", "1s"],
+    );
     // Give the master a full tick to prove it does not spawn on its own.
     app.wait_for_log("master started");
     std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(worker_pids(app.pid()).len(), 0, "ondemand starts with no worker");
-    let res = fcgi_request(&app.unix(), "GET", "/hello", b"").expect("request through the unix socket");
+    assert_eq!(
+        worker_pids(app.pid()).len(),
+        0,
+        "ondemand starts with no worker"
+    );
+    let res =
+        fcgi_request(&app.unix(), "GET", "/hello", b"").expect("request through the unix socket");
     assert_eq!(res.status(), 200);
     assert_eq!(worker_pids(app.pid()).len(), 1);
-    wait_until(Duration::from_secs(5), "the idle worker to be reaped", || {
-        worker_pids(app.pid()).is_empty()
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "the idle worker to be reaped",
+        || worker_pids(app.pid()).is_empty(),
+    );
 }
 
 #[test]
@@ -64,7 +93,8 @@ fn killed_worker_is_replaced_and_requests_keep_succeeding() {
     let app = App::start(&dir, &["--pm", "static", "--workers", "1"]);
     let first = pid_of_worker(&app);
     let killed_at = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).expect("kill worker");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL)
+        .expect("kill worker");
     // The replacement's first answer: connections made meanwhile wait in the backlog.
     let second = pid_of_worker(&app);
     let elapsed = killed_at.elapsed();
@@ -80,13 +110,21 @@ fn killed_worker_is_replaced_and_requests_keep_succeeding() {
 fn workers_die_with_the_master() {
     let dir = TempDir::new("orphans");
     let app = App::start(&dir, &["--pm", "static", "--workers", "3"]);
-    wait_until(Duration::from_secs(10), "3 workers", || worker_pids(app.pid()).len() == 3);
+    wait_until(Duration::from_secs(10), "3 workers", || {
+        worker_pids(app.pid()).len() == 3
+    });
     let workers = worker_pids(app.pid());
     app.signal(Signal::SIGKILL);
     let start = Instant::now();
-    wait_until(Duration::from_secs(1), "every worker to exit after the master's SIGKILL", || {
-        workers.iter().all(|pid| !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(*pid))
-    });
+    wait_until(
+        Duration::from_secs(1),
+        "every worker to exit after the master's SIGKILL",
+        || {
+            workers
+                .iter()
+                .all(|pid| !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(*pid))
+        },
+    );
     eprintln!("workers gone {:?} after the master died", start.elapsed());
 }
 
@@ -103,14 +141,19 @@ fn crash_loop_backs_off() {
     let deaths = app.stderr().matches("worker died unexpectedly").count();
     // Without backoff two workers dying at once would respawn thousands of times in 3 s.
     assert!(deaths >= 3, "workers did die: {deaths}");
-    assert!(deaths < 30, "respawns are bounded by the backoff, got {deaths}");
+    assert!(
+        deaths < 30,
+        "respawns are bounded by the backoff, got {deaths}"
+    );
 }
 
 #[test]
 fn setup_failure_exits_non_zero_with_the_reason() {
     let dir = TempDir::new("setupfail");
     let app = App::start_with_env(&dir, &[], &[("APP_EXAMPLE_FAIL_SETUP", "yes")]);
-    let status = app.wait_exit(Duration::from_secs(10)).expect("exits on its own");
+    let status = app
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits on its own");
     assert_eq!(status.code(), Some(1));
     let err = app.stderr();
     assert!(err.contains("application setup failed"), "{err}");
@@ -120,43 +163,80 @@ fn setup_failure_exits_non_zero_with_the_reason() {
 #[test]
 fn request_timeout_kills_and_replaces_the_worker() {
     let dir = TempDir::new("timeout");
-    let app = App::start(&dir, &["--pm", "static", "--workers", "1", "--request-timeout", "1s"]);
+    let app = App::start(
+        &dir,
+        &[
+            "--pm",
+            "static",
+            "--workers",
+            "1",
+            "--request-timeout",
+            "1s",
+        ],
+    );
     let before = pid_of_worker(&app);
     let res = fcgi_request(&app.unix(), "GET", "/sleep?ms=20000", b"");
-    assert!(res.is_err(), "the hung request is cut off, not answered: {res:?}");
+    assert!(
+        res.is_err(),
+        "the hung request is cut off, not answered: {res:?}"
+    );
     app.wait_for_log("request timeout");
     let after = pid_of_worker(&app);
     assert_ne!(before, after, "the worker was replaced");
     let log = app.stderr();
-    let line = log.lines().find(|l| l.contains("request timeout")).expect("timeout line");
-    assert!(line.contains("/sleep?ms=20000") && line.contains("GET"), "{line}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("request timeout"))
+        .expect("timeout line");
+    assert!(
+        line.contains("/sleep?ms=20000") && line.contains("GET"),
+        "{line}"
+    );
 }
 
 #[test]
 fn max_requests_recycles_workers_without_failing_a_request() {
     let dir = TempDir::new("recycle");
-    let app = App::start(&dir, &["--pm", "static", "--workers", "2", "--max-requests", "5"]);
+    let app = App::start(
+        &dir,
+        &["--pm", "static", "--workers", "2", "--max-requests", "5"],
+    );
     let mut pids = std::collections::BTreeSet::new();
     for i in 0..60 {
-        let res = fcgi_request(&app.unix(), "GET", "/pid", b"").unwrap_or_else(|e| panic!("request {i}: {e}"));
+        let res = fcgi_request(&app.unix(), "GET", "/pid", b"")
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
         assert_eq!(res.status(), 200, "request {i}");
         pids.insert(String::from_utf8_lossy(res.body()).trim().to_string());
     }
-    assert!(pids.len() >= 6, "60 requests at 5-ish per worker went through many workers: {pids:?}");
+    assert!(
+        pids.len() >= 6,
+        "60 requests at 5-ish per worker went through many workers: {pids:?}"
+    );
 }
 
 #[test]
 fn graceful_stop_finishes_the_request_in_flight() {
     let dir = TempDir::new("graceful");
-    let app = App::start_with_env(&dir, &["--pm", "static", "--workers", "2"], &[("RUST_LOG", "debug")]);
-    wait_until(Duration::from_secs(10), "2 workers", || worker_pids(app.pid()).len() == 2);
+    let app = App::start_with_env(
+        &dir,
+        &["--pm", "static", "--workers", "2"],
+        &[("RUST_LOG", "debug")],
+    );
+    wait_until(Duration::from_secs(10), "2 workers", || {
+        worker_pids(app.pid()).len() == 2
+    });
     let addr = app.unix();
     let slow = std::thread::spawn(move || fcgi_request(&addr, "GET", "/sleep?ms=2000", b""));
     app.wait_for_log("request started");
     app.signal(Signal::SIGTERM);
-    let res = slow.join().expect("client thread").expect("the in-flight request completes");
+    let res = slow
+        .join()
+        .expect("client thread")
+        .expect("the in-flight request completes");
     assert_eq!((res.status(), res.body()), (200, &b"slept 2000\n"[..]));
-    let status = app.wait_exit(Duration::from_secs(10)).expect("master exits");
+    let status = app
+        .wait_exit(Duration::from_secs(10))
+        .expect("master exits");
     assert_eq!(status.code(), Some(0));
     assert!(!app.unix_path().exists(), "the unix socket file is removed");
 }
@@ -165,11 +245,20 @@ fn graceful_stop_finishes_the_request_in_flight() {
 fn bad_configuration_exits_2_naming_the_key() {
     let dir = TempDir::new("badconfig");
     let cases: &[(&[&str], &str)] = &[
-        (&["--listen", "127.0.0.1:0", "--workers", "0"], "\"workers\""),
-        (&["--listen", "127.0.0.1:0", "--request-timeout", "soon"], "\"request_timeout\""),
+        (
+            &["--listen", "127.0.0.1:0", "--workers", "0"],
+            "\"workers\"",
+        ),
+        (
+            &["--listen", "127.0.0.1:0", "--request-timeout", "soon"],
+            "\"request_timeout\"",
+        ),
         (&["--listen", "127.0.0.1:0", "--pm", "sometimes"], "\"pm\""),
         (&["--listen", "nowhere"], "\"listen\""),
-        (&["--listen", "127.0.0.1:0", "--no-such-flag"], "--no-such-flag"),
+        (
+            &["--listen", "127.0.0.1:0", "--no-such-flag"],
+            "--no-such-flag",
+        ),
     ];
     for (args, key) in cases {
         let (code, err) = App::run_to_exit(&dir, args);
@@ -178,7 +267,14 @@ fn bad_configuration_exits_2_naming_the_key() {
     }
     let conf = dir.path().join("bad.toml");
     std::fs::write(&conf, "workers = 2\nwrokers = 3\n").expect("write config");
-    let (code, err) = App::run_to_exit(&dir, &["--config", conf.to_str().expect("utf-8 path"), "--check-config"]);
+    let (code, err) = App::run_to_exit(
+        &dir,
+        &[
+            "--config",
+            conf.to_str().expect("utf-8 path"),
+            "--check-config",
+        ],
+    );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("wrokers"), "the unknown key is named: {err}");
     let (code, out) = App::run_to_exit(&dir, &["--check-config", "--listen", "127.0.0.1:0"]);
@@ -198,6 +294,10 @@ fn pid_of_worker(app: &App) -> i32 {
 
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }
