@@ -381,3 +381,384 @@ fn nonzero_id(rec: &Record) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{encode, encode_begin_request, encode_end_of_stream};
+
+    fn limits() -> Limits {
+        Limits {
+            max_requests_per_conn: 2,
+            max_conns: 7,
+            max_reqs: 3,
+            ..Limits::default()
+        }
+    }
+
+    fn begin(id: u16, role: Role, keep: bool, dst: &mut BytesMut) {
+        encode_begin_request(id, role, keep, dst);
+    }
+
+    fn params(id: u16, pairs: &[(&str, &str)], dst: &mut BytesMut) {
+        let mut raw = BytesMut::new();
+        for (n, v) in pairs {
+            params::encode_pair(n.as_bytes(), v.as_bytes(), &mut raw);
+        }
+        record::encode_stream(kind::PARAMS, id, &raw, dst);
+        encode_end_of_stream(kind::PARAMS, id, dst);
+    }
+
+    fn all(conn: &mut ServerConnection, buf: &mut BytesMut) -> Result<Vec<Event>, Error> {
+        let mut events = Vec::new();
+        while let Some(e) = conn.decode(buf)? {
+            events.push(e);
+        }
+        Ok(events)
+    }
+
+    fn decode_one(bytes: &[u8]) -> Result<Vec<Event>, Error> {
+        let mut conn = ServerConnection::new(limits());
+        all(&mut conn, &mut BytesMut::from(bytes))
+    }
+
+    #[test]
+    fn a_whole_request_from_bytes() {
+        let wire: &[u8] = b"\x01\x01\x00\x01\x00\x08\x00\x00\x00\x01\x01\x00\x00\x00\x00\x00\
+            \x01\x04\x00\x01\x00\x07\x01\x00\x01\x04AGET!\x00\
+            \x01\x04\x00\x01\x00\x00\x00\x00\
+            \x01\x05\x00\x01\x00\x02\x06\x00hi\x00\x00\x00\x00\x00\x00\
+            \x01\x05\x00\x01\x00\x00\x00\x00";
+        let events = decode_one(wire).expect("valid");
+        let Event::Request(req) = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(
+            (req.id, req.role, req.keep_conn),
+            (1, Role::Responder, true)
+        );
+        assert_eq!(req.params.get_str("A"), Some("GET!"));
+        assert_eq!(
+            events[1],
+            Event::Stdin {
+                id: 1,
+                data: Bytes::from_static(b"hi")
+            }
+        );
+        assert_eq!(events[2], Event::StdinEnd { id: 1 });
+    }
+
+    #[test]
+    fn pairs_straddle_records() {
+        let mut raw = BytesMut::new();
+        params::encode_pair(b"LONG", &[b'z'; 300], &mut raw);
+        params::encode_pair(b"B", b"\xff\x00", &mut raw);
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, false, &mut wire);
+        // Cut inside the 4-byte length, and again inside the value.
+        for piece in [&raw[..2], &raw[2..150], &raw[150..]] {
+            encode(kind::PARAMS, 1, piece, &mut wire);
+        }
+        encode_end_of_stream(kind::PARAMS, 1, &mut wire);
+        let mut conn = ServerConnection::new(limits());
+        let Some(Event::Request(req)) = conn.decode(&mut wire).expect("valid") else {
+            panic!()
+        };
+        assert_eq!(req.params.get("LONG").map(|v| v.len()), Some(300));
+        assert_eq!(req.params.get("B").map(|v| &v[..]), Some(&b"\xff\x00"[..]));
+    }
+
+    #[test]
+    fn get_values_between_params_records_is_answered_with_the_limits() {
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, true, &mut wire);
+        encode(kind::PARAMS, 1, b"\x01\x01ab", &mut wire);
+        wire.extend_from_slice(
+            b"\x01\x09\x00\x00\x00\x36\x02\x00\x0e\x00FCGI_MAX_CONNS\x0d\x00FCGI_MAX_REQS\x0f\x00FCGI_MPXS_CONNS\x04\x00NOPE\x00\x00",
+        );
+        encode_end_of_stream(kind::PARAMS, 1, &mut wire);
+        let mut conn = ServerConnection::new(limits());
+        let events = all(&mut conn, &mut wire).expect("valid");
+        assert!(matches!(&events[0], Event::Request(r) if r.params.get_str("a") == Some("b")));
+        let mut out = BytesMut::from(&conn.take_output().expect("an answer")[..]);
+        let rec = record::decode(&mut out).expect("valid").expect("whole");
+        assert_eq!(
+            (rec.record_type, rec.request_id),
+            (kind::GET_VALUES_RESULT, 0)
+        );
+        let values = Params::decode(rec.content, 10).expect("pairs");
+        assert_eq!(values.get_str("FCGI_MAX_CONNS"), Some("7"));
+        assert_eq!(values.get_str("FCGI_MAX_REQS"), Some("3"));
+        assert_eq!(values.get_str("FCGI_MPXS_CONNS"), Some("1"));
+        assert_eq!(values.len(), 3, "unknown names are left out");
+    }
+
+    #[test]
+    fn unknown_record_type_is_answered_with_unknown_type() {
+        let mut conn = ServerConnection::new(limits());
+        let mut wire = BytesMut::from(&b"\x01\x63\x00\x00\x00\x00\x00\x00"[..]);
+        assert_eq!(conn.decode(&mut wire), Ok(None));
+        assert_eq!(
+            &conn.take_output().expect("answer")[..],
+            b"\x01\x0b\x00\x00\x00\x08\x00\x00\x63\x00\x00\x00\x00\x00\x00\x00"
+        );
+    }
+
+    #[test]
+    fn unknown_role_is_refused_and_its_streams_drained() {
+        let mut conn = ServerConnection::new(limits());
+        let mut wire = BytesMut::new();
+        begin(3, Role::Unknown(9), false, &mut wire);
+        params(3, &[("A", "b")], &mut wire);
+        encode_end_of_stream(kind::STDIN, 3, &mut wire);
+        assert_eq!(all(&mut conn, &mut wire), Ok(vec![]));
+        assert_eq!(
+            &conn.take_output().expect("refusal")[..],
+            b"\x01\x03\x00\x03\x00\x08\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00"
+        );
+        assert_eq!(conn.active(), 0);
+    }
+
+    #[test]
+    fn multiplexed_requests_and_the_limit() {
+        let mut conn = ServerConnection::new(limits());
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, true, &mut wire);
+        begin(2, Role::Responder, true, &mut wire);
+        begin(3, Role::Responder, true, &mut wire);
+        params(2, &[("N", "2")], &mut wire);
+        params(1, &[("N", "1")], &mut wire);
+        encode(kind::STDIN, 1, b"one", &mut wire);
+        encode(kind::STDIN, 2, b"two", &mut wire);
+        let events = all(&mut conn, &mut wire).expect("valid");
+        let ids: Vec<u16> = events
+            .iter()
+            .map(|e| match e {
+                Event::Request(r) => r.id,
+                Event::Stdin { id, .. } => *id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [2, 1, 1, 2]);
+        let refusal = conn.take_output().expect("third refused");
+        assert_eq!(
+            &refusal[..],
+            b"\x01\x03\x00\x03\x00\x08\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00"
+        );
+
+        let mut one = ServerConnection::new(Limits {
+            max_requests_per_conn: 1,
+            ..limits()
+        });
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, true, &mut wire);
+        begin(2, Role::Responder, true, &mut wire);
+        all(&mut one, &mut wire).expect("valid");
+        assert_eq!(
+            one.take_output().expect("refusal")[12],
+            1,
+            "FCGI_CANT_MPX_CONN"
+        );
+    }
+
+    #[test]
+    fn abort_before_and_after_params() {
+        let mut conn = ServerConnection::new(limits());
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, true, &mut wire);
+        encode(kind::ABORT_REQUEST, 1, b"", &mut wire);
+        assert_eq!(all(&mut conn, &mut wire), Ok(vec![]));
+        assert_eq!(conn.take_output().expect("ended")[1], kind::END_REQUEST);
+
+        begin(2, Role::Responder, true, &mut wire);
+        params(2, &[], &mut wire);
+        encode(kind::ABORT_REQUEST, 2, b"", &mut wire);
+        let events = all(&mut conn, &mut wire).expect("valid");
+        assert_eq!(events.last(), Some(&Event::Abort { id: 2 }));
+        // An abort crossing our END_REQUEST is ignored.
+        encode(kind::ABORT_REQUEST, 9, b"", &mut wire);
+        assert_eq!(all(&mut conn, &mut wire), Ok(vec![]));
+    }
+
+    #[test]
+    fn filter_role_has_a_data_stream() {
+        let mut conn = ServerConnection::new(limits());
+        let mut wire = BytesMut::new();
+        begin(1, Role::Filter, false, &mut wire);
+        params(1, &[], &mut wire);
+        encode_end_of_stream(kind::STDIN, 1, &mut wire);
+        encode(kind::DATA, 1, b"file", &mut wire);
+        encode_end_of_stream(kind::DATA, 1, &mut wire);
+        let events = all(&mut conn, &mut wire).expect("valid");
+        assert_eq!(
+            &events[1..],
+            &[
+                Event::StdinEnd { id: 1 },
+                Event::Data {
+                    id: 1,
+                    data: Bytes::from_static(b"file")
+                },
+                Event::DataEnd { id: 1 }
+            ]
+        );
+    }
+
+    #[test]
+    fn ids_are_reusable_after_end_request_even_before_the_body_is_drained() {
+        let mut conn = ServerConnection::new(limits());
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, true, &mut wire);
+        params(1, &[], &mut wire);
+        encode(kind::STDIN, 1, b"part", &mut wire);
+        all(&mut conn, &mut wire).expect("valid");
+        let mut out = BytesMut::new();
+        assert!(!conn.end_request(1, 0, &mut out), "keep_conn: stay open");
+        assert_eq!(
+            &out[..],
+            b"\x01\x03\x00\x01\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+        );
+        // The rest of the old body is drained silently...
+        encode(kind::STDIN, 1, b"more", &mut wire);
+        assert_eq!(all(&mut conn, &mut wire), Ok(vec![]));
+        // ...and the id begins a new request.
+        begin(1, Role::Responder, false, &mut wire);
+        params(1, &[("X", "y")], &mut wire);
+        encode_end_of_stream(kind::STDIN, 1, &mut wire);
+        let events = all(&mut conn, &mut wire).expect("valid");
+        assert!(matches!(&events[0], Event::Request(r) if r.params.get_str("X") == Some("y")));
+        assert!(conn.end_request(1, 0, &mut out), "no keep_conn: close");
+    }
+
+    #[test]
+    fn every_error_is_typed() {
+        let begin1: &[u8] = b"\x01\x01\x00\x01\x00\x08\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00";
+        let params1_end: &[u8] = b"\x01\x04\x00\x01\x00\x00\x00\x00";
+        let cases: Vec<(Vec<u8>, Error)> = vec![
+            (
+                b"\x00\x01\x00\x01\x00\x00\x00\x00".to_vec(),
+                Error::UnsupportedVersion(0),
+            ),
+            (
+                b"\x01\x05\x00\x05\x00\x00\x00\x00".to_vec(),
+                Error::UnknownRequest { id: 5 },
+            ),
+            ([begin1, begin1].concat(), Error::DuplicateRequest { id: 1 }),
+            (
+                b"\x01\x01\x00\x01\x00\x04\x00\x00\x00\x01\x00\x00".to_vec(),
+                Error::BadContentLength {
+                    record_type: 1,
+                    len: 4,
+                    expected: 8,
+                },
+            ),
+            (
+                [
+                    begin1,
+                    b"\x01\x02\x00\x01\x00\x01\x07\x00x\x00\x00\x00\x00\x00\x00\x00",
+                ]
+                .concat(),
+                Error::BadContentLength {
+                    record_type: 2,
+                    len: 1,
+                    expected: 0,
+                },
+            ),
+            (
+                b"\x01\x09\x00\x01\x00\x00\x00\x00".to_vec(),
+                Error::BadRequestId {
+                    record_type: kind::GET_VALUES,
+                    id: 1,
+                },
+            ),
+            (
+                b"\x01\x05\x00\x00\x00\x00\x00\x00".to_vec(),
+                Error::BadRequestId {
+                    record_type: kind::STDIN,
+                    id: 0,
+                },
+            ),
+            (
+                b"\x01\x06\x00\x01\x00\x00\x00\x00".to_vec(),
+                Error::UnexpectedRecord {
+                    record_type: kind::STDOUT,
+                },
+            ),
+            (
+                [begin1, b"\x01\x05\x00\x01\x00\x00\x00\x00"].concat(),
+                Error::StdinBeforeParams { id: 1 },
+            ),
+            (
+                [begin1, params1_end, params1_end].concat(),
+                Error::StreamAfterEnd {
+                    record_type: kind::PARAMS,
+                    id: 1,
+                },
+            ),
+            (
+                [
+                    begin1,
+                    b"\x01\x04\x00\x01\x00\x02\x06\x00\x05\x01\x00\x00\x00\x00\x00\x00",
+                    params1_end,
+                ]
+                .concat(),
+                Error::TruncatedParams,
+            ),
+        ];
+        for (wire, expected) in cases {
+            assert_eq!(decode_one(&wire), Err(expected), "{wire:?}");
+        }
+    }
+
+    #[test]
+    fn params_limits() {
+        let small = Limits {
+            max_params_bytes: 10,
+            max_params: 2,
+            ..limits()
+        };
+        let mut conn = ServerConnection::new(small);
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, true, &mut wire);
+        encode(kind::PARAMS, 1, &[1u8; 11], &mut wire);
+        assert_eq!(
+            all(&mut conn, &mut wire),
+            Err(Error::ParamsTooLarge { limit: 10 })
+        );
+
+        let mut conn = ServerConnection::new(small);
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, true, &mut wire);
+        params(1, &[("a", ""), ("b", ""), ("c", "")], &mut wire);
+        assert_eq!(
+            all(&mut conn, &mut wire),
+            Err(Error::TooManyParams { limit: 2 })
+        );
+    }
+
+    #[test]
+    fn truncated_input_at_eof() {
+        let mut conn = ServerConnection::new(limits());
+        let mut wire = BytesMut::from(&b"\x01\x05\x00\x01\x00\x10\x00\x00abc"[..]);
+        assert_eq!(conn.decode(&mut wire), Ok(None));
+        assert_eq!(
+            conn.handle_eof(&wire),
+            Err(Error::Truncated { buffered: 11 })
+        );
+    }
+
+    #[test]
+    fn too_many_open_requests_even_refused_ones() {
+        let mut conn = ServerConnection::new(Limits {
+            max_requests_per_conn: 1,
+            ..limits()
+        });
+        let mut wire = BytesMut::new();
+        for id in 1..=3 {
+            begin(id, Role::Responder, true, &mut wire);
+        }
+        assert_eq!(
+            all(&mut conn, &mut wire),
+            Err(Error::TooManyRequests { limit: 2 })
+        );
+    }
+}

@@ -132,7 +132,7 @@ fn run<R: Responder>(shared: &Shared<R>, job: Job) {
 
 fn check_recycle<R>(shared: &Shared<R>) {
     let slot = shared.board.slot(shared.slot);
-    let served = slot.snapshot().requests;
+    let served = slot.requests();
     let over_requests = shared
         .recycle
         .request_limit
