@@ -6,9 +6,10 @@
 //! its request, which is answered `500`; the thread and the worker keep serving.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use fcgi::response::ResponseWriter;
@@ -48,7 +49,13 @@ pub(crate) struct Shared<R> {
     pub recycle_now: AtomicBool,
     /// Wakes the I/O thread to start draining.
     pub wake: tokio::sync::watch::Sender<bool>,
+    /// When RSS was last measured (microseconds of the shared clock).
+    pub rss_measured: AtomicU64,
 }
+
+/// How often the scoreboard's RSS is refreshed when no `max_rss` asks for every request:
+/// reading /proc costs a few microseconds, too much for every request of a fast handler.
+const RSS_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts `n` handler threads taking jobs from the returned sender.
 pub(crate) fn start<R: Responder>(
@@ -126,22 +133,28 @@ fn run<R: Responder>(shared: &Shared<R>, job: Job) {
     slot.end_request(now.saturating_sub(started), shared.cap, now);
     // Decide on recycling before giving the room back, so the accept loop, which needs that
     // room, already sees the drain and does not take a connection it would not serve.
-    check_recycle(shared);
+    check_recycle(shared, now);
     drop(permit);
 }
 
-fn check_recycle<R>(shared: &Shared<R>) {
+fn check_recycle<R>(shared: &Shared<R>, now: Duration) {
     let slot = shared.board.slot(shared.slot);
     let served = slot.requests();
     let over_requests = shared
         .recycle
         .request_limit
         .is_some_and(|limit| served >= limit);
-    let rss = if shared.recycle.max_rss.is_some() {
+    let last = Duration::from_micros(shared.rss_measured.load(Ordering::Relaxed));
+    let measure = shared.recycle.max_rss.is_some() || now.saturating_sub(last) >= RSS_EVERY;
+    let rss = if measure {
         scoreboard::self_rss()
     } else {
         None
     };
+    if measure {
+        let micros = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
+        shared.rss_measured.store(micros, Ordering::Relaxed);
+    }
     if let Some(bytes) = rss {
         slot.set_rss(bytes);
     }

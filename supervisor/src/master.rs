@@ -223,8 +223,13 @@ impl<R: Responder> Master<R> {
                 } else {
                     before.saturating_sub(1).max(1)
                 };
-                if cfg.workers + 8 > self.board.len() / 2 + 8 && intent == Intent::Grow {
-                    tracing::warn!(workers = before, "cannot grow: scoreboard is full");
+                // The scoreboard was sized for twice the pool at startup (room for draining
+                // workers beside their replacements); growing stays within half of it.
+                if intent == Intent::Grow && cfg.workers > self.board.len() / 2 {
+                    tracing::warn!(
+                        workers = before,
+                        "cannot grow: the scoreboard was sized at startup"
+                    );
                     return;
                 }
                 cfg.min_spare = cfg.min_spare.min(cfg.workers);

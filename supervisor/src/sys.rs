@@ -1,10 +1,10 @@
-//! The one module allowed `unsafe`: fork, shared memory, raw file descriptors, and one
-//! `getsockopt` that nix does not wrap. Every block says why it is sound.
+//! The one module allowed `unsafe`: fork, shared memory, and one `getsockopt` that nix does
+//! not wrap. Every block says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
 
@@ -85,22 +85,6 @@ impl Drop for SharedWords {
     }
 }
 
-/// Takes ownership of an inherited fd number (systemd's LISTEN_FDS, an upgrade's hand-over),
-/// after checking that it is open.
-#[allow(dead_code)]
-pub(crate) fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    nix::fcntl::fcntl(
-        // SAFETY: borrowed only for this call; fcntl(F_GETFD) on a closed fd fails with EBADF
-        // and touches nothing.
-        unsafe { BorrowedFd::borrow_raw(fd) },
-        nix::fcntl::FcntlArg::F_GETFD,
-    )
-    .map_err(|e| io::Error::other(format!("inherited fd {fd} is not open: {e}")))?;
-    // SAFETY: the fd is open (checked above), and the caller passes a number handed to this
-    // process to own (by systemd or the previous master), which nothing else in the process owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// `TCP_LISTEN` of the kernel's `enum tcp_states` (include/net/tcp_states.h).
 const TCP_LISTEN: u8 = 10;
 
@@ -148,11 +132,6 @@ mod tests {
                 assert_eq!(shared.words()[2].load(Ordering::Acquire), 42);
             }
         }
-    }
-
-    #[test]
-    fn adopting_a_closed_fd_fails() {
-        assert!(adopt_fd(987_654).is_err());
     }
 
     #[test]

@@ -94,6 +94,7 @@ fn serve<R: Responder>(
             cap: cap as u32,
             recycle: settings.recycle,
             recycle_now: AtomicBool::new(false),
+            rss_measured: std::sync::atomic::AtomicU64::new(0),
             wake: drain_tx.clone(),
         });
         let jobs = handler::start(cap, shared)?;

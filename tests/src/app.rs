@@ -140,6 +140,17 @@ pub fn fcgi_request(addr: &Addr, method: &str, uri: &str, body: &[u8]) -> Result
 
 /// One request with the given params, on a fresh connection.
 pub fn fcgi_request_with(addr: &Addr, params: &Params, body: &[u8]) -> Result<Response, String> {
+    fcgi_request_as(addr, fcgi::Role::Responder, params, body, None)
+}
+
+/// One request in any role (a Filter's DATA stream in `data`), on a fresh connection.
+pub fn fcgi_request_as(
+    addr: &Addr,
+    role: fcgi::Role,
+    params: &Params,
+    body: &[u8],
+    data: Option<&[u8]>,
+) -> Result<Response, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -149,7 +160,7 @@ pub fn fcgi_request_with(addr: &Addr, params: &Params, body: &[u8]) -> Result<Re
             match addr {
                 Addr::Unix(p) => {
                     let mut c = Client::connect_unix(p).await.map_err(|e| e.to_string())?;
-                    c.request_with(fcgi::Role::Responder, false, params, body, None)
+                    c.request_with(role, false, params, body, data)
                         .await
                         .map_err(|e| e.to_string())
                 }
@@ -157,7 +168,7 @@ pub fn fcgi_request_with(addr: &Addr, params: &Params, body: &[u8]) -> Result<Re
                     let mut c = Client::connect_tcp(a.as_str())
                         .await
                         .map_err(|e| e.to_string())?;
-                    c.request_with(fcgi::Role::Responder, false, params, body, None)
+                    c.request_with(role, false, params, body, data)
                         .await
                         .map_err(|e| e.to_string())
                 }

@@ -16,7 +16,7 @@ mod app;
 pub mod http;
 mod nginx;
 
-pub use app::{fcgi_request, fcgi_request_with, worker_pids, Addr, App};
+pub use app::{fcgi_request, fcgi_request_as, fcgi_request_with, worker_pids, Addr, App};
 pub use nginx::Nginx;
 
 /// A directory removed when dropped.
