@@ -145,7 +145,7 @@ where
             return 1;
         }
     };
-    match master::Master::new(cfg, Arc::new(app), listeners) {
+    match master::Master::new(cli, cfg, Arc::new(app), listeners) {
         Ok(master) => master.run(),
         Err(e) => {
             tracing::error!(error = %e, "cannot start the master");

@@ -13,7 +13,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::config::Config;
+use crate::config::{Cli, Config};
 use crate::handler::Recycle;
 use crate::listener::Listener;
 use crate::policy::{
@@ -57,6 +57,14 @@ pub(crate) struct Master<R> {
     generation: u64,
     stopping: Option<Stopping>,
     signals: SignalFd,
+    /// The command line, to re-read the configuration on reload.
+    cli: Cli,
+    /// A reload is waiting for the current generation to be ready before older ones drain.
+    reload_since: Option<Duration>,
+    /// Whether the slow reload was already reported.
+    reload_warned: bool,
+    /// Listeners removed from the configuration, closed once the workers using them are gone.
+    retired: Vec<Listener>,
     /// Wake on a connection arriving, not just on the tick: set while a `dynamic` or `ondemand`
     /// pool has no worker ready to take one and room to start one.
     watch_listeners: bool,
@@ -65,12 +73,21 @@ pub(crate) struct Master<R> {
 /// Scoreboard slots: room for a full pool, a second generation during reload, and workers that
 /// are draining while their replacements start.
 fn slots_for(cfg: &Config) -> usize {
-    cfg.pool.workers * 2 + 8
+    // 384 bytes a slot: a generous table costs nothing and lets reloads and TTIN grow the pool.
+    (cfg.pool.workers * 4).max(256)
 }
+
+/// How long a reload may wait for the new generation before the master says so, loudly.
+const RELOAD_SLOW: Duration = Duration::from_secs(10);
 
 impl<R: Responder> Master<R> {
     /// Takes over: blocks the handled signals, creates the scoreboard. Call before any fork.
-    pub(crate) fn new(cfg: Config, app: Arc<R>, listeners: Vec<Listener>) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        cli: Cli,
+        cfg: Config,
+        app: Arc<R>,
+        listeners: Vec<Listener>,
+    ) -> std::io::Result<Self> {
         let mask = signals::handled();
         nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
@@ -88,6 +105,10 @@ impl<R: Responder> Master<R> {
             stopping: None,
             signals,
             watch_listeners: false,
+            cli,
+            reload_since: None,
+            reload_warned: false,
+            retired: Vec::new(),
         })
     }
 
@@ -225,7 +246,7 @@ impl<R: Responder> Master<R> {
                 };
                 // The scoreboard was sized for twice the pool at startup (room for draining
                 // workers beside their replacements); growing stays within half of it.
-                if intent == Intent::Grow && cfg.workers > self.board.len() / 2 {
+                if intent == Intent::Grow && cfg.workers >= self.board.len() / 2 {
                     tracing::warn!(
                         workers = before,
                         "cannot grow: the scoreboard was sized at startup"
@@ -243,10 +264,100 @@ impl<R: Responder> Master<R> {
                 self.pool.set_config(cfg);
             }
             Intent::ReopenLogs => crate::logging::reopen(),
-            Intent::Reload | Intent::Upgrade => {
-                tracing::warn!(?intent, "not supported by this version; ignored");
+            Intent::Reload => self.reload(),
+            Intent::Upgrade => {
+                tracing::warn!("binary upgrade (USR2) is not supported by this version; ignored");
             }
             Intent::Reap => {}
+        }
+    }
+
+    /// HUP: re-reads the configuration; if it is valid, starts a new generation of workers,
+    /// and drains the older ones once it is ready. An invalid configuration changes nothing.
+    fn reload(&mut self) {
+        let cfg = match Config::load(&self.cli) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused: the configuration is invalid; still running the previous one");
+                return;
+            }
+        };
+        // Bind what is new before changing anything, so a failure leaves everything as it was.
+        let mut fresh = Vec::new();
+        for addr in &cfg.listen {
+            if self.listeners.iter().any(|l| l.addr() == addr) {
+                continue;
+            }
+            match Listener::bind(addr, cfg.backlog, &cfg.socket) {
+                Ok(l) => fresh.push(l),
+                Err(e) => {
+                    tracing::error!(listen = %addr, error = %e, "reload refused: cannot listen; still running the previous configuration");
+                    return;
+                }
+            }
+        }
+        let (keep, retire): (Vec<Listener>, Vec<Listener>) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|l| cfg.listen.contains(l.addr()));
+        self.listeners = keep;
+        self.listeners.extend(fresh);
+        self.retired.extend(retire);
+        self.generation += 1;
+        self.pool = Pool::new(cfg.pool.clone());
+        self.cfg = cfg;
+        self.reload_since = Some(scoreboard::now());
+        self.reload_warned = false;
+        tracing::info!(
+            generation = self.generation,
+            workers = self.cfg.pool.workers,
+            "reload: starting a new generation; the old one serves until it is ready"
+        );
+    }
+
+    /// Once the current generation is ready, older workers drain; once they are gone, retired
+    /// listeners close.
+    fn finish_reload(&mut self, current: &[WorkerView], now: Duration) {
+        if let Some(since) = self.reload_since {
+            let ready = current
+                .iter()
+                .filter(|v| matches!(v.state, WorkerState::Idle | WorkerState::Busy))
+                .count();
+            if ready >= self.pool.initial_workers() {
+                let mut drained = 0;
+                for (pid, w) in self.workers.iter_mut() {
+                    if w.generation < self.generation && !w.stopping {
+                        w.stopping = true;
+                        let _ = kill(*pid, Signal::SIGTERM);
+                        drained += 1;
+                    }
+                }
+                tracing::info!(
+                    generation = self.generation,
+                    ready,
+                    draining = drained,
+                    elapsed_ms = now.saturating_sub(since).as_millis() as u64,
+                    "reload: new generation ready; draining the old one"
+                );
+                self.reload_since = None;
+            } else if now.saturating_sub(since) >= RELOAD_SLOW && !self.reload_warned {
+                self.reload_warned = true;
+                tracing::error!(
+                    generation = self.generation,
+                    ready,
+                    wanted = self.pool.initial_workers(),
+                    "reload: the new generation is not ready; the old generation keeps serving"
+                );
+            }
+        }
+        if !self.retired.is_empty()
+            && self
+                .workers
+                .values()
+                .all(|w| w.generation == self.generation)
+        {
+            for l in self.retired.drain(..) {
+                tracing::info!(listen = %l.addr(), "listener removed by reload is closed");
+            }
         }
     }
 
@@ -379,6 +490,7 @@ impl<R: Responder> Master<R> {
                 }
             }
         }
+        self.finish_reload(&current, now);
         let waiting = self.waiting();
         let plan = self.pool.tick(&current, waiting, now);
         if let Some(max) = plan.max_reached {
