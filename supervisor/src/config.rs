@@ -109,9 +109,13 @@ pub struct Cli {
     /// The pool's name on the status page [default: www].
     #[arg(long, value_name = "NAME")]
     pub pool_name: Option<String>,
-    /// Validate the configuration and exit: 0 when valid, 2 when not.
+    /// Validate the configuration and exit: 0 when valid, 2 when not (1 when the application's
+    /// setup fails).
     #[arg(long)]
     pub check_config: bool,
+    /// Listening sockets come from systemd or a previous master, so `listen` may be empty.
+    #[arg(skip)]
+    pub inherits_listeners: bool,
 }
 
 impl Cli {
@@ -415,7 +419,7 @@ impl Config {
                     .map_err(|e| bad("listen", s, e.trim_start_matches("expected ")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if listen.is_empty() && std::env::var_os("LISTEN_FDS").is_none() {
+        if listen.is_empty() && !cli.inherits_listeners {
             return Err(bad(
                 "listen",
                 "",

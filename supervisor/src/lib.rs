@@ -47,9 +47,11 @@
 pub mod config;
 mod connection;
 mod handler;
+mod handover;
 pub mod listener;
 mod logging;
 mod master;
+mod notify;
 pub mod policy;
 mod request;
 mod response;
@@ -100,10 +102,11 @@ where
     F: FnOnce() -> Result<R, E>,
 {
     let program = std::env::args().next().unwrap_or_else(|| "server".into());
-    let cli = match config::Cli::parse_from_env() {
+    let mut cli = match config::Cli::parse_from_env() {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    cli.inherits_listeners = handover::will_inherit();
     let cfg = match config::Config::load(&cli) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -112,6 +115,12 @@ where
         }
     };
     if cfg.check_config {
+        // The application's setup runs too: a binary upgrade checks the new binary this way
+        // before it replaces the running one.
+        if let Err(e) = setup() {
+            eprintln!("{program}: configuration ok, but the application setup failed: {e}");
+            return 1;
+        }
         println!("{program}: configuration ok");
         return 0;
     }
@@ -119,8 +128,18 @@ where
         eprintln!("{program}: {e}");
         return 1;
     }
-    let mut listeners = Vec::new();
+    let mut inherited = match handover::inherit() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot take over the inherited sockets");
+            return 1;
+        }
+    };
+    let mut listeners = std::mem::take(&mut inherited.listeners);
     for addr in &cfg.listen {
+        if listeners.iter().any(|l| l.addr() == addr) {
+            continue;
+        }
         match listener::Listener::bind(addr, cfg.backlog, &cfg.socket) {
             Ok(l) => listeners.push(l),
             Err(e) => {
@@ -145,7 +164,7 @@ where
             return 1;
         }
     };
-    match master::Master::new(cli, cfg, Arc::new(app), listeners) {
+    match master::Master::new(cli, cfg, Arc::new(app), listeners, inherited) {
         Ok(master) => master.run(),
         Err(e) => {
             tracing::error!(error = %e, "cannot start the master");

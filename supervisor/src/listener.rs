@@ -33,6 +33,8 @@ pub struct Listener {
     /// The socket file this process created, and the pid that created it: a forked worker
     /// dropping its copy must not unlink the master's socket.
     created: Option<(PathBuf, u32)>,
+    /// Passed in by systemd: served whatever the configuration says, never unlinked.
+    activated: bool,
 }
 
 impl Listener {
@@ -61,6 +63,7 @@ impl Listener {
                     fd,
                     addr: addr.clone(),
                     created: None,
+                    activated: false,
                 })
             }
             ListenAddr::Unix(path) => {
@@ -85,6 +88,7 @@ impl Listener {
                     fd,
                     addr: addr.clone(),
                     created: Some((path.clone(), std::process::id())),
+                    activated: false,
                 };
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(opts.mode))?;
                 if opts.owner.is_some() || opts.group.is_some() {
@@ -99,6 +103,45 @@ impl Listener {
                 Ok(listener)
             }
         }
+    }
+
+    /// Takes over a listening socket this process inherited (systemd socket activation, or
+    /// the previous master of an upgrade). `created` says whether this process (same pid,
+    /// before exec) created its unix socket file, so it is removed at exit; systemd's never is.
+    pub(crate) fn adopt(fd: OwnedFd, created: bool, activated: bool) -> io::Result<Listener> {
+        let raw = fd.as_fd().as_raw_fd_compat();
+        let sa: SockaddrStorage = socket::getsockname(raw)?;
+        let addr = if let Some(path) = sa.as_unix_addr().and_then(|u| u.path()) {
+            ListenAddr::Unix(path.to_path_buf())
+        } else if let Some(v4) = sa.as_sockaddr_in() {
+            ListenAddr::Tcp(SocketAddr::from((v4.ip(), v4.port())))
+        } else if let Some(v6) = sa.as_sockaddr_in6() {
+            ListenAddr::Tcp(SocketAddr::from((v6.ip(), v6.port())))
+        } else {
+            return Err(io::Error::other(format!(
+                "inherited fd {raw} is not a unix or TCP socket"
+            )));
+        };
+        let created = match (&addr, created) {
+            (ListenAddr::Unix(path), true) => Some((path.clone(), std::process::id())),
+            _ => None,
+        };
+        Ok(Listener {
+            fd,
+            addr,
+            created,
+            activated,
+        })
+    }
+
+    /// True when systemd passed it in.
+    pub(crate) fn activated(&self) -> bool {
+        self.activated
+    }
+
+    /// True when this process created the socket file (it removes it at exit).
+    pub(crate) fn created_file(&self) -> bool {
+        self.created.is_some()
     }
 
     /// The address it listens on.

@@ -15,7 +15,9 @@ use nix::unistd::Pid;
 
 use crate::config::{Cli, Config};
 use crate::handler::Recycle;
+use crate::handover::{self, AdoptedWorker, Inherited};
 use crate::listener::Listener;
+use crate::notify::Notifier;
 use crate::policy::{
     self, Pool, PoolMode, Respawn, SlowLog, TimeoutAction, WorkerState, WorkerView,
 };
@@ -65,6 +67,12 @@ pub(crate) struct Master<R> {
     reload_warned: bool,
     /// Listeners removed from the configuration, closed once the workers using them are gone.
     retired: Vec<Listener>,
+    /// systemd, when it asked to be told.
+    notifier: Notifier,
+    /// READY=1 was sent for the current generation.
+    ready_sent: bool,
+    /// When WATCHDOG=1 was last sent.
+    watchdog_at: Duration,
     /// Wake on a connection arriving, not just on the tick: set while a `dynamic` or `ondemand`
     /// pool has no worker ready to take one and room to start one.
     watch_listeners: bool,
@@ -77,6 +85,9 @@ fn slots_for(cfg: &Config) -> usize {
     (cfg.pool.workers * 4).max(256)
 }
 
+/// How often the master looks at a new generation's readiness during a reload or upgrade.
+const RELOAD_POLL: Duration = Duration::from_millis(20);
+
 /// How long a reload may wait for the new generation before the master says so, loudly.
 const RELOAD_SLOW: Duration = Duration::from_secs(10);
 
@@ -87,11 +98,34 @@ impl<R: Responder> Master<R> {
         cfg: Config,
         app: Arc<R>,
         listeners: Vec<Listener>,
+        inherited: Inherited,
     ) -> std::io::Result<Self> {
         let mask = signals::handled();
         nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
-        let board = Arc::new(Scoreboard::new(slots_for(&cfg))?);
+        let board = match inherited.board {
+            Some(board) => board,
+            None => Scoreboard::new(slots_for(&cfg))?,
+        };
+        let board = Arc::new(board);
+        let now = scoreboard::now();
+        // Workers of the previous master (an upgrade) keep serving until this master's own
+        // generation is ready, exactly as in a reload.
+        let workers: HashMap<Pid, Worker> = inherited
+            .workers
+            .iter()
+            .map(|w| {
+                let worker = Worker {
+                    slot: w.slot,
+                    generation: w.generation,
+                    started: w.started,
+                    timeout_term_at: None,
+                    stopping: false,
+                };
+                (w.pid, worker)
+            })
+            .collect();
+        let adopted = !workers.is_empty();
         Ok(Master {
             pool: Pool::new(cfg.pool.clone()),
             cfg,
@@ -100,15 +134,18 @@ impl<R: Responder> Master<R> {
             board,
             respawn: Respawn::new(),
             slow: SlowLog::default(),
-            workers: HashMap::new(),
-            generation: 1,
+            workers,
+            generation: inherited.generation + 1,
             stopping: None,
             signals,
             watch_listeners: false,
             cli,
-            reload_since: None,
+            reload_since: adopted.then_some(now),
             reload_warned: false,
             retired: Vec::new(),
+            notifier: Notifier::from_env(),
+            ready_sent: false,
+            watchdog_at: now,
         })
     }
 
@@ -124,6 +161,11 @@ impl<R: Responder> Master<R> {
         for _ in 0..self.pool.initial_workers() {
             self.spawn(scoreboard::now());
         }
+        if self.pool.initial_workers() == 0 && self.reload_since.is_none() {
+            // ondemand: nothing to wait for.
+            self.ready_sent = true;
+            self.notifier.ready();
+        }
         loop {
             let now = scoreboard::now();
             self.wait(self.next_wake(now));
@@ -132,6 +174,12 @@ impl<R: Responder> Master<R> {
             }
             self.reap();
             let now = scoreboard::now();
+            if let Some(every) = self.notifier.watchdog_every() {
+                if now.saturating_sub(self.watchdog_at) >= every {
+                    self.notifier.watchdog();
+                    self.watchdog_at = now;
+                }
+            }
             if let Some(stop) = &mut self.stopping {
                 if self.workers.is_empty() {
                     tracing::info!(pid = std::process::id(), "master stopped");
@@ -159,6 +207,13 @@ impl<R: Responder> Master<R> {
         }
         if let Some(stop) = &self.stopping {
             wake = wake.min(stop.deadline.saturating_sub(now));
+        }
+        if let Some(every) = self.notifier.watchdog_every() {
+            wake = wake.min((self.watchdog_at + every).saturating_sub(now));
+        }
+        if self.reload_since.is_some() {
+            // A new generation gets ready in milliseconds; look often until it is.
+            wake = wake.min(RELOAD_POLL);
         }
         wake.max(Duration::from_millis(1))
     }
@@ -222,6 +277,7 @@ impl<R: Responder> Master<R> {
                         deadline: scoreboard::now() + self.cfg.shutdown_timeout,
                         killed: false,
                     });
+                    self.notifier.stopping();
                     self.stop_all();
                 }
             }
@@ -230,6 +286,7 @@ impl<R: Responder> Master<R> {
                     workers = self.workers.len(),
                     "immediate stop: killing workers"
                 );
+                self.notifier.stopping();
                 self.stopping = Some(Stopping {
                     deadline: scoreboard::now(),
                     killed: true,
@@ -265,9 +322,7 @@ impl<R: Responder> Master<R> {
             }
             Intent::ReopenLogs => crate::logging::reopen(),
             Intent::Reload => self.reload(),
-            Intent::Upgrade => {
-                tracing::warn!("binary upgrade (USR2) is not supported by this version; ignored");
-            }
+            Intent::Upgrade => self.upgrade(),
             Intent::Reap => {}
         }
     }
@@ -298,7 +353,7 @@ impl<R: Responder> Master<R> {
         }
         let (keep, retire): (Vec<Listener>, Vec<Listener>) = std::mem::take(&mut self.listeners)
             .into_iter()
-            .partition(|l| cfg.listen.contains(l.addr()));
+            .partition(|l| l.activated() || cfg.listen.contains(l.addr()));
         self.listeners = keep;
         self.listeners.extend(fresh);
         self.retired.extend(retire);
@@ -307,6 +362,8 @@ impl<R: Responder> Master<R> {
         self.cfg = cfg;
         self.reload_since = Some(scoreboard::now());
         self.reload_warned = false;
+        self.ready_sent = false;
+        self.notifier.reloading(scoreboard::now());
         tracing::info!(
             generation = self.generation,
             workers = self.cfg.pool.workers,
@@ -314,14 +371,84 @@ impl<R: Responder> Master<R> {
         );
     }
 
+    /// USR2: checks the binary on disk against the current command line (configuration and
+    /// application setup), then re-executes it in place, handing over the listeners, the
+    /// scoreboard and the running workers. Any failure keeps the old binary running.
+    fn upgrade(&mut self) {
+        if self.reload_since.is_some() {
+            tracing::warn!(
+                "upgrade refused: a reload is still under way; send USR2 again once it is done"
+            );
+            return;
+        }
+        let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let Some(program) = argv.first() else { return };
+        tracing::info!(program = %program.to_string_lossy(), "upgrade: checking the new binary");
+        let check = std::process::Command::new(program)
+            .args(&argv[1..])
+            .arg("--check-config")
+            .env(handover::ENV_LISTENERS, "")
+            .stdin(std::process::Stdio::null())
+            .output();
+        match check {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                let said = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    String::from_utf8_lossy(&out.stdout)
+                );
+                tracing::error!(
+                    status = %out.status,
+                    output = said.trim(),
+                    "upgrade refused: the new binary failed its check; still running the old one"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "upgrade refused: cannot run the new binary; still running the old one");
+                return;
+            }
+        }
+        let workers: Vec<AdoptedWorker> = self
+            .workers
+            .iter()
+            .map(|(pid, w)| AdoptedWorker {
+                pid: *pid,
+                slot: w.slot,
+                generation: w.generation,
+                started: w.started,
+            })
+            .collect();
+        self.notifier.reloading(scoreboard::now());
+        tracing::info!(
+            pid = std::process::id(),
+            workers = workers.len(),
+            "upgrade: re-executing in place; the running workers serve until the new ones are ready"
+        );
+        let err = handover::exec_successor(
+            &argv,
+            &self.listeners,
+            &self.board,
+            &workers,
+            self.generation,
+        );
+        tracing::error!(error = %err, "upgrade failed: cannot execute the new binary; still running the old one");
+        self.notifier.ready();
+    }
+
     /// Once the current generation is ready, older workers drain; once they are gone, retired
     /// listeners close.
     fn finish_reload(&mut self, current: &[WorkerView], now: Duration) {
+        let ready = current
+            .iter()
+            .filter(|v| matches!(v.state, WorkerState::Idle | WorkerState::Busy))
+            .count();
+        if self.reload_since.is_none() && !self.ready_sent && ready > 0 {
+            self.ready_sent = true;
+            self.notifier.ready();
+        }
         if let Some(since) = self.reload_since {
-            let ready = current
-                .iter()
-                .filter(|v| matches!(v.state, WorkerState::Idle | WorkerState::Busy))
-                .count();
             if ready >= self.pool.initial_workers() {
                 let mut drained = 0;
                 for (pid, w) in self.workers.iter_mut() {
@@ -339,6 +466,8 @@ impl<R: Responder> Master<R> {
                     "reload: new generation ready; draining the old one"
                 );
                 self.reload_since = None;
+                self.ready_sent = true;
+                self.notifier.ready();
             } else if now.saturating_sub(since) >= RELOAD_SLOW && !self.reload_warned {
                 self.reload_warned = true;
                 tracing::error!(
@@ -491,6 +620,20 @@ impl<R: Responder> Master<R> {
             }
         }
         self.finish_reload(&current, now);
+        let idle = current
+            .iter()
+            .filter(|v| v.state == WorkerState::Idle)
+            .count();
+        let busy = current
+            .iter()
+            .filter(|v| v.state == WorkerState::Busy)
+            .count();
+        self.notifier.status(format!(
+            "pool {}: {} workers ({idle} idle, {busy} busy), generation {}",
+            self.cfg.pool_name,
+            self.workers.len(),
+            self.generation
+        ));
         let waiting = self.waiting();
         let plan = self.pool.tick(&current, waiting, now);
         if let Some(max) = plan.max_reached {

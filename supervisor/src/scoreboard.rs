@@ -123,6 +123,17 @@ impl Scoreboard {
         Ok(Scoreboard { mem, slots })
     }
 
+    /// The table of `slots` slots behind an inherited memfd (an upgrade's previous master).
+    pub(crate) fn from_fd(fd: std::os::fd::OwnedFd, slots: usize) -> io::Result<Scoreboard> {
+        let mem = SharedWords::from_fd(fd, HEADER_WORDS + slots * SLOT_WORDS)?;
+        Ok(Scoreboard { mem, slots })
+    }
+
+    /// The memfd behind the table, to hand over across an upgrade's exec.
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.mem.fd()
+    }
+
     /// Number of slots.
     pub fn len(&self) -> usize {
         self.slots

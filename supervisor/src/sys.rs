@@ -1,14 +1,16 @@
-//! The one module allowed `unsafe`: fork, shared memory, and one `getsockopt` that nix does
-//! not wrap. Every block says why it is sound.
+//! The one module allowed `unsafe`: fork, shared memory, adopting inherited file descriptors,
+//! and one `getsockopt` that nix does not wrap. Every block says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
 
-use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+use nix::fcntl::{FcntlArg, FdFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::unistd::{ForkResult, Pid};
 
 /// Which side of a fork we are on.
@@ -30,11 +32,12 @@ pub(crate) fn fork() -> io::Result<Fork> {
     }
 }
 
-/// An anonymous shared mapping of zeroed `AtomicU64` words, inherited by children forked after
-/// it was made: the scoreboard's memory.
+/// A shared mapping of zeroed `AtomicU64` words backed by a memfd: inherited by children forked
+/// after it was made, and handed to the next master across an upgrade's `exec` by its fd.
 pub(crate) struct SharedWords {
     ptr: NonNull<AtomicU64>,
     len: usize,
+    fd: OwnedFd,
 }
 
 // SAFETY: the mapping is only ever accessed through `&[AtomicU64]`, and atomics are `Sync`;
@@ -44,45 +47,88 @@ unsafe impl Send for SharedWords {}
 unsafe impl Sync for SharedWords {}
 
 impl SharedWords {
-    /// Maps `n` words (n > 0), zeroed by the kernel.
+    /// A new table of `n` words (n > 0), zeroed.
     pub(crate) fn new(n: usize) -> io::Result<SharedWords> {
-        let bytes = n
-            .checked_mul(std::mem::size_of::<AtomicU64>())
-            .and_then(NonZeroUsize::new)
-            .ok_or_else(|| io::Error::other(format!("cannot map {n} scoreboard words")))?;
-        // SAFETY: an anonymous mapping with no address hint cannot alias existing memory; the
-        // kernel zero-fills it, and zero is a valid `AtomicU64`. MAP_SHARED keeps it shared with
-        // children across fork.
+        let fd = memfd_create("scoreboard", MFdFlags::MFD_CLOEXEC)?;
+        let bytes = byte_len(n)?;
+        nix::unistd::ftruncate(&fd, bytes.get() as libc::off_t)?;
+        SharedWords::map(fd, n)
+    }
+
+    /// The table of `n` words behind an inherited memfd.
+    pub(crate) fn from_fd(fd: OwnedFd, n: usize) -> io::Result<SharedWords> {
+        let size = nix::sys::stat::fstat(&fd)?.st_size;
+        if (size as u64) < byte_len(n)?.get() as u64 {
+            return Err(io::Error::other(format!(
+                "inherited scoreboard has {size} bytes, {n} words expected"
+            )));
+        }
+        SharedWords::map(fd, n)
+    }
+
+    fn map(fd: OwnedFd, n: usize) -> io::Result<SharedWords> {
+        let bytes = byte_len(n)?;
+        // SAFETY: a new mapping with no address hint cannot alias existing memory; the memfd is
+        // at least `bytes` long (set by ftruncate or checked by fstat), its contents are zeroes
+        // or words written by another master, and every bit pattern is a valid `AtomicU64`.
         let ptr = unsafe {
-            mmap_anonymous(
+            mmap(
                 None,
                 bytes,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
                 MapFlags::MAP_SHARED,
+                &fd,
+                0,
             )
         }?;
         Ok(SharedWords {
             ptr: ptr.cast(),
             len: n,
+            fd,
         })
+    }
+
+    /// The memfd behind the table, to hand over across exec.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// The words.
     pub(crate) fn words(&self) -> &[AtomicU64] {
-        // SAFETY: `ptr` points to `len` initialised (zeroed) `AtomicU64`s, page-aligned, mapped
-        // until `self` is dropped; every access goes through atomics, so sharing with other
-        // processes cannot produce a data race.
+        // SAFETY: `ptr` points to `len` initialised `AtomicU64`s, page-aligned, mapped until
+        // `self` is dropped; every access goes through atomics, so sharing with other processes
+        // cannot produce a data race.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
+}
+
+fn byte_len(n: usize) -> io::Result<NonZeroUsize> {
+    n.checked_mul(std::mem::size_of::<AtomicU64>())
+        .and_then(NonZeroUsize::new)
+        .ok_or_else(|| io::Error::other(format!("cannot map {n} scoreboard words")))
 }
 
 impl Drop for SharedWords {
     fn drop(&mut self) {
         let bytes = self.len * std::mem::size_of::<AtomicU64>();
-        // SAFETY: this is the mapping made in `new`, with its length; no reference into it can
+        // SAFETY: this is the mapping made in `map`, with its length; no reference into it can
         // outlive `self` because `words` borrows `self`.
         let _ = unsafe { munmap(self.ptr.cast(), bytes) };
     }
+}
+
+/// Takes ownership of an inherited fd number (systemd's LISTEN_FDS, an upgrade's hand-over),
+/// after checking that it is open, and marks it close-on-exec again.
+pub(crate) fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: borrowed only for these calls; fcntl on a closed fd fails with EBADF and touches
+    // nothing.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    nix::fcntl::fcntl(borrowed, FcntlArg::F_GETFD)
+        .map_err(|e| io::Error::other(format!("inherited fd {fd} is not open: {e}")))?;
+    nix::fcntl::fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    // SAFETY: the fd is open (checked above) and was handed to this process to own (by systemd
+    // or the previous master, through the environment); nothing else in the process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `TCP_LISTEN` of the kernel's `enum tcp_states` (include/net/tcp_states.h).
@@ -132,6 +178,22 @@ mod tests {
                 assert_eq!(shared.words()[2].load(Ordering::Acquire), 42);
             }
         }
+    }
+
+    #[test]
+    fn adopting_a_closed_fd_fails() {
+        assert!(adopt_fd(987_654).is_err());
+    }
+
+    #[test]
+    fn the_table_survives_being_mapped_again_from_its_fd() {
+        let a = SharedWords::new(4).expect("map");
+        a.words()[3].store(7, Ordering::Relaxed);
+        let fd = a.fd().try_clone_to_owned().expect("dup");
+        let b = SharedWords::from_fd(fd, 4).expect("map again");
+        assert_eq!(b.words()[3].load(Ordering::Relaxed), 7);
+        let fd = a.fd().try_clone_to_owned().expect("dup");
+        assert!(SharedWords::from_fd(fd, 5000).is_err(), "too small");
     }
 
     #[test]

@@ -35,9 +35,26 @@ impl App {
 
     /// As [`App::start`], with extra environment variables.
     pub fn start_with_env(dir: &TempDir, args: &[&str], env: &[(&str, &str)]) -> App {
+        App::start_binary(dir, &bin_path("app-example"), args, env)
+    }
+
+    /// Starts an already-prepared command whose listeners are `unix` (and no TCP port), and
+    /// waits until the master runs.
+    pub fn start_command(dir: &TempDir, cmd: Command, unix: PathBuf) -> App {
+        let app = App {
+            proc: Proc::spawn(dir, "app", cmd),
+            unix,
+            port: 0,
+        };
+        app.wait_for_log("master started");
+        app
+    }
+
+    /// As [`App::start_with_env`], running the binary at `program`.
+    pub fn start_binary(dir: &TempDir, program: &Path, args: &[&str], env: &[(&str, &str)]) -> App {
         let unix = dir.path().join("app.sock");
         let port = free_port();
-        let mut cmd = Command::new(bin_path("app-example"));
+        let mut cmd = Command::new(program);
         cmd.arg("--listen")
             .arg(format!("unix:{}", unix.display()))
             .arg("--listen")

@@ -10,12 +10,24 @@ use e2e::http;
 use e2e::{wait_until, worker_pids, App, Nginx, TempDir};
 use nix::sys::signal::Signal;
 
+/// Waits until none of `old` is a worker any more and the pool is back at `size`; then every
+/// answer comes from the new generation.
+fn wait_for_new_generation(app: &App, old: &BTreeSet<i32>, size: usize, what: &str) {
+    wait_until(Duration::from_secs(20), what, || {
+        let now: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
+        now.len() == size && now.is_disjoint(old)
+    });
+}
+
 #[test]
-fn hup_replaces_every_worker_without_failing_a_request() {
+fn ten_reloads_and_five_upgrades_under_load_fail_no_request() {
     let dir = TempDir::new("reload");
-    let app = App::start(&dir, &["--pm", "static", "--workers", "2"]);
+    let app = App::start(&dir, &["--pm", "static", "--workers", "3"]);
     let nginx = Nginx::start(&dir, &format!("unix:{}", app.unix_path().display()), true);
-    wait_until(Duration::from_secs(10), "2 workers", || worker_pids(app.pid()).len() == 2);
+    wait_until(Duration::from_secs(10), "3 workers", || {
+        worker_pids(app.pid()).len() == 3
+    });
+    let master = app.pid();
 
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));
@@ -24,43 +36,108 @@ fn hup_replaces_every_worker_without_failing_a_request() {
         .map(|c| {
             let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
             std::thread::spawn(move || {
-                // Bounded: the test stops it, and it never sends more than 5000 requests.
-                for i in 0..5000 {
+                // Bounded: the test stops it, and it never sends more than 20000 requests.
+                for i in 0..20_000 {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let (path, body) = if (c + i) % 5 == 0 {
-                        ("/sleep?ms=300", &b"slept 300\n"[..])
+                    let (path, body) = if c == 0 && i % 4 == 0 {
+                        ("/sleep?ms=1500", &b"slept 1500\n"[..])
                     } else {
                         ("/hello", &b"Hello, world!\n"[..])
                     };
                     let r = http::get(port, path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                    assert_eq!((r.status, &r.body[..]), (200, body), "{path} during a reload");
+                    assert_eq!(
+                        (r.status, &r.body[..]),
+                        (200, body),
+                        "{path} during a reload"
+                    );
                     sent.fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
         .collect();
 
-    for round in 0..3 {
-        let old: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
-        app.signal(Signal::SIGHUP);
-        wait_until(Duration::from_secs(15), "the old generation to be replaced", || {
-            let now: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
-            now.len() == 2 && now.is_disjoint(&old)
-        });
-        let r = http::get(port, "/pid").expect("/pid");
-        let pid: i32 = String::from_utf8_lossy(&r.body).trim().parse().expect("a pid");
-        assert!(!old.contains(&pid), "round {round}: answered by the new generation");
+    let signals = [Signal::SIGHUP; 10].into_iter().chain([Signal::SIGUSR2; 5]);
+    for (round, sig) in signals.enumerate() {
+        let old: BTreeSet<i32> = worker_pids(master).into_iter().collect();
+        app.signal(sig);
+        wait_for_new_generation(
+            &app,
+            &old,
+            3,
+            &format!("round {round} ({sig:?}) to replace the workers"),
+        );
+        for _ in 0..10 {
+            let r = http::get(port, "/pid").expect("/pid");
+            let pid: i32 = String::from_utf8_lossy(&r.body)
+                .trim()
+                .parse()
+                .expect("a pid");
+            assert!(
+                !old.contains(&pid),
+                "round {round}: answered by the new generation"
+            );
+        }
+        assert_eq!(app.pid(), master, "the master's pid never changes");
     }
     stop.store(true, Ordering::Relaxed);
     for t in load {
-        t.join().expect("every request during the reloads succeeded");
+        t.join()
+            .expect("every request during the reloads and upgrades succeeded");
     }
     let total = sent.load(Ordering::Relaxed);
-    eprintln!("{total} requests through 3 reloads, none failed");
-    assert!(total > 50, "the load ran: {total}");
-    assert_eq!(app.stderr().matches("reload: new generation ready").count(), 3);
+    eprintln!("{total} requests through 10 reloads and 5 upgrades, none failed");
+    let log = app.stderr();
+    assert_eq!(
+        log.matches("reload: new generation ready").count(),
+        15,
+        "{log}"
+    );
+    assert_eq!(log.matches("upgrade: re-executing in place").count(), 5);
+}
+
+#[test]
+fn upgrade_to_a_binary_whose_setup_fails_keeps_the_old_one_serving() {
+    let dir = TempDir::new("upgrade-broken");
+    let program = dir.path().join("app");
+    std::fs::copy(e2e::bin_path("app-example"), &program).expect("copy the binary");
+    let app = App::start_binary(&dir, &program, &["--workers", "2"], &[]);
+    wait_until(Duration::from_secs(10), "2 workers", || {
+        worker_pids(app.pid()).len() == 2
+    });
+    let before: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
+
+    // A deploy puts a broken build in place (renamed over the old file, as deploy tools do).
+    let broken = dir.path().join("app.new");
+    let real = e2e::bin_path("app-example");
+    std::fs::write(
+        &broken,
+        format!(
+            "#!/bin/sh\nAPP_EXAMPLE_FAIL_SETUP=broken exec {} \"$@\"\n",
+            real.display()
+        ),
+    )
+    .expect("write the broken build");
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    std::fs::rename(&broken, &program).expect("deploy");
+
+    app.signal(Signal::SIGUSR2);
+    app.wait_for_log("upgrade refused");
+    let log = app.stderr();
+    assert!(
+        log.contains("APP_EXAMPLE_FAIL_SETUP"),
+        "the check's output is logged: {log}"
+    );
+    assert!(
+        app.wait_exit(Duration::ZERO).is_none(),
+        "the master still runs"
+    );
+    let after: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
+    assert_eq!(before, after, "the old generation keeps serving");
+    let r = e2e::fcgi_request(&app.unix(), "GET", "/hello", b"").expect("still serving");
+    assert_eq!(r.status(), 200);
 }
 
 #[test]
@@ -69,13 +146,18 @@ fn hup_with_an_invalid_config_keeps_serving() {
     let conf = dir.path().join("app.toml");
     std::fs::write(&conf, "workers = 2\n").expect("config");
     let app = App::start(&dir, &["--config", conf.to_str().expect("utf-8")]);
-    wait_until(Duration::from_secs(10), "2 workers", || worker_pids(app.pid()).len() == 2);
+    wait_until(Duration::from_secs(10), "2 workers", || {
+        worker_pids(app.pid()).len() == 2
+    });
     let before: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
     std::fs::write(&conf, "workers = 2\nrequest_timeout = \"whenever\"\n").expect("config");
     app.signal(Signal::SIGHUP);
     app.wait_for_log("reload refused");
     let log = app.stderr();
-    assert!(log.contains("request_timeout"), "the log names the bad key: {log}");
+    assert!(
+        log.contains("request_timeout"),
+        "the log names the bad key: {log}"
+    );
     let after: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
     assert_eq!(before, after, "nothing was replaced");
     let r = e2e::fcgi_request(&app.unix(), "GET", "/hello", b"").expect("still serving");

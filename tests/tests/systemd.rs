@@ -1,0 +1,88 @@
+//! systemd integration without systemd: the test plays its part. A socket is passed in as fd 3
+//! with LISTEN_FDS / LISTEN_PID (by a tiny Python launcher that execs the app, so the pid is
+//! the app's), and the test's own datagram socket is NOTIFY_SOCKET.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e::{bin_path, fcgi_request, worker_pids, App, TempDir};
+use nix::sys::signal::Signal;
+
+/// The next notification, within a few seconds.
+fn next(sock: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = sock
+        .recv(&mut buf)
+        .expect("a notification within the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Notifications until one contains `what`, which it returns.
+fn wait_for(sock: &UnixDatagram, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(Instant::now() < deadline, "no {what} notification");
+        let msg = next(sock);
+        if msg.contains(what) {
+            return msg;
+        }
+    }
+}
+
+const LAUNCHER: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(64)
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"#;
+
+#[test]
+fn socket_activation_and_notifications() {
+    let dir = TempDir::new("systemd");
+    let sock_path = dir.path().join("activated.sock");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", LAUNCHER])
+        .arg(&sock_path)
+        .arg(bin_path("app-example"))
+        .args(["--workers", "2"])
+        .env("NOTIFY_SOCKET", &notify_path);
+    let app = App::start_command(&dir, cmd, sock_path.clone());
+
+    let ready = wait_for(&notify, "READY=1");
+    assert!(!ready.contains("RELOADING"), "{ready}");
+    assert!(
+        !worker_pids(app.pid()).is_empty(),
+        "READY=1 came once a worker could serve"
+    );
+    let r = fcgi_request(&app.unix(), "GET", "/hello", b"").expect("served on the passed socket");
+    assert_eq!(r.status(), 200);
+    let status = wait_for(&notify, "STATUS=");
+    assert!(status.contains("pool www"), "{status}");
+
+    app.signal(Signal::SIGHUP);
+    let reloading = wait_for(&notify, "RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    wait_for(&notify, "READY=1");
+
+    app.signal(Signal::SIGTERM);
+    wait_for(&notify, "STOPPING=1");
+    let status = app.wait_exit(Duration::from_secs(10)).expect("stops");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        sock_path.exists(),
+        "a socket systemd passed in is never unlinked"
+    );
+}
