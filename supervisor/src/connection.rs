@@ -31,6 +31,12 @@ pub(crate) struct Context {
     pub draining: watch::Receiver<bool>,
     /// Starts the drain (an accept loop that cannot go on).
     pub stop: watch::Sender<bool>,
+    /// The status page and ping paths, answered here without the application.
+    pub status: crate::status::Paths,
+    /// The scoreboard, for the status page.
+    pub board: Arc<crate::scoreboard::Scoreboard>,
+    /// This worker's slot.
+    pub slot: usize,
     /// A request on an open connection waits for room: the accept loop gives back the room it
     /// holds for a connection not yet accepted, so requests already here go first.
     pub wanted: Notify,
@@ -56,12 +62,13 @@ const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(2);
 
 /// Serves one connection until the peer closes it, the protocol says to, or the worker drains.
 /// `reserved` is the room for a request the accept loop took before accepting: the first
-/// request runs in it, so the worker never accepts more connections than it can serve.
+/// request runs in it, so the worker never accepts more connections than it can serve (it is
+/// `None` for a connection accepted while the whole pool was saturated).
 pub(crate) async fn serve<Rd, Wr>(
     mut rd: Rd,
     mut wr: Wr,
     ctx: Rc<Context>,
-    reserved: OwnedSemaphorePermit,
+    reserved: Option<OwnedSemaphorePermit>,
 ) where
     Rd: AsyncRead + Unpin,
     Wr: AsyncWrite + Unpin,
@@ -81,7 +88,7 @@ pub(crate) async fn serve<Rd, Wr>(
     let mut draining = ctx.draining.clone();
     let mut eof = false;
     let peer = "fastcgi peer";
-    let mut reserved = Some(reserved);
+    let mut reserved = reserved;
     let give_back = tokio::time::Instant::now() + FIRST_REQUEST_WAIT;
 
     loop {
@@ -205,6 +212,21 @@ fn dispatch(
 ) -> Option<(mpsc::Sender<Bytes>, Bytes)> {
     match event {
         Event::Request(req) => {
+            if let Some(page) = crate::status::answer(&ctx.status, &ctx.board, &req) {
+                // Answered on this thread, from the scoreboard: no room needed, no handler.
+                let w = fcgi::response::ResponseWriter::new(req.id);
+                let mut records = BytesMut::with_capacity(page.len() + 64);
+                w.stdout(&page, &mut records);
+                w.finish(&mut records);
+                let last = Out::Last(req.id, records);
+                if let Err(mpsc::error::TrySendError::Full(last)) = out.try_send(last) {
+                    let out = out.clone();
+                    tokio::task::spawn_local(async move {
+                        let _ = out.send(last).await;
+                    });
+                }
+                return None;
+            }
             let chunks = body_chunks(&ctx.limits);
             let (stdin_tx, stdin_rx) = mpsc::channel(chunks);
             let (data, data_tx) = if req.role == Role::Filter {
@@ -242,9 +264,12 @@ fn dispatch(
                     Ok(permit) => permit,
                     Err(_) => {
                         ctx.wanted.notify_one();
-                        let Ok(permit) = Arc::clone(&ctx.permits).acquire_owned().await else {
-                            return;
-                        };
+                        // Waiting here is waiting for a worker: the status page counts it.
+                        let slot = ctx.board.slot(ctx.slot);
+                        slot.add_held(1);
+                        let permit = Arc::clone(&ctx.permits).acquire_owned().await;
+                        slot.add_held(-1);
+                        let Ok(permit) = permit else { return };
                         permit
                     }
                 };

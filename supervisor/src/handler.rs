@@ -51,6 +51,8 @@ pub(crate) struct Shared<R> {
     pub wake: tokio::sync::watch::Sender<bool>,
     /// When RSS was last measured (microseconds of the shared clock).
     pub rss_measured: AtomicU64,
+    /// One log line per request.
+    pub access_log: bool,
 }
 
 /// How often the scoreboard's RSS is refreshed when no `max_rss` asks for every request:
@@ -114,6 +116,7 @@ fn run<R: Responder>(shared: &Shared<R>, job: Job) {
         );
         response::status(http::StatusCode::INTERNAL_SERVER_ERROR)
     });
+    let status = res.status().as_u16();
     let sent = panic::catch_unwind(AssertUnwindSafe(|| response::send(id, res, &out)));
     if sent.is_err() {
         // The body stream panicked part-way: the status is already sent, so end the request
@@ -127,10 +130,20 @@ fn run<R: Responder>(shared: &Shared<R>, job: Job) {
         ResponseWriter::new(id).finish(&mut tail);
         let _ = out.blocking_send(Out::Last(id, tail));
     }
-    drop(request);
 
     let now = scoreboard::now();
     slot.end_request(now.saturating_sub(started), shared.cap, now);
+    if shared.access_log {
+        tracing::info!(
+            pid = std::process::id(),
+            method = %request.method(),
+            uri = request.uri(),
+            status,
+            duration_ms = now.saturating_sub(started).as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+    drop(request);
     // Decide on recycling before giving the room back, so the accept loop, which needs that
     // room, already sees the drain and does not take a connection it would not serve.
     check_recycle(shared, now);

@@ -57,6 +57,7 @@ mod request;
 mod response;
 pub mod scoreboard;
 pub mod signals;
+pub mod status;
 mod sys;
 mod worker;
 

@@ -167,7 +167,7 @@ impl Listener {
     pub fn queue_len(&self) -> Option<u32> {
         match self.addr {
             ListenAddr::Tcp(_) => crate::sys::tcp_accept_queue(self.fd.as_fd()),
-            ListenAddr::Unix(_) => None,
+            ListenAddr::Unix(_) => unix_accept_queue(self.fd.as_fd()),
         }
     }
 
@@ -196,6 +196,69 @@ impl Drop for Listener {
             }
         }
     }
+}
+
+/// The accept-queue length of a listening unix socket, asked of the kernel through
+/// `sock_diag` (`UNIX_DIAG_RQLEN`, what `ss -xl` shows as Recv-Q). None where the kernel has no
+/// unix_diag support.
+fn unix_accept_queue(fd: BorrowedFd<'_>) -> Option<u32> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLMSG_ERROR: u16 = 2;
+    const UDIAG_SHOW_RQLEN: u32 = 0x10;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+    const TCP_LISTEN: u32 = 10;
+    let ino = nix::sys::stat::fstat(fd).ok()?.st_ino as u32;
+    let nl = socket::socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        socket::SockProtocol::NetlinkSockDiag,
+    )
+    .ok()?;
+    // struct nlmsghdr (16 bytes) + struct unix_diag_req (24 bytes).
+    let mut req = Vec::with_capacity(40);
+    req.extend_from_slice(&40u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&[0u8; 8]); // seq, pid
+    req.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
+    req.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    req.extend_from_slice(&ino.to_ne_bytes());
+    req.extend_from_slice(&UDIAG_SHOW_RQLEN.to_ne_bytes());
+    req.extend_from_slice(&[0xff; 8]); // cookie: any
+    let raw = nl.as_fd().as_raw_fd_compat();
+    socket::sendto(
+        raw,
+        &req,
+        &socket::NetlinkAddr::new(0, 0),
+        socket::MsgFlags::empty(),
+    )
+    .ok()?;
+    let mut buf = [0u8; 512];
+    let n = socket::recv(raw, &mut buf, socket::MsgFlags::empty()).ok()?;
+    let msg = &buf[..n];
+    let u16_at = |i: usize| msg.get(i..i + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let u32_at = |i: usize| {
+        msg.get(i..i + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if u16_at(4)? == NLMSG_ERROR {
+        return None;
+    }
+    // Attributes follow the header (16) and struct unix_diag_msg (16).
+    let mut at = 32;
+    while at + 4 <= msg.len() {
+        let len = usize::from(u16_at(at)?);
+        if len < 4 {
+            return None;
+        }
+        if u16_at(at + 2)? == UNIX_DIAG_RQLEN {
+            return u32_at(at + 4);
+        }
+        at += (len + 3) & !3;
+    }
+    None
 }
 
 /// Removes a socket file nobody answers on; refuses to touch a live socket or another file.
@@ -268,6 +331,10 @@ mod tests {
         std::os::unix::net::UnixStream::connect(&path).expect("connect");
         let live = Listener::bind(&addr, 16, &opts()).expect_err("a live socket is not replaced");
         assert_eq!(live.kind(), io::ErrorKind::AddrInUse);
+        let _pending = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        // Three nobody accepted: the first connect, the live-socket probe of the second bind,
+        // and this one.
+        assert_eq!(l.queue_len(), Some(3));
         drop(l);
         assert!(!path.exists(), "removed by the process that created it");
         std::fs::write(&path, b"not a socket").expect("file");

@@ -21,7 +21,7 @@ use crate::notify::Notifier;
 use crate::policy::{
     self, Pool, PoolMode, Respawn, SlowLog, TimeoutAction, WorkerState, WorkerView,
 };
-use crate::scoreboard::{self, Scoreboard, SlotSnapshot, SlotState};
+use crate::scoreboard::{self, PoolStats, Scoreboard, SlotSnapshot, SlotState};
 use crate::signals::{self, Intent};
 use crate::sys::{self, Fork};
 use crate::{worker, Responder};
@@ -73,6 +73,8 @@ pub(crate) struct Master<R> {
     ready_sent: bool,
     /// When WATCHDOG=1 was last sent.
     watchdog_at: Duration,
+    /// Pool-wide figures for the status page, published in the scoreboard each tick.
+    stats: PoolStats,
     /// Wake on a connection arriving, not just on the tick: set while a `dynamic` or `ondemand`
     /// pool has no worker ready to take one and room to start one.
     watch_listeners: bool,
@@ -126,6 +128,15 @@ impl<R: Responder> Master<R> {
             })
             .collect();
         let adopted = !workers.is_empty();
+        let mut stats = board.stats();
+        if stats.start_time == 0 {
+            // A fresh start (an upgrade keeps its predecessor's figures).
+            stats.start_time = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            stats.started = now;
+        }
         Ok(Master {
             pool: Pool::new(cfg.pool.clone()),
             cfg,
@@ -146,6 +157,7 @@ impl<R: Responder> Master<R> {
             notifier: Notifier::from_env(),
             ready_sent: false,
             watchdog_at: now,
+            stats,
         })
     }
 
@@ -158,6 +170,7 @@ impl<R: Responder> Master<R> {
             workers = self.cfg.pool.workers,
             "master started"
         );
+        self.publish_stats(&[], 0);
         for _ in 0..self.pool.initial_workers() {
             self.spawn(scoreboard::now());
         }
@@ -320,7 +333,10 @@ impl<R: Responder> Master<R> {
                 );
                 self.pool.set_config(cfg);
             }
-            Intent::ReopenLogs => crate::logging::reopen(),
+            Intent::ReopenLogs => {
+                crate::logging::reopen();
+                self.signal_all(Signal::SIGUSR1);
+            }
             Intent::Reload => self.reload(),
             Intent::Upgrade => self.upgrade(),
             Intent::Reap => {}
@@ -369,6 +385,26 @@ impl<R: Responder> Master<R> {
             workers = self.cfg.pool.workers,
             "reload: starting a new generation; the old one serves until it is ready"
         );
+    }
+
+    /// Publishes the pool-wide figures the status page shows.
+    fn publish_stats(&mut self, all: &[(WorkerView, SlotSnapshot)], waiting: usize) {
+        let held: u64 = all.iter().map(|(_, s)| s.held).sum();
+        let kernel = (waiting as u64).saturating_sub(held);
+        let active = all.iter().filter(|(_, s)| s.in_flight > 0).count() as u64;
+        let s = &mut self.stats;
+        s.mode = match self.cfg.pool.mode {
+            PoolMode::Static => 0,
+            PoolMode::Dynamic => 1,
+            PoolMode::OnDemand => 2,
+        };
+        s.max_workers = self.pool.config().workers as u64;
+        s.generation = self.generation;
+        s.backlog = self.cfg.backlog as u64;
+        s.listen_queue = kernel;
+        s.max_listen_queue = s.max_listen_queue.max(kernel + held);
+        s.max_active = s.max_active.max(active);
+        self.board.set_stats(s);
     }
 
     /// USR2: checks the binary on disk against the current command line (configuration and
@@ -549,7 +585,9 @@ impl<R: Responder> Master<R> {
                     requests = snap.requests,
                     "worker died unexpectedly"
                 );
+                self.stats.respawns += 1;
                 if let Some(delay) = self.respawn.on_crash(lifetime, now) {
+                    self.stats.backoffs += 1;
                     tracing::warn!(
                         delay_ms = delay.as_millis() as u64,
                         "workers keep dying young: delaying respawn (crash-loop backoff)"
@@ -608,6 +646,7 @@ impl<R: Responder> Master<R> {
         }
         if let Some(threshold) = self.cfg.slow_request_timeout {
             for (pid, elapsed) in self.slow.check(&busy, threshold, now) {
+                self.stats.slow_requests += 1;
                 if let Some((_, snap)) = all.iter().find(|(v, _)| v.pid == pid) {
                     tracing::warn!(
                         pid,
@@ -634,9 +673,13 @@ impl<R: Responder> Master<R> {
             self.workers.len(),
             self.generation
         ));
-        let waiting = self.waiting();
+        // Waiting for a worker: in the kernel's queues, or held by a saturated worker.
+        let held: u64 = all.iter().map(|(_, snap)| snap.held).sum();
+        let waiting = self.waiting() + held as usize;
         let plan = self.pool.tick(&current, waiting, now);
+        self.publish_stats(&all, waiting);
         if let Some(max) = plan.max_reached {
+            self.stats.max_children_reached += 1;
             tracing::warn!(
                 workers = max.workers,
                 waiting = max.waiting,
@@ -757,6 +800,13 @@ impl<R: Responder> Master<R> {
             limits: fcgi::Limits {
                 max_reqs: self.cfg.max_requests_in_flight.get(),
                 ..fcgi::Limits::default()
+            },
+            access_log: self.cfg.access_log,
+            status: crate::status::Paths {
+                status: self.cfg.status_path.clone(),
+                ping: self.cfg.ping_path.clone(),
+                ping_response: self.cfg.ping_response.clone(),
+                pool: self.cfg.pool_name.clone(),
             },
             recycle: Recycle {
                 request_limit: policy::request_limit(

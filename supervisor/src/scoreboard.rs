@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use crate::sys::SharedWords;
 
-/// Pool-wide counters before the slots.
-const HEADER_WORDS: usize = 8;
+/// Pool-wide figures before the slots: `accepted` is counted by the workers, the rest is
+/// written by the master ([`PoolStats`]).
+const HEADER_WORDS: usize = 16;
 const H_ACCEPTED: usize = 0;
+const H_STATS: usize = 1;
 
 // Word offsets within a slot.
 const PID: usize = 0;
@@ -37,7 +39,9 @@ pub const METHOD_BYTES: usize = 16;
 const URI: usize = METHOD + METHOD_BYTES / 8;
 /// Bytes of the request URI kept, like PHP-FPM's status page which shows the first 255 or so.
 pub const URI_BYTES: usize = 256;
-const SLOT_WORDS: usize = URI + URI_BYTES / 8;
+/// Connections the worker accepted while the whole pool was busy, waiting for room.
+const HELD: usize = URI + URI_BYTES / 8;
+const SLOT_WORDS: usize = HELD + 1;
 
 /// Reader retries before it settles for an empty string instead of a torn one.
 const SEQLOCK_RETRIES: usize = 16;
@@ -108,6 +112,39 @@ pub struct SlotSnapshot {
     pub last_duration: Duration,
     /// Resident memory as last measured by the worker, in bytes.
     pub rss: u64,
+    /// Connections held while the pool was saturated, waiting for room.
+    pub held: u64,
+}
+
+/// The pool-wide figures the master publishes for the status page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Unix time the master started, in seconds.
+    pub start_time: u64,
+    /// Monotonic time the master started.
+    pub started: Duration,
+    /// 0 static, 1 dynamic, 2 ondemand.
+    pub mode: u64,
+    /// The configured maximum of workers.
+    pub max_workers: u64,
+    /// The current generation.
+    pub generation: u64,
+    /// Workers replaced after dying unexpectedly.
+    pub respawns: u64,
+    /// Crash-loop backoffs.
+    pub backoffs: u64,
+    /// Times the pool reached its maximum while requests waited.
+    pub max_children_reached: u64,
+    /// Requests that ran past `slow_request_timeout`.
+    pub slow_requests: u64,
+    /// Connections waiting in the kernel's accept queues at the last tick.
+    pub listen_queue: u64,
+    /// The most that ever waited.
+    pub max_listen_queue: u64,
+    /// The listen backlog.
+    pub backlog: u64,
+    /// The most workers ever busy at once.
+    pub max_active: u64,
 }
 
 /// The table.
@@ -172,6 +209,64 @@ impl Scoreboard {
             .collect()
     }
 
+    /// The master's pool-wide figures.
+    pub fn stats(&self) -> PoolStats {
+        let w = &self.mem.words()[H_STATS..HEADER_WORDS];
+        let g = |i: usize| w[i].load(Ordering::Acquire);
+        PoolStats {
+            start_time: g(0),
+            started: Duration::from_micros(g(1)),
+            mode: g(2),
+            max_workers: g(3),
+            generation: g(4),
+            respawns: g(5),
+            backoffs: g(6),
+            max_children_reached: g(7),
+            slow_requests: g(8),
+            listen_queue: g(9),
+            max_listen_queue: g(10),
+            backlog: g(11),
+            max_active: g(12),
+        }
+    }
+
+    /// Master: publishes the pool-wide figures.
+    pub fn set_stats(&self, s: &PoolStats) {
+        let w = &self.mem.words()[H_STATS..HEADER_WORDS];
+        let values = [
+            s.start_time,
+            micros(s.started),
+            s.mode,
+            s.max_workers,
+            s.generation,
+            s.respawns,
+            s.backoffs,
+            s.max_children_reached,
+            s.slow_requests,
+            s.listen_queue,
+            s.max_listen_queue,
+            s.backlog,
+            s.max_active,
+        ];
+        for (word, v) in w.iter().zip(values) {
+            word.store(v, Ordering::Release);
+        }
+    }
+
+    /// True when no worker has room for a request and the pool cannot grow: its maximum of
+    /// workers is busy. (Below the maximum the master is about to start a worker with room.)
+    pub fn saturated(&self) -> bool {
+        let mut busy = 0;
+        for i in 0..self.slots {
+            match self.slot(i).state() {
+                SlotState::Idle | SlotState::Starting => return false,
+                SlotState::Busy => busy += 1,
+                SlotState::Free | SlotState::Draining => {}
+            }
+        }
+        busy > 0 && busy >= self.stats().max_workers
+    }
+
     /// Requests accepted by every worker since the table was made ("accepted conn").
     pub fn accepted(&self) -> u64 {
         self.mem.words()[H_ACCEPTED].load(Ordering::Relaxed)
@@ -209,6 +304,7 @@ impl Slot<'_> {
             LAST_DURATION,
             RSS,
             TEXT_LENS,
+            HELD,
         ] {
             self.set(field, 0);
         }
@@ -274,6 +370,15 @@ impl Slot<'_> {
         }
     }
 
+    /// Worker: one more (or one fewer) connection held while the pool is saturated.
+    pub fn add_held(&self, delta: i64) {
+        if delta >= 0 {
+            self.w[HELD].fetch_add(delta as u64, Ordering::AcqRel);
+        } else {
+            self.w[HELD].fetch_sub(delta.unsigned_abs(), Ordering::AcqRel);
+        }
+    }
+
     /// Worker: its resident memory, in bytes.
     pub fn set_rss(&self, bytes: u64) {
         self.set(RSS, bytes);
@@ -333,6 +438,7 @@ impl Slot<'_> {
             content_length: self.get(CONTENT_LENGTH),
             last_duration: Duration::from_micros(self.get(LAST_DURATION)),
             rss: self.get(RSS),
+            held: self.get(HELD),
         }
     }
 }

@@ -29,6 +29,8 @@ pub(crate) struct Settings {
     pub keepalive_timeout: Duration,
     pub limits: fcgi::Limits,
     pub recycle: Recycle,
+    pub status: crate::status::Paths,
+    pub access_log: bool,
 }
 
 /// Runs the worker and exits the process; never returns.
@@ -95,6 +97,7 @@ fn serve<R: Responder>(
             recycle: settings.recycle,
             recycle_now: AtomicBool::new(false),
             rss_measured: std::sync::atomic::AtomicU64::new(0),
+            access_log: settings.access_log,
             wake: drain_tx.clone(),
         });
         let jobs = handler::start(cap, shared)?;
@@ -108,6 +111,9 @@ fn serve<R: Responder>(
             draining: drain_rx.clone(),
             stop: drain_tx.clone(),
             wanted: tokio::sync::Notify::new(),
+            status: settings.status.clone(),
+            board: Arc::clone(&board),
+            slot: settings.slot,
             _done: done_tx,
         });
         let accepting = tokio::task::spawn_local(accept_loop(listeners, Rc::clone(&ctx)));
@@ -135,6 +141,7 @@ async fn wait_for_drain(mut drain: watch::Receiver<bool>) -> std::io::Result<()>
     let mut term = signal(SignalKind::terminate())?;
     let mut quit = signal(SignalKind::quit())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     loop {
         if *drain.borrow_and_update() {
             return Ok(());
@@ -143,6 +150,8 @@ async fn wait_for_drain(mut drain: watch::Receiver<bool>) -> std::io::Result<()>
             _ = term.recv() => return Ok(()),
             _ = quit.recv() => return Ok(()),
             _ = int.recv() => {}
+            // The master forwards SIGUSR1 after logrotate: workers write the log too.
+            _ = usr1.recv() => crate::logging::reopen(),
             changed = drain.changed() => if changed.is_err() { return Ok(()) },
         }
     }
@@ -212,14 +221,30 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Rc<Context>) {
     };
     let mut turn = 0;
     loop {
-        let Some(room) = room(&ctx).await else { return };
+        // Normally a worker accepts only with room for the request. When the whole pool is
+        // saturated it accepts anyway: the connection would only wait in the kernel's backlog,
+        // and a status or ping request on it is answered at once (see `status.rs`).
+        let room = tokio::select! {
+            room = room(&ctx) => match room {
+                Some(room) => Some(room),
+                None => return,
+            },
+            () = pool_saturated(&ctx) => None,
+        };
         if *ctx.draining.borrow() {
             return;
         }
-        let accepted = tokio::select! {
-            accepted = accept_any(&listeners, &mut turn) => accepted,
-            // A request on a kept-alive connection needs the room: let it go first.
-            _ = ctx.wanted.notified() => continue,
+        let accepted = match room {
+            Some(_) => tokio::select! {
+                accepted = accept_any(&listeners, &mut turn) => accepted,
+                // A request on a kept-alive connection needs the room: let it go first.
+                _ = ctx.wanted.notified() => continue,
+            },
+            None => tokio::select! {
+                accepted = accept_any(&listeners, &mut turn) => accepted,
+                // Room may have come back, or the pool may no longer be saturated: look again.
+                _ = tokio::time::sleep(SATURATION_CHECK) => continue,
+            },
         };
         match accepted {
             Ok(Accepted::Tcp(stream)) => {
@@ -233,6 +258,19 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Rc<Context>) {
             }
             Err(e) if is_transient(&e) => backoff().await,
             Err(e) => return fail(&ctx, e),
+        }
+    }
+}
+
+/// How often a worker at its cap looks whether the whole pool is saturated.
+const SATURATION_CHECK: Duration = Duration::from_millis(20);
+
+/// Returns once no worker of the pool has room for a request.
+async fn pool_saturated(ctx: &Context) {
+    loop {
+        tokio::time::sleep(SATURATION_CHECK).await;
+        if ctx.board.saturated() {
+            return;
         }
     }
 }

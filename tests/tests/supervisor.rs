@@ -41,6 +41,7 @@ fn dynamic_pool_grows_under_a_burst_and_shrinks_back() {
     wait_until(Duration::from_secs(10), "2 start workers", || {
         worker_pids(app.pid()).len() == 2
     });
+    let started = Instant::now();
     let burst: Vec<_> = (0..6)
         .map(|_| {
             let addr = app.tcp();
@@ -54,6 +55,13 @@ fn dynamic_pool_grows_under_a_burst_and_shrinks_back() {
         let res = t.join().expect("client thread").expect("burst request");
         assert_eq!(res.body(), b"slept 4000\n");
     }
+    // Every request of the burst got a worker of its own within a few ticks, rather than
+    // waiting for one of the first two to finish (which would take 8 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "burst took {:?}",
+        started.elapsed()
+    );
     wait_until(
         Duration::from_secs(10),
         "the pool to shrink to max_spare",

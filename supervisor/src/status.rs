@@ -1,0 +1,640 @@
+//! The status page and the ping, answered by a worker's I/O thread from the scoreboard without
+//! calling the application, in PHP-FPM's formats so existing dashboards and exporters read them.
+//!
+//! Why it answers while every worker is busy: a worker's I/O thread never runs application
+//! code. Below the pool's maximum, a busy pool grows (the master wakes on a waiting connection
+//! and starts a worker with room, in milliseconds). At the maximum, the workers keep accepting
+//! connections, holding the application's requests until a handler is free (as the kernel's
+//! backlog would have), so a status or ping request is read and answered at once. PHP-FPM serves its status page from a
+//! pool worker, so it cannot answer when it is needed most.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::scoreboard::{PoolStats, SlotSnapshot, SlotState};
+
+/// Where the status page and the ping live.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Paths {
+    pub status: Option<String>,
+    pub ping: Option<String>,
+    pub ping_response: String,
+    pub pool: String,
+}
+
+/// The status page's output formats, chosen by the query string like PHP-FPM's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `key: value` lines (the default).
+    Text,
+    /// `?json`.
+    Json,
+    /// `?openmetrics`.
+    OpenMetrics,
+    /// `?html`.
+    Html,
+}
+
+/// The format and whether `full` (one entry per worker) was asked for.
+pub fn parse_query(query: &str) -> (Format, bool) {
+    let mut format = Format::Text;
+    let mut full = false;
+    for part in query.split('&') {
+        match part.split('=').next().unwrap_or("") {
+            "json" => format = Format::Json,
+            "openmetrics" => format = Format::OpenMetrics,
+            "html" => format = Format::Html,
+            "full" => full = true,
+            _ => {}
+        }
+    }
+    (format, full)
+}
+
+/// Everything the page shows, gathered at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The pool's name.
+    pub pool: String,
+    /// The master's figures.
+    pub stats: PoolStats,
+    /// Every worker.
+    pub workers: Vec<SlotSnapshot>,
+    /// Connections accepted so far.
+    pub accepted: u64,
+    /// The monotonic clock now.
+    pub now: Duration,
+}
+
+struct Figures {
+    idle: u64,
+    active: u64,
+    total: u64,
+    listen_queue: u64,
+}
+
+fn figures(s: &Snapshot) -> Figures {
+    let live = s.workers.iter().filter(|w| w.state != SlotState::Free);
+    let (mut idle, mut active, mut total, mut held) = (0, 0, 0, 0);
+    for w in live {
+        total += 1;
+        held += w.held;
+        if w.in_flight > 0 {
+            active += 1;
+        } else if matches!(w.state, SlotState::Idle) {
+            idle += 1;
+        }
+    }
+    Figures {
+        idle,
+        active,
+        total,
+        listen_queue: s.stats.listen_queue + held,
+    }
+}
+
+fn pm_name(mode: u64) -> &'static str {
+    match mode {
+        1 => "dynamic",
+        2 => "ondemand",
+        _ => "static",
+    }
+}
+
+fn state_name(w: &SlotSnapshot) -> &'static str {
+    match w.state {
+        SlotState::Idle if w.in_flight == 0 => "Idle",
+        SlotState::Idle | SlotState::Busy => "Running",
+        SlotState::Starting => "Starting",
+        SlotState::Draining => "Finishing",
+        SlotState::Free => "Free",
+    }
+}
+
+/// `23/Nov/2026:04:00:00 +0000`, PHP-FPM's start time format.
+fn clf_time(unix: u64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(month - 1) as usize],
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// The page: its content type and body.
+pub fn render(s: &Snapshot, format: Format, full: bool) -> (&'static str, String) {
+    match format {
+        Format::Text => ("text/plain", text(s, full)),
+        Format::Json => ("application/json", json(s, full)),
+        Format::OpenMetrics => (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            openmetrics(s, full),
+        ),
+        Format::Html => ("text/html", html(s, full)),
+    }
+}
+
+/// The pool's fields in PHP-FPM's order, then ours.
+fn pool_fields(s: &Snapshot) -> Vec<(&'static str, String)> {
+    let f = figures(s);
+    let since = s.now.saturating_sub(s.stats.started).as_secs();
+    vec![
+        ("pool", s.pool.clone()),
+        ("process manager", pm_name(s.stats.mode).to_string()),
+        ("start time", clf_time(s.stats.start_time)),
+        ("start since", since.to_string()),
+        ("accepted conn", s.accepted.to_string()),
+        ("listen queue", f.listen_queue.to_string()),
+        (
+            "max listen queue",
+            s.stats.max_listen_queue.max(f.listen_queue).to_string(),
+        ),
+        ("listen queue len", s.stats.backlog.to_string()),
+        ("idle processes", f.idle.to_string()),
+        ("active processes", f.active.to_string()),
+        ("total processes", f.total.to_string()),
+        (
+            "max active processes",
+            s.stats.max_active.max(f.active).to_string(),
+        ),
+        (
+            "max children reached",
+            s.stats.max_children_reached.to_string(),
+        ),
+        ("slow requests", s.stats.slow_requests.to_string()),
+        ("max processes", s.stats.max_workers.to_string()),
+        ("generation", s.stats.generation.to_string()),
+        ("respawns", s.stats.respawns.to_string()),
+        ("crash loop backoffs", s.stats.backoffs.to_string()),
+    ]
+}
+
+fn worker_fields(s: &Snapshot, w: &SlotSnapshot) -> Vec<(&'static str, String)> {
+    vec![
+        ("pid", w.pid.to_string()),
+        ("state", state_name(w).to_string()),
+        (
+            "start time",
+            clf_time(s.stats.start_time + w.started.saturating_sub(s.stats.started).as_secs()),
+        ),
+        (
+            "start since",
+            s.now.saturating_sub(w.started).as_secs().to_string(),
+        ),
+        ("requests", w.requests.to_string()),
+        ("request duration", w.last_duration.as_micros().to_string()),
+        (
+            "request method",
+            if w.method.is_empty() {
+                "-".into()
+            } else {
+                w.method.clone()
+            },
+        ),
+        (
+            "request URI",
+            if w.uri.is_empty() {
+                "-".into()
+            } else {
+                w.uri.clone()
+            },
+        ),
+        ("content length", w.content_length.to_string()),
+        ("user", "-".to_string()),
+        ("script", "-".to_string()),
+        ("last request cpu", "0.00".to_string()),
+        ("last request memory", w.rss.to_string()),
+        ("generation", w.generation.to_string()),
+    ]
+}
+
+fn text(s: &Snapshot, full: bool) -> String {
+    let mut out = String::new();
+    for (k, v) in pool_fields(s) {
+        let _ = writeln!(out, "{:<21} {v}", format!("{k}:"));
+    }
+    if full {
+        for w in s.workers.iter().filter(|w| w.state != SlotState::Free) {
+            out.push_str("\n************************\n");
+            for (k, v) in worker_fields(s, w) {
+                let _ = writeln!(out, "{:<21} {v}", format!("{k}:"));
+            }
+        }
+    }
+    out
+}
+
+/// Text fields that PHP-FPM's JSON gives as strings; everything else is a number.
+fn is_text(key: &str) -> bool {
+    matches!(
+        key,
+        "pool" | "process manager" | "state" | "request method" | "request URI" | "user" | "script"
+    )
+}
+
+fn json(s: &Snapshot, full: bool) -> String {
+    let object = |fields: Vec<(&'static str, String)>, start_time: u64| {
+        let mut map = serde_json::Map::new();
+        for (k, v) in fields {
+            let value = if k == "start time" {
+                serde_json::Value::from(start_time)
+            } else if is_text(k) {
+                serde_json::Value::from(v)
+            } else if k == "last request cpu" {
+                serde_json::Value::from(0.0)
+            } else {
+                v.parse::<u64>()
+                    .map(serde_json::Value::from)
+                    .unwrap_or(serde_json::Value::from(v))
+            };
+            map.insert(k.to_string(), value);
+        }
+        map
+    };
+    let mut pool = object(pool_fields(s), s.stats.start_time);
+    if full {
+        let procs: Vec<serde_json::Value> = s
+            .workers
+            .iter()
+            .filter(|w| w.state != SlotState::Free)
+            .map(|w| {
+                let start =
+                    s.stats.start_time + w.started.saturating_sub(s.stats.started).as_secs();
+                serde_json::Value::Object(object(worker_fields(s, w), start))
+            })
+            .collect();
+        pool.insert("processes".into(), serde_json::Value::Array(procs));
+    }
+    serde_json::Value::Object(pool).to_string()
+}
+
+fn openmetrics(s: &Snapshot, full: bool) -> String {
+    let f = figures(s);
+    let pool = s.pool.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# TYPE fcgi_pool_{name} {kind}");
+        let _ = writeln!(out, "# HELP fcgi_pool_{name} {help}");
+        let suffix = if kind == "counter" { "_total" } else { "" };
+        let _ = writeln!(out, "fcgi_pool_{name}{suffix}{{pool=\"{pool}\"}} {value}");
+    };
+    metric(
+        "accepted_connections",
+        "counter",
+        "Requests accepted by the pool.",
+        s.accepted,
+    );
+    metric(
+        "listen_queue",
+        "gauge",
+        "Connections waiting for a worker.",
+        f.listen_queue,
+    );
+    metric(
+        "max_listen_queue",
+        "gauge",
+        "The most connections that waited.",
+        s.stats.max_listen_queue.max(f.listen_queue),
+    );
+    metric(
+        "listen_queue_length",
+        "gauge",
+        "The listen backlog.",
+        s.stats.backlog,
+    );
+    metric(
+        "idle_processes",
+        "gauge",
+        "Workers with room for a request.",
+        f.idle,
+    );
+    metric(
+        "active_processes",
+        "gauge",
+        "Workers running a request.",
+        f.active,
+    );
+    metric("total_processes", "gauge", "Workers.", f.total);
+    metric(
+        "max_active_processes",
+        "gauge",
+        "The most workers ever active at once.",
+        s.stats.max_active.max(f.active),
+    );
+    metric(
+        "max_children_reached",
+        "counter",
+        "Times the pool was at its maximum while requests waited.",
+        s.stats.max_children_reached,
+    );
+    metric(
+        "slow_requests",
+        "counter",
+        "Requests that ran past slow_request_timeout.",
+        s.stats.slow_requests,
+    );
+    metric(
+        "max_processes",
+        "gauge",
+        "The configured maximum of workers.",
+        s.stats.max_workers,
+    );
+    metric(
+        "generation",
+        "gauge",
+        "The current generation of workers.",
+        s.stats.generation,
+    );
+    metric(
+        "respawns",
+        "counter",
+        "Workers replaced after dying unexpectedly.",
+        s.stats.respawns,
+    );
+    metric(
+        "crash_loop_backoffs",
+        "counter",
+        "Respawns delayed by the crash-loop backoff.",
+        s.stats.backoffs,
+    );
+    metric(
+        "start_time_seconds",
+        "gauge",
+        "Unix time the master started.",
+        s.stats.start_time,
+    );
+    if full {
+        let workers: Vec<&SlotSnapshot> = s
+            .workers
+            .iter()
+            .filter(|w| w.state != SlotState::Free)
+            .collect();
+        let _ = writeln!(out, "# TYPE fcgi_pool_process_requests counter");
+        let _ = writeln!(
+            out,
+            "# HELP fcgi_pool_process_requests Requests one worker finished."
+        );
+        for w in &workers {
+            let _ = writeln!(
+                out,
+                "fcgi_pool_process_requests_total{{pool=\"{pool}\",pid=\"{}\"}} {}",
+                w.pid, w.requests
+            );
+        }
+        let _ = writeln!(out, "# TYPE fcgi_pool_process_state gauge");
+        let _ = writeln!(
+            out,
+            "# HELP fcgi_pool_process_state What one worker is doing (1 for its state)."
+        );
+        for w in &workers {
+            let _ = writeln!(
+                out,
+                "fcgi_pool_process_state{{pool=\"{pool}\",pid=\"{}\",state=\"{}\"}} 1",
+                w.pid,
+                state_name(w)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE fcgi_pool_process_last_request_memory_bytes gauge"
+        );
+        let _ = writeln!(
+            out,
+            "# UNIT fcgi_pool_process_last_request_memory_bytes bytes"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fcgi_pool_process_last_request_memory_bytes Resident memory of one worker."
+        );
+        for w in &workers {
+            let _ = writeln!(
+                out,
+                "fcgi_pool_process_last_request_memory_bytes{{pool=\"{pool}\",pid=\"{}\"}} {}",
+                w.pid, w.rss
+            );
+        }
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn html(s: &Snapshot, full: bool) -> String {
+    let mut out = String::from(
+        "<!DOCTYPE html>\n<html><head><title>pool status</title></head><body>\n<table>\n",
+    );
+    for (k, v) in pool_fields(s) {
+        let _ = writeln!(
+            out,
+            "<tr><th>{}</th><td>{}</td></tr>",
+            escape(k),
+            escape(&v)
+        );
+    }
+    out.push_str("</table>\n");
+    if full {
+        out.push_str("<table>\n<tr>");
+        let workers: Vec<&SlotSnapshot> = s
+            .workers
+            .iter()
+            .filter(|w| w.state != SlotState::Free)
+            .collect();
+        if let Some(first) = workers.first() {
+            for (k, _) in worker_fields(s, first) {
+                let _ = write!(out, "<th>{}</th>", escape(k));
+            }
+        }
+        out.push_str("</tr>\n");
+        for w in workers {
+            out.push_str("<tr>");
+            for (_, v) in worker_fields(s, w) {
+                let _ = write!(out, "<td>{}</td>", escape(&v));
+            }
+            out.push_str("</tr>\n");
+        }
+        out.push_str("</table>\n");
+    }
+    out.push_str("</body></html>\n");
+    out
+}
+
+/// The CGI output (header block and body) for a status or ping request, or `None` when the
+/// request is for the application.
+pub(crate) fn answer(
+    paths: &Paths,
+    board: &crate::scoreboard::Scoreboard,
+    req: &fcgi::server::Request,
+) -> Option<Vec<u8>> {
+    let p = &req.params;
+    let path = p
+        .get_str("SCRIPT_NAME")
+        .filter(|s| !s.is_empty())
+        .or_else(|| p.get_str("DOCUMENT_URI"))
+        .unwrap_or("");
+    let head_only = p.get_str("REQUEST_METHOD") == Some("HEAD");
+    let (content_type, body) = if paths.ping.as_deref() == Some(path) {
+        ("text/plain", format!("{}\n", paths.ping_response))
+    } else if paths.status.as_deref() == Some(path) {
+        let (format, full) = parse_query(p.get_str("QUERY_STRING").unwrap_or(""));
+        let snapshot = Snapshot {
+            pool: paths.pool.clone(),
+            stats: board.stats(),
+            workers: board.snapshot(),
+            accepted: board.accepted(),
+            now: crate::scoreboard::now(),
+        };
+        let (ct, body) = render(&snapshot, format, full);
+        (ct, body)
+    } else {
+        return None;
+    };
+    let mut out = format!(
+        "Status: 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-cache, no-store, must-revalidate, max-age=0\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        let worker = |pid: i32, state: SlotState, in_flight: u32| SlotSnapshot {
+            index: 0,
+            pid,
+            generation: 2,
+            state,
+            started: Duration::from_secs(100),
+            since: Duration::from_secs(150),
+            requests: 7,
+            in_flight,
+            method: "GET".into(),
+            uri: "/sleep?ms=5".into(),
+            content_length: 0,
+            last_duration: Duration::from_micros(1500),
+            rss: 4096,
+            held: 1,
+        };
+        Snapshot {
+            pool: "www".into(),
+            stats: PoolStats {
+                start_time: 1_795_000_000,
+                started: Duration::from_secs(90),
+                mode: 1,
+                max_workers: 4,
+                generation: 2,
+                respawns: 3,
+                backoffs: 1,
+                max_children_reached: 0,
+                slow_requests: 2,
+                listen_queue: 5,
+                max_listen_queue: 9,
+                backlog: 511,
+                max_active: 2,
+            },
+            workers: vec![
+                worker(11, SlotState::Busy, 1),
+                worker(12, SlotState::Idle, 0),
+            ],
+            accepted: 42,
+            now: Duration::from_secs(200),
+        }
+    }
+
+    #[test]
+    fn text_has_php_fpm_fields() {
+        let (ct, body) = render(&snapshot(), Format::Text, false);
+        assert_eq!(ct, "text/plain");
+        assert!(
+            body.starts_with("pool:                 www\nprocess manager:      dynamic\n"),
+            "{body}"
+        );
+        assert!(
+            body.contains("start time:           18/Nov/2026:11:06:40 +0000\n"),
+            "{body}"
+        );
+        assert!(body.contains("start since:          110\n"));
+        assert!(body.contains("accepted conn:        42\n"));
+        assert!(
+            body.contains("listen queue:         7\n"),
+            "kernel 5 + held 2: {body}"
+        );
+        assert!(body.contains(
+            "idle processes:       1\nactive processes:     1\ntotal processes:      2\n"
+        ));
+    }
+
+    #[test]
+    fn json_full_parses_with_numbers() {
+        let (_, body) = render(&snapshot(), Format::Json, true);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["accepted conn"], 42);
+        assert_eq!(v["start time"], 1_795_000_000u64);
+        assert_eq!(v["process manager"], "dynamic");
+        assert_eq!(v["processes"][0]["state"], "Running");
+        assert_eq!(v["processes"][1]["request URI"], "/sleep?ms=5");
+        assert_eq!(v["processes"][1]["request duration"], 1500);
+    }
+
+    #[test]
+    fn openmetrics_lines_follow_the_grammar() {
+        let (ct, body) = render(&snapshot(), Format::OpenMetrics, true);
+        assert!(ct.starts_with("application/openmetrics-text; version=1.0.0"));
+        assert!(body.ends_with("# EOF\n"));
+        for line in body.lines() {
+            let ok = line == "# EOF"
+                || line.starts_with("# TYPE fcgi_pool_")
+                || line.starts_with("# HELP fcgi_pool_")
+                || line.starts_with("# UNIT fcgi_pool_")
+                || (line.starts_with("fcgi_pool_")
+                    && line.contains("{pool=\"www\"")
+                    && line
+                        .rsplit(' ')
+                        .next()
+                        .is_some_and(|v| v.parse::<f64>().is_ok()));
+            assert!(ok, "bad line: {line}");
+        }
+        assert!(body.contains("fcgi_pool_accepted_connections_total{pool=\"www\"} 42\n"));
+    }
+
+    #[test]
+    fn query_picks_format_and_full() {
+        assert_eq!(parse_query(""), (Format::Text, false));
+        assert_eq!(parse_query("json&full"), (Format::Json, true));
+        assert_eq!(parse_query("full&openmetrics"), (Format::OpenMetrics, true));
+        assert_eq!(parse_query("html"), (Format::Html, false));
+    }
+
+    #[test]
+    fn start_time_format() {
+        assert_eq!(clf_time(0), "01/Jan/1970:00:00:00 +0000");
+        assert_eq!(clf_time(1_795_000_000), "18/Nov/2026:11:06:40 +0000");
+    }
+}
