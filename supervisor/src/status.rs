@@ -380,54 +380,42 @@ fn openmetrics(s: &Snapshot, full: bool) -> String {
         s.stats.start_time,
     );
     if full {
-        let workers: Vec<&SlotSnapshot> = s
-            .workers
-            .iter()
-            .filter(|w| w.state != SlotState::Free)
-            .collect();
-        let _ = writeln!(out, "# TYPE fcgi_pool_process_requests counter");
-        let _ = writeln!(
-            out,
-            "# HELP fcgi_pool_process_requests Requests one worker finished."
-        );
-        for w in &workers {
-            let _ = writeln!(
-                out,
-                "fcgi_pool_process_requests_total{{pool=\"{pool}\",pid=\"{}\"}} {}",
-                w.pid, w.requests
-            );
-        }
-        let _ = writeln!(out, "# TYPE fcgi_pool_process_state gauge");
-        let _ = writeln!(
-            out,
-            "# HELP fcgi_pool_process_state What one worker is doing (1 for its state)."
-        );
-        for w in &workers {
-            let _ = writeln!(
-                out,
-                "fcgi_pool_process_state{{pool=\"{pool}\",pid=\"{}\",state=\"{}\"}} 1",
-                w.pid,
-                state_name(w)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# TYPE fcgi_pool_process_last_request_memory_bytes gauge"
-        );
-        let _ = writeln!(
-            out,
-            "# UNIT fcgi_pool_process_last_request_memory_bytes bytes"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP fcgi_pool_process_last_request_memory_bytes Resident memory of one worker."
-        );
-        for w in &workers {
-            let _ = writeln!(
-                out,
-                "fcgi_pool_process_last_request_memory_bytes{{pool=\"{pool}\",pid=\"{}\"}} {}",
-                w.pid, w.rss
-            );
+        type Sample = fn(&SlotSnapshot) -> (String, u64);
+        let families: [(&str, &str, &str, Sample); 3] = [
+            (
+                "process_requests",
+                "counter",
+                "Requests one worker finished.",
+                |w| (String::new(), w.requests),
+            ),
+            (
+                "process_state",
+                "gauge",
+                "What one worker is doing (1 for its state).",
+                |w| (format!(",state=\"{}\"", state_name(w)), 1),
+            ),
+            (
+                "process_last_request_memory_bytes",
+                "gauge",
+                "Resident memory of one worker.",
+                |w| (String::new(), w.rss),
+            ),
+        ];
+        for (name, kind, help, sample) in families {
+            let _ = writeln!(out, "# TYPE fcgi_pool_{name} {kind}");
+            if name.ends_with("_bytes") {
+                let _ = writeln!(out, "# UNIT fcgi_pool_{name} bytes");
+            }
+            let _ = writeln!(out, "# HELP fcgi_pool_{name} {help}");
+            let suffix = if kind == "counter" { "_total" } else { "" };
+            for w in s.workers.iter().filter(|w| w.state != SlotState::Free) {
+                let (labels, value) = sample(w);
+                let _ = writeln!(
+                    out,
+                    "fcgi_pool_{name}{suffix}{{pool=\"{pool}\",pid=\"{}\"{labels}}} {value}",
+                    w.pid
+                );
+            }
         }
     }
     out.push_str("# EOF\n");
