@@ -18,15 +18,18 @@
 //! ```
 //!
 //! # Layout
-//! - `master`: forks and supervises workers; single-threaded,
-//!   synchronous, no async runtime (so `fork` is safe). `signals` maps signals to intents.
+//! - `master`: forks and supervises workers; single-threaded, synchronous, no async runtime
+//!   (so `fork` is safe). [`signals`] maps signals to intents; `handover` passes the running
+//!   server to a re-executed binary (upgrade) or takes sockets from systemd; `notify` speaks
+//!   `sd_notify`.
 //! - `worker`, `connection`, `handler`: a worker's tokio I/O thread, its FastCGI connections,
 //!   and the handler threads where application code runs.
 //! - [`policy`]: pool sizing, respawn backoff, timeouts, recycling: pure functions of a
 //!   scoreboard snapshot and `now`.
-//! - [`scoreboard`]: the shared-memory table workers write and the master reads.
+//! - [`scoreboard`]: the shared-memory table workers write and the master reads;
+//!   [`status`] renders it as PHP-FPM's status page.
 //! - [`config`], [`listener`], `logging`: the operator's surface.
-//! - `sys`: the only module with `unsafe` (fork, shared memory, raw fds).
+//! - `sys`: the only module with `unsafe` (fork, shared memory, inherited fds, one sockopt).
 //! - [`Request`], [`Response`], [`Body`]: what the application sees.
 //!
 //! # How application code runs
