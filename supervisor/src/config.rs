@@ -21,7 +21,7 @@ pub struct Cli {
     /// TOML configuration file; flags override its keys.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Where to listen: unix:/path/app.sock, 127.0.0.1:9000 or [::1]:9000 (repeatable).
+    /// Where to listen: `unix:/path/app.sock`, `127.0.0.1:9000` or `[::1]:9000` (repeatable).
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<String>,
     /// Listen backlog [default: 511].

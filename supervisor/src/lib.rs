@@ -27,7 +27,7 @@
 //! - [`policy`]: pool sizing, respawn backoff, timeouts, recycling: pure functions of a
 //!   scoreboard snapshot and `now`.
 //! - [`scoreboard`]: the shared-memory table workers write and the master reads;
-//!   [`status`] renders it as PHP-FPM's status page.
+//!   [`status`](mod@status) renders it as PHP-FPM's status page.
 //! - [`config`], [`listener`], `logging`: the operator's surface.
 //! - `sys`: the only module with `unsafe` (fork, shared memory, inherited fds, one sockopt).
 //! - [`Request`], [`Response`], [`Body`]: what the application sees.

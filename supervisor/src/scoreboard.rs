@@ -1,6 +1,6 @@
 //! The scoreboard: a table in shared memory, one slot per worker, created by the master before
 //! the first fork. Each worker writes its own slot; the master and the status page read them
-//! all. It is plain atomics over [`crate::sys::SharedWords`], so this module needs no `unsafe`.
+//! all. It is plain atomics over `SharedWords` (in `sys`), so this module needs no `unsafe`.
 //!
 //! Orderings: a writer publishes with `Release` and readers load with `Acquire`, so a reader
 //! that sees a state also sees the fields written before it. The request's method and URI are
