@@ -198,7 +198,11 @@ fn worker_fields(s: &Snapshot, w: &SlotSnapshot) -> Vec<(&'static str, String)> 
             s.now.saturating_sub(w.started).as_secs().to_string(),
         ),
         ("requests", w.requests.to_string()),
-        ("request duration", w.last_duration.as_micros().to_string()),
+        // Like PHP-FPM: the running request's time so far, else the last one's.
+        (
+            "request duration",
+            request_duration(s, w).as_micros().to_string(),
+        ),
         (
             "request method",
             if w.method.is_empty() {
@@ -222,6 +226,14 @@ fn worker_fields(s: &Snapshot, w: &SlotSnapshot) -> Vec<(&'static str, String)> 
         ("last request memory", w.rss.to_string()),
         ("generation", w.generation.to_string()),
     ]
+}
+
+fn request_duration(s: &Snapshot, w: &SlotSnapshot) -> Duration {
+    if w.in_flight > 0 {
+        s.now.saturating_sub(w.since)
+    } else {
+        w.last_duration
+    }
 }
 
 fn text(s: &Snapshot, full: bool) -> String {

@@ -125,6 +125,8 @@ fn a_50_mb_stream_arrives_whole() {
         let r = http::get(s.nginx.port(), "/big?bytes=50000000").expect("/big");
         assert_eq!(r.status, 200);
         assert_eq!(r.body.len(), 50_000_000, "keep_conn {keep}");
+        assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+        assert_eq!(r.header("content-length"), Some("50000000"));
         assert!(r
             .body
             .iter()
