@@ -309,3 +309,24 @@ fn is_zombie(pid: i32) -> bool {
         })
         .unwrap_or(true)
 }
+
+#[test]
+fn ttin_and_ttou_resize_the_pool() {
+    let dir = TempDir::new("ttin");
+    let app = App::start(&dir, &["--pm", "static", "--workers", "2"]);
+    wait_until(Duration::from_secs(10), "2 workers", || {
+        worker_pids(app.pid()).len() == 2
+    });
+    app.signal(Signal::SIGTTIN);
+    wait_until(Duration::from_secs(5), "3 workers after TTIN", || {
+        worker_pids(app.pid()).len() == 3
+    });
+    app.signal(Signal::SIGTTOU);
+    app.wait_for_log("to=2");
+    app.signal(Signal::SIGTTOU);
+    wait_until(Duration::from_secs(5), "1 worker after two TTOU", || {
+        worker_pids(app.pid()).len() == 1
+    });
+    let r = fcgi_request(&app.unix(), "GET", "/hello", b"").expect("still serving");
+    assert_eq!(r.status(), 200);
+}
