@@ -90,6 +90,7 @@ pub(crate) async fn serve<Rd, Wr>(
     let peer = "fastcgi peer";
     let mut reserved = reserved;
     let give_back = tokio::time::Instant::now() + FIRST_REQUEST_WAIT;
+    let mut quiet_until: Option<tokio::time::Instant> = None;
 
     loop {
         // Take every complete record already buffered.
@@ -117,8 +118,15 @@ pub(crate) async fn serve<Rd, Wr>(
         let idle = conn.active() == 0 && pending.is_none() && outbox.is_empty();
         // A connection accepted with room reserved gets its first request served, drain or not.
         let drained = *draining.borrow() && reserved.is_none();
-        if idle && (eof || conn.wants_close() || drained) {
+        if idle && (eof || conn.wants_close()) {
             return;
+        }
+        // Draining: an idle kept-alive connection is not closed at once. nginx may be writing a
+        // request into it right now, and closing on unread data would reset it: a 502 for a
+        // POST, which nginx does not retry. It stays readable for a quiet moment; a request
+        // that arrives is served, and the connection closes once that answer is written.
+        if drained && quiet_until.is_none() {
+            quiet_until = Some(tokio::time::Instant::now() + DRAIN_QUIET);
         }
 
         if pending.is_none() {
@@ -166,6 +174,7 @@ pub(crate) async fn serve<Rd, Wr>(
                     Out::Last(id, mut tail) => {
                         streams.retain(|s| s.id != id);
                         close_when_written |= conn.end_request(id, 0, &mut tail);
+                        close_when_written |= *draining.borrow() && conn.active() == 0;
                         tail.freeze()
                     }
                 };
@@ -175,7 +184,19 @@ pub(crate) async fn serve<Rd, Wr>(
             _ = tokio::time::sleep(ctx.keepalive_timeout), if idle => return,
             _ = tokio::time::sleep_until(give_back), if reserved.is_some() => reserved = None,
             _ = draining.changed(), if idle => {}
+            _ = sleep_until_opt(quiet_until), if idle && quiet_until.is_some() => return,
         }
+    }
+}
+
+/// How long an idle kept-alive connection of a draining worker stays readable before it
+/// closes: long enough to catch a request nginx is writing at that moment.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 
