@@ -37,6 +37,9 @@ pub(crate) struct Context {
     pub board: Arc<crate::scoreboard::Scoreboard>,
     /// This worker's slot.
     pub slot: usize,
+    /// The socketpair to the master, for handing connections over when draining and
+    /// receiving those of other workers.
+    pub handover: Option<Rc<tokio::net::UnixStream>>,
     /// A request on an open connection waits for room: the accept loop gives back the room it
     /// holds for a connection not yet accepted, so requests already here go first.
     pub wanted: Notify,
@@ -69,7 +72,8 @@ pub(crate) async fn serve<Rd, Wr>(
     mut wr: Wr,
     ctx: Rc<Context>,
     reserved: Option<OwnedSemaphorePermit>,
-) where
+) -> Option<(Rd, Wr)>
+where
     Rd: AsyncRead + Unpin,
     Wr: AsyncWrite + Unpin,
 {
@@ -100,7 +104,7 @@ pub(crate) async fn serve<Rd, Wr>(
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(pid = std::process::id(), error = %e, "closing {peer} connection");
-                    return;
+                    return None;
                 }
             };
             if let Some((tx, chunk)) = dispatch(event, &ctx, &out_tx, &mut streams, &mut reserved) {
@@ -113,19 +117,23 @@ pub(crate) async fn serve<Rd, Wr>(
             outbox.push_back(control);
         }
         if outbox.is_empty() && close_when_written {
-            return;
+            return None;
         }
         let idle = conn.active() == 0 && pending.is_none() && outbox.is_empty();
         // A connection accepted with room reserved gets its first request served, drain or not.
         let drained = *draining.borrow() && reserved.is_none();
         if idle && (eof || conn.wants_close()) {
-            return;
+            return None;
         }
         // Draining: an idle kept-alive connection is not closed at once. nginx may be writing a
         // request into it right now, and closing on unread data would reset it: a 502 for a
         // POST, which nginx does not retry. It stays readable for a quiet moment; a request
         // that arrives is served, and the connection closes once that answer is written.
-        if drained && quiet_until.is_none() {
+        if drained && idle && buf.is_empty() && ctx.handover.is_some() {
+            // Hand the connection to a worker that stays; nothing is closed under nginx.
+            return Some((rd, wr));
+        }
+        if drained && quiet_until.is_none() && ctx.handover.is_none() {
             quiet_until = Some(tokio::time::Instant::now() + DRAIN_QUIET);
         }
 
@@ -143,7 +151,7 @@ pub(crate) async fn serve<Rd, Wr>(
                         }
                     }
                 }
-                Err(_) => return,
+                Err(_) => return None,
             },
             read = rd.read_buf(&mut buf), if pending.is_none() && !eof && !close_when_written => {
                 buf.reserve(16 * 1024);
@@ -151,14 +159,14 @@ pub(crate) async fn serve<Rd, Wr>(
                     Ok(0) => {
                         if let Err(e) = conn.handle_eof(&buf) {
                             tracing::warn!(pid = std::process::id(), error = %e, "closing {peer} connection");
-                            return;
+                            return None;
                         }
                         eof = true;
                         // Bodies still open will never complete: their readers see the end.
                         streams.clear();
                     }
                     Ok(_) => {}
-                    Err(_) => return,
+                    Err(_) => return None,
                 }
             }
             room = reserve(&pending_tx), if pending.is_some() => {
@@ -174,17 +182,18 @@ pub(crate) async fn serve<Rd, Wr>(
                     Out::Last(id, mut tail) => {
                         streams.retain(|s| s.id != id);
                         close_when_written |= conn.end_request(id, 0, &mut tail);
-                        close_when_written |= *draining.borrow() && conn.active() == 0;
+                        close_when_written |=
+                            *draining.borrow() && conn.active() == 0 && ctx.handover.is_none();
                         tail.freeze()
                     }
                 };
                 queued += bytes.len();
                 outbox.push_back(bytes);
             }
-            _ = tokio::time::sleep(ctx.keepalive_timeout), if idle => return,
+            _ = tokio::time::sleep(ctx.keepalive_timeout), if idle => return None,
             _ = tokio::time::sleep_until(give_back), if reserved.is_some() => reserved = None,
             _ = draining.changed(), if idle => {}
-            _ = sleep_until_opt(quiet_until), if idle && quiet_until.is_some() => return,
+            _ = sleep_until_opt(quiet_until), if idle && quiet_until.is_some() => return None,
         }
     }
 }

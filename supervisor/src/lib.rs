@@ -55,6 +55,7 @@ pub mod listener;
 mod logging;
 mod master;
 mod notify;
+mod passing;
 pub mod policy;
 mod request;
 mod response;

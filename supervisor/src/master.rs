@@ -18,6 +18,7 @@ use crate::handler::Recycle;
 use crate::handover::{self, AdoptedWorker, Inherited};
 use crate::listener::Listener;
 use crate::notify::Notifier;
+use crate::passing;
 use crate::policy::{
     self, Pool, PoolMode, Respawn, SlowLog, TimeoutAction, WorkerState, WorkerView,
 };
@@ -25,6 +26,7 @@ use crate::scoreboard::{self, PoolStats, Scoreboard, SlotSnapshot, SlotState};
 use crate::signals::{self, Intent};
 use crate::sys::{self, Fork};
 use crate::{worker, Responder};
+use std::os::unix::net::UnixStream;
 
 /// The maintenance tick: how often an idle master wakes.
 const TICK: Duration = Duration::from_secs(1);
@@ -39,6 +41,9 @@ struct Worker {
     timeout_term_at: Option<Duration>,
     /// Told to stop (pool shrink, reload, shutdown): its exit is expected.
     stopping: bool,
+    /// The master's end of the socketpair connections are passed over (none for workers
+    /// adopted across an upgrade).
+    channel: Option<UnixStream>,
 }
 
 struct Stopping {
@@ -75,6 +80,11 @@ pub(crate) struct Master<R> {
     watchdog_at: Duration,
     /// Pool-wide figures for the status page, published in the scoreboard each tick.
     stats: PoolStats,
+    /// Channels of reaped workers, read once more for connections they handed over last.
+    orphan_channels: Vec<UnixStream>,
+    /// Handed-over connections waiting for a worker to take them (during a reload, before the
+    /// new generation exists). Their requests wait in the sockets meanwhile.
+    passed: Vec<std::os::fd::OwnedFd>,
     /// Wake on a connection arriving, not just on the tick: set while a `dynamic` or `ondemand`
     /// pool has no worker ready to take one and room to start one.
     watch_listeners: bool,
@@ -123,6 +133,7 @@ impl<R: Responder> Master<R> {
                     started: w.started,
                     timeout_term_at: None,
                     stopping: false,
+                    channel: None,
                 };
                 (w.pid, worker)
             })
@@ -158,6 +169,8 @@ impl<R: Responder> Master<R> {
             ready_sent: false,
             watchdog_at: now,
             stats,
+            orphan_channels: Vec::new(),
+            passed: Vec::new(),
         })
     }
 
@@ -185,7 +198,9 @@ impl<R: Responder> Master<R> {
             for intent in self.read_intents() {
                 self.apply(intent);
             }
+            self.forward_connections();
             self.reap();
+            self.forward_connections();
             let now = scoreboard::now();
             if let Some(every) = self.notifier.watchdog_every() {
                 if now.saturating_sub(self.watchdog_at) >= every {
@@ -224,7 +239,7 @@ impl<R: Responder> Master<R> {
         if let Some(every) = self.notifier.watchdog_every() {
             wake = wake.min((self.watchdog_at + every).saturating_sub(now));
         }
-        if self.reload_since.is_some() {
+        if self.reload_since.is_some() || !self.passed.is_empty() {
             // A new generation gets ready in milliseconds; look often until it is.
             wake = wake.min(RELOAD_POLL);
         }
@@ -241,6 +256,12 @@ impl<R: Responder> Master<R> {
                     .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
         }
+        fds.extend(
+            self.workers
+                .values()
+                .filter_map(|w| w.channel.as_ref())
+                .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
+        );
         // EINTR and friends only mean "look again": the loop re-reads signals and the clock.
         let _ = poll(
             &mut fds,
@@ -526,6 +547,54 @@ impl<R: Responder> Master<R> {
         }
     }
 
+    /// Moves the connections draining workers handed over to a worker that stays.
+    fn forward_connections(&mut self) {
+        let mut passed = std::mem::take(&mut self.passed);
+        let channels = self.workers.values().filter_map(|w| w.channel.as_ref());
+        for channel in channels.chain(self.orphan_channels.iter()) {
+            loop {
+                match passing::recv(channel.as_fd()) {
+                    Ok(Some(fd)) => passed.push(fd),
+                    Ok(None) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        self.orphan_channels.clear();
+        if passed.is_empty() {
+            return;
+        }
+        let mut targets: Vec<(&Worker, bool)> = self
+            .workers
+            .values()
+            .filter(|w| w.generation == self.generation && !w.stopping && w.channel.is_some())
+            .filter(|w| self.board.slot(w.slot).state() != SlotState::Draining)
+            .map(|w| (w, self.board.slot(w.slot).state() == SlotState::Idle))
+            .collect();
+        // Idle workers first; the rest wait for room like any kept-alive request.
+        targets.sort_by_key(|(_, idle)| !idle);
+        if targets.is_empty() {
+            if self.stopping.is_none() {
+                // The next generation is about to start: keep them until it does.
+                self.passed = passed;
+            }
+            return;
+        }
+        for (i, fd) in passed.into_iter().enumerate() {
+            let sent = targets
+                .get(i % targets.len().max(1))
+                .and_then(|(w, _)| w.channel.as_ref())
+                .map(|c| passing::send(c.as_fd(), fd.as_fd()));
+            match sent {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "cannot pass a kept-alive connection on; closing it")
+                }
+                None => {}
+            }
+        }
+    }
+
     fn stop_all(&mut self) {
         for (pid, w) in self.workers.iter_mut() {
             w.stopping = true;
@@ -559,9 +628,10 @@ impl<R: Responder> Master<R> {
                 ),
                 _ => continue,
             };
-            let Some(w) = self.workers.remove(&pid) else {
+            let Some(mut w) = self.workers.remove(&pid) else {
                 continue;
             };
+            self.orphan_channels.extend(w.channel.take());
             let now = scoreboard::now();
             let snap = self.board.slot(w.slot).snapshot();
             self.board.slot(w.slot).free();
@@ -751,8 +821,18 @@ impl<R: Responder> Master<R> {
             return;
         };
         self.board.slot(slot).reset(self.generation, now);
+        // Connections a draining worker hands over travel on this pair; without it (fd
+        // exhaustion) the worker still serves, and closes instead of handing over.
+        let pair = UnixStream::pair()
+            .and_then(|(m, w)| m.set_nonblocking(true).map(|()| (m, w)))
+            .map_err(|e| tracing::warn!(error = %e, "no connection channel for a new worker"))
+            .ok();
+        let (channel, worker_end) = match pair {
+            Some((m, w)) => (Some(m), Some(w)),
+            None => (None, None),
+        };
         match sys::fork() {
-            Ok(Fork::Child) => self.become_worker(slot),
+            Ok(Fork::Child) => self.become_worker(slot, worker_end),
             Ok(Fork::Parent(pid)) => {
                 self.board.slot(slot).set_pid(pid.as_raw());
                 self.workers.insert(
@@ -763,6 +843,7 @@ impl<R: Responder> Master<R> {
                         started: now,
                         timeout_term_at: None,
                         stopping: false,
+                        channel,
                     },
                 );
                 tracing::debug!(
@@ -779,7 +860,7 @@ impl<R: Responder> Master<R> {
         }
     }
 
-    fn become_worker(&self, slot: usize) -> ! {
+    fn become_worker(&self, slot: usize, channel: Option<UnixStream>) -> ! {
         let sockets = self
             .listeners
             .iter()
@@ -822,6 +903,7 @@ impl<R: Responder> Master<R> {
             sockets,
             Arc::clone(&self.board),
             settings,
+            channel,
         )
     }
 }

@@ -5,6 +5,7 @@
 //! kernel hands new connections to a worker with room. Kept-alive connections that sit idle
 //! cost nothing but a file descriptor.
 
+use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::LocalSet;
 
 use crate::connection::{self, Context};
@@ -39,8 +40,9 @@ pub(crate) fn run<R: Responder>(
     listeners: Vec<ListenerSocket>,
     board: Arc<Scoreboard>,
     settings: Settings,
+    channel: Option<std::os::unix::net::UnixStream>,
 ) -> ! {
-    let code = match serve(app, listeners, board, settings) {
+    let code = match serve(app, listeners, board, settings, channel) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(pid = std::process::id(), error = %e, "worker failed");
@@ -55,6 +57,7 @@ fn serve<R: Responder>(
     listeners: Vec<ListenerSocket>,
     board: Arc<Scoreboard>,
     settings: Settings,
+    channel: Option<std::os::unix::net::UnixStream>,
 ) -> std::io::Result<()> {
     // If the master dies by any means, so do we: no orphans holding the socket.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
@@ -102,6 +105,13 @@ fn serve<R: Responder>(
         });
         let jobs = handler::start(cap, shared)?;
         let permits = Arc::new(Semaphore::new(cap));
+        let handover = match channel {
+            Some(c) => {
+                c.set_nonblocking(true)?;
+                Some(Rc::new(tokio::net::UnixStream::from_std(c)?))
+            }
+            None => None,
+        };
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
         let ctx = Rc::new(Context {
             limits: settings.limits,
@@ -111,12 +121,14 @@ fn serve<R: Responder>(
             draining: drain_rx.clone(),
             stop: drain_tx.clone(),
             wanted: tokio::sync::Notify::new(),
+            handover: handover.clone(),
             status: settings.status.clone(),
             board: Arc::clone(&board),
             slot: settings.slot,
             _done: done_tx,
         });
         let accepting = tokio::task::spawn_local(accept_loop(listeners, Rc::clone(&ctx)));
+        tokio::task::spawn_local(receive_passed(Rc::clone(&ctx)));
         let slot = board.slot(settings.slot);
         slot.set_pid(std::process::id() as i32);
         slot.set_state(SlotState::Idle, scoreboard::now());
@@ -130,6 +142,15 @@ fn serve<R: Responder>(
         drop(ctx);
         drop(accepting);
         let _ = done_rx.recv().await;
+        // Connections the master passed while this worker was starting to drain go back to it
+        // rather than die with this process.
+        if let Some(channel) = &handover {
+            while let Ok(passed) = crate::passing::recv(channel.as_fd()) {
+                if let Some(fd) = passed {
+                    let _ = crate::passing::send(channel.as_fd(), fd.as_fd());
+                }
+            }
+        }
         Ok(())
     })
 }
@@ -249,13 +270,9 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Rc<Context>) {
         match accepted {
             Ok(Accepted::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                let (rd, wr) = stream.into_split();
-                tokio::task::spawn_local(connection::serve(rd, wr, Rc::clone(&ctx), room));
+                spawn_tcp(stream, Rc::clone(&ctx), room);
             }
-            Ok(Accepted::Unix(stream)) => {
-                let (rd, wr) = stream.into_split();
-                tokio::task::spawn_local(connection::serve(rd, wr, Rc::clone(&ctx), room));
-            }
+            Ok(Accepted::Unix(stream)) => spawn_unix(stream, Rc::clone(&ctx), room),
             Err(e) if is_transient(&e) => backoff().await,
             Err(e) => return fail(&ctx, e),
         }
@@ -271,6 +288,93 @@ async fn pool_saturated(ctx: &Context) {
         tokio::time::sleep(SATURATION_CHECK).await;
         if ctx.board.saturated() {
             return;
+        }
+    }
+}
+
+/// Serves a TCP connection; if the worker drains while it is idle, hands it over.
+fn spawn_tcp(stream: tokio::net::TcpStream, ctx: Rc<Context>, room: Option<OwnedSemaphorePermit>) {
+    tokio::task::spawn_local(async move {
+        let (rd, wr) = stream.into_split();
+        if let Some((rd, wr)) = connection::serve(rd, wr, Rc::clone(&ctx), room).await {
+            if let Ok(std) = rd
+                .reunite(wr)
+                .map_err(|_| ())
+                .and_then(|s| s.into_std().map_err(|_| ()))
+            {
+                hand_over(&ctx, std.as_fd());
+            }
+        }
+    });
+}
+
+/// Serves a unix connection; if the worker drains while it is idle, hands it over.
+fn spawn_unix(
+    stream: tokio::net::UnixStream,
+    ctx: Rc<Context>,
+    room: Option<OwnedSemaphorePermit>,
+) {
+    tokio::task::spawn_local(async move {
+        let (rd, wr) = stream.into_split();
+        if let Some((rd, wr)) = connection::serve(rd, wr, Rc::clone(&ctx), room).await {
+            if let Ok(std) = rd
+                .reunite(wr)
+                .map_err(|_| ())
+                .and_then(|s| s.into_std().map_err(|_| ()))
+            {
+                hand_over(&ctx, std.as_fd());
+            }
+        }
+    });
+}
+
+/// Passes an idle connection to the master, which gives it to a worker that stays. If that
+/// fails the connection is closed here, as it would have been without hand-over.
+fn hand_over(ctx: &Context, conn: std::os::fd::BorrowedFd<'_>) {
+    if let Some(channel) = &ctx.handover {
+        if let Err(e) = crate::passing::send(channel.as_fd(), conn) {
+            tracing::debug!(pid = std::process::id(), error = %e, "cannot hand a connection over; closing it");
+        }
+    }
+}
+
+/// Takes connections handed over by draining workers, until this worker drains itself.
+async fn receive_passed(ctx: Rc<Context>) {
+    let Some(channel) = &ctx.handover else { return };
+    let mut draining = ctx.draining.clone();
+    loop {
+        tokio::select! {
+            ready = channel.readable() => if ready.is_err() { return },
+            _ = draining.changed() => return,
+        }
+        loop {
+            let got = channel.try_io(tokio::io::Interest::READABLE, || {
+                crate::passing::recv(channel.as_fd())
+            });
+            match got {
+                Ok(Some(fd)) => match crate::passing::classify(fd) {
+                    Ok(crate::passing::Passed::Tcp(s)) => {
+                        if let Ok(s) = s
+                            .set_nonblocking(true)
+                            .and_then(|()| tokio::net::TcpStream::from_std(s))
+                        {
+                            spawn_tcp(s, Rc::clone(&ctx), None);
+                        }
+                    }
+                    Ok(crate::passing::Passed::Unix(s)) => {
+                        if let Ok(s) = s
+                            .set_nonblocking(true)
+                            .and_then(|()| tokio::net::UnixStream::from_std(s))
+                        {
+                            spawn_unix(s, Rc::clone(&ctx), None);
+                        }
+                    }
+                    Err(_) => {}
+                },
+                Ok(None) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return,
+            }
         }
     }
 }

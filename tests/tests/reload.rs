@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e::http;
+use e2e::http::{self, Body};
 use e2e::{wait_until, worker_pids, App, Nginx, TempDir};
 use nix::sys::signal::Signal;
 
@@ -162,4 +162,54 @@ fn hup_with_an_invalid_config_keeps_serving() {
     assert_eq!(before, after, "nothing was replaced");
     let r = e2e::fcgi_request(&app.unix(), "GET", "/hello", b"").expect("still serving");
     assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn posts_on_kept_alive_connections_survive_reloads() {
+    // nginx does not retry a POST it has sent: a draining worker that closed an idle kept-alive
+    // connection while nginx wrote into it would cost a 502. Draining workers hand such
+    // connections over instead.
+    let dir = TempDir::new("reload-posts");
+    let app = App::start(&dir, &["--pm", "static", "--workers", "3"]);
+    let nginx = Nginx::start(&dir, &format!("unix:{}", app.unix_path().display()), true);
+    wait_until(Duration::from_secs(10), "3 workers", || {
+        worker_pids(app.pid()).len() == 3
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let port = nginx.port();
+    let load: Vec<_> = (0..4)
+        .map(|c| {
+            let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
+            std::thread::spawn(move || {
+                // Bounded: the test stops it, and it never sends more than 20000 requests.
+                for i in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let body = format!("client {c} request {i}");
+                    let r = http::request(port, "POST", "/echo", &[], Body::Bytes(body.as_bytes()))
+                        .unwrap_or_else(|e| panic!("POST /echo: {e}"));
+                    assert_eq!(
+                        (r.status, r.body),
+                        (200, body.into_bytes()),
+                        "POST during a reload"
+                    );
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for round in 0..10 {
+        let old: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
+        app.signal(Signal::SIGHUP);
+        wait_for_new_generation(&app, &old, 3, &format!("reload {round}"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().expect("every POST during the reloads succeeded");
+    }
+    let total = sent.load(Ordering::Relaxed);
+    eprintln!("{total} POSTs through 10 reloads, none failed");
+    assert!(total > 100, "the load ran: {total}");
 }
