@@ -21,7 +21,8 @@ use crate::sys;
 pub(crate) const ENV_LISTENERS: &str = "SUPERVISOR_LISTENERS";
 /// `fd:slots` of the scoreboard's memfd.
 const ENV_SCOREBOARD: &str = "SUPERVISOR_SCOREBOARD";
-/// `pid:slot:generation:started_us` for each worker, comma-separated.
+/// `pid:slot:generation:started_us:channel_fd` for each worker, comma-separated (`-` for a
+/// worker without a connection channel).
 const ENV_WORKERS: &str = "SUPERVISOR_WORKERS";
 /// The generation the running workers belong to.
 const ENV_GENERATION: &str = "SUPERVISOR_GENERATION";
@@ -33,6 +34,8 @@ pub(crate) struct AdoptedWorker {
     pub slot: usize,
     pub generation: u64,
     pub started: Duration,
+    /// The master's end of its connection channel, as an fd number handed over.
+    pub channel: Option<RawFd>,
 }
 
 /// What this process inherited.
@@ -80,6 +83,7 @@ pub(crate) fn inherit() -> io::Result<Inherited> {
                     slot: number(ENV_WORKERS, &workers, p.next())?,
                     generation: number(ENV_WORKERS, &workers, p.next())?,
                     started: Duration::from_micros(number(ENV_WORKERS, &workers, p.next())?),
+                    channel: p.next().and_then(|c| c.parse().ok()),
                 });
             }
         }
@@ -138,12 +142,14 @@ pub(crate) fn exec_successor(
     listeners: &[Listener],
     board: &Scoreboard,
     workers: &[AdoptedWorker],
+    channels: &[BorrowedFd<'_>],
     generation: u64,
 ) -> io::Error {
     let fds: Vec<BorrowedFd<'_>> = listeners
         .iter()
         .map(|l| l.as_fd())
         .chain([board.fd()])
+        .chain(channels.iter().copied())
         .collect();
     let result = (|| -> io::Result<std::convert::Infallible> {
         let args = argv
@@ -177,8 +183,9 @@ pub(crate) fn exec_successor(
         let workers: Vec<String> = workers
             .iter()
             .map(|w| {
+                let channel = w.channel.map_or("-".to_string(), |fd| fd.to_string());
                 format!(
-                    "{}:{}:{}:{}",
+                    "{}:{}:{}:{}:{channel}",
                     w.pid,
                     w.slot,
                     w.generation,

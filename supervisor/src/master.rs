@@ -3,7 +3,7 @@
 //! at once, when a signal arrives) asks the policies what to do and does it.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,7 +133,13 @@ impl<R: Responder> Master<R> {
                     started: w.started,
                     timeout_term_at: None,
                     stopping: false,
-                    channel: None,
+                    // The channel survives the exec too, so these workers still hand over.
+                    channel: w.channel.and_then(|fd| {
+                        let fd = sys::adopt_fd(fd).ok()?;
+                        let channel = UnixStream::from(fd);
+                        channel.set_nonblocking(true).ok()?;
+                        Some(channel)
+                    }),
                 };
                 (w.pid, worker)
             })
@@ -475,7 +481,14 @@ impl<R: Responder> Master<R> {
                 slot: w.slot,
                 generation: w.generation,
                 started: w.started,
+                channel: w.channel.as_ref().map(|c| c.as_raw_fd()),
             })
+            .collect();
+        let channels: Vec<_> = self
+            .workers
+            .values()
+            .filter_map(|w| w.channel.as_ref())
+            .map(|c| c.as_fd())
             .collect();
         self.notifier.reloading(scoreboard::now());
         tracing::info!(
@@ -488,6 +501,7 @@ impl<R: Responder> Master<R> {
             &self.listeners,
             &self.board,
             &workers,
+            &channels,
             self.generation,
         );
         tracing::error!(error = %err, "upgrade failed: cannot execute the new binary; still running the old one");

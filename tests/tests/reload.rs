@@ -165,7 +165,7 @@ fn hup_with_an_invalid_config_keeps_serving() {
 }
 
 #[test]
-fn posts_on_kept_alive_connections_survive_reloads() {
+fn posts_on_kept_alive_connections_survive_reloads_and_upgrades() {
     // nginx does not retry a POST it has sent: a draining worker that closed an idle kept-alive
     // connection while nginx wrote into it would cost a 502. Draining workers hand such
     // connections over instead.
@@ -200,16 +200,17 @@ fn posts_on_kept_alive_connections_survive_reloads() {
             })
         })
         .collect();
-    for round in 0..10 {
+    let signals = [Signal::SIGHUP; 7].into_iter().chain([Signal::SIGUSR2; 3]);
+    for (round, sig) in signals.enumerate() {
         let old: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
-        app.signal(Signal::SIGHUP);
-        wait_for_new_generation(&app, &old, 3, &format!("reload {round}"));
+        app.signal(sig);
+        wait_for_new_generation(&app, &old, 3, &format!("round {round} ({sig:?})"));
     }
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.join().expect("every POST during the reloads succeeded");
     }
     let total = sent.load(Ordering::Relaxed);
-    eprintln!("{total} POSTs through 10 reloads, none failed");
+    eprintln!("{total} POSTs through 7 reloads and 3 upgrades, none failed");
     assert!(total > 100, "the load ran: {total}");
 }
