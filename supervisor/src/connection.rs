@@ -40,6 +40,11 @@ pub(crate) struct Context {
     /// The socketpair to the master, for handing connections over when draining and
     /// receiving those of other workers.
     pub handover: Option<Rc<tokio::net::UnixStream>>,
+    /// Tells idle kept-alive connections to move to a worker with room: this one has been busy
+    /// a while (see [`BUSY_MIGRATE_AFTER`]).
+    pub migrate: Notify,
+    /// Whether a busy check is already scheduled.
+    pub busy_check: std::cell::Cell<bool>,
     /// A request on an open connection waits for room: the accept loop gives back the room it
     /// holds for a connection not yet accepted, so requests already here go first.
     pub wanted: Notify,
@@ -194,6 +199,11 @@ where
             _ = tokio::time::sleep_until(give_back), if reserved.is_some() => reserved = None,
             _ = draining.changed(), if idle => {}
             _ = sleep_until_opt(quiet_until), if idle && quiet_until.is_some() => return None,
+            // This worker is busy with a long request and another has room: move there, so
+            // nginx's next request on this connection does not wait behind the long one.
+            _ = ctx.migrate.notified(), if idle && buf.is_empty() && reserved.is_none() && ctx.handover.is_some() => {
+                return Some((rd, wr));
+            }
         }
     }
 }
@@ -221,6 +231,27 @@ async fn write_front<Wr: AsyncWrite + Unpin>(
         Some(front) => wr.write(front).await,
         None => std::future::pending().await,
     }
+}
+
+/// How long a worker must stay busy before its idle kept-alive connections move to a worker
+/// with room: longer than a fast request, so fast traffic never moves connections around.
+pub(crate) const BUSY_MIGRATE_AFTER: Duration = Duration::from_millis(25);
+
+/// After a request starts, looks again a little later: if the worker is still at its cap and
+/// another has room, the idle connections move (at most one check in flight).
+fn schedule_busy_check(ctx: &Rc<Context>) {
+    if ctx.handover.is_none() || ctx.busy_check.replace(true) {
+        return;
+    }
+    let ctx = Rc::clone(ctx);
+    tokio::task::spawn_local(async move {
+        tokio::time::sleep(BUSY_MIGRATE_AFTER).await;
+        ctx.busy_check.set(false);
+        let busy = ctx.board.slot(ctx.slot).state() == crate::scoreboard::SlotState::Busy;
+        if busy && !*ctx.draining.borrow() && ctx.board.other_idle(ctx.slot) {
+            ctx.migrate.notify_waiters();
+        }
+    });
 }
 
 async fn reserve(
@@ -285,6 +316,7 @@ fn dispatch(
                     out,
                     permit,
                 });
+                schedule_busy_check(ctx);
                 return None;
             }
             let ctx = Rc::clone(ctx);
@@ -309,6 +341,7 @@ fn dispatch(
                     out,
                     permit,
                 });
+                schedule_busy_check(&ctx);
             });
             None
         }

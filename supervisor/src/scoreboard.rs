@@ -267,6 +267,11 @@ impl Scoreboard {
         busy > 0 && busy >= self.stats().max_workers
     }
 
+    /// True when some worker other than the one in `slot` has room for a request.
+    pub fn other_idle(&self, slot: usize) -> bool {
+        (0..self.slots).any(|i| i != slot && self.slot(i).state() == SlotState::Idle)
+    }
+
     /// Requests accepted by every worker since the table was made ("accepted conn").
     pub fn accepted(&self) -> u64 {
         self.mem.words()[H_ACCEPTED].load(Ordering::Relaxed)

@@ -121,6 +121,8 @@ fn serve<R: Responder>(
             draining: drain_rx.clone(),
             stop: drain_tx.clone(),
             wanted: tokio::sync::Notify::new(),
+            migrate: tokio::sync::Notify::new(),
+            busy_check: std::cell::Cell::new(false),
             handover: handover.clone(),
             status: settings.status.clone(),
             board: Arc::clone(&board),

@@ -310,3 +310,33 @@ fn cgi_fcgi_with_an_environment_variable_over_8_kib() {
         String::from_utf8_lossy(&out)
     );
 }
+
+#[test]
+fn fast_requests_do_not_wait_behind_a_slow_one_on_kept_alive_connections() {
+    // With keep_conn on, nginx reuses idle connections to whichever worker; one worker busy
+    // with a slow request hands its idle connections to the worker with room.
+    let s = stack(true, &["--workers", "2"]);
+    let port = s.nginx.port();
+    // Warm up: several kept-alive connections to both workers.
+    let warm: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(move || http::get(port, "/hello").expect("warm-up").status))
+        .collect();
+    for t in warm {
+        assert_eq!(t.join().expect("warm-up thread"), 200);
+    }
+    let slow = std::thread::spawn(move || http::get(port, "/sleep?ms=3000").expect("slow"));
+    s.app.wait_for_log("uri=\"/sleep?ms=3000\"");
+    // Give the busy worker its moment to notice and move its idle connections.
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 0..30 {
+        let t = std::time::Instant::now();
+        let r = http::get(port, "/hello").expect("/hello");
+        assert_eq!(r.status, 200);
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "request {i} waited {:?} behind the slow one",
+            t.elapsed()
+        );
+    }
+    assert_eq!(slow.join().expect("slow thread").body, b"slept 3000\n");
+}
