@@ -247,7 +247,11 @@ fn schedule_busy_check(ctx: &Rc<Context>) {
     tokio::task::spawn_local(async move {
         tokio::time::sleep(BUSY_MIGRATE_AFTER).await;
         ctx.busy_check.set(false);
-        let busy = ctx.board.slot(ctx.slot).state() == crate::scoreboard::SlotState::Busy;
+        // Busy with one request that has run the whole time, not with a stream of fast ones.
+        let slot = ctx.board.slot(ctx.slot);
+        let running = crate::scoreboard::now().saturating_sub(slot.since());
+        let busy =
+            slot.state() == crate::scoreboard::SlotState::Busy && running >= BUSY_MIGRATE_AFTER;
         if busy && !*ctx.draining.borrow() && ctx.board.other_idle(ctx.slot) {
             ctx.migrate.notify_waiters();
         }

@@ -341,6 +341,11 @@ impl Slot<'_> {
         self.set(STATE, state.code());
     }
 
+    /// When the worker entered its state (for Busy: when its current request started).
+    pub fn since(&self) -> Duration {
+        Duration::from_micros(self.get(SINCE))
+    }
+
     /// Requests this worker has finished.
     pub fn requests(&self) -> u64 {
         self.get(REQUESTS)
