@@ -122,6 +122,13 @@ where
             outbox.push_back(control);
         }
         if outbox.is_empty() && close_when_written {
+            // The answer is complete, but the client may still be sending the rest of a body
+            // nobody read: closing now would reset the connection and could cost the client
+            // the end of the answer. Half-close, drain what still comes, then close.
+            let _ = wr.shutdown().await;
+            let mut sink = [0u8; 16 * 1024];
+            let drain = async { while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {} };
+            let _ = tokio::time::timeout(LINGER, drain).await;
             return None;
         }
         let idle = conn.active() == 0 && pending.is_none() && outbox.is_empty();
@@ -208,6 +215,10 @@ where
     }
 }
 
+/// How long a finished connection keeps draining input its client still sends before it is
+/// closed anyway.
+const LINGER: Duration = Duration::from_secs(1);
+
 /// How long an idle kept-alive connection of a draining worker stays readable before it
 /// closes: long enough to catch a request nginx is writing at that moment.
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
@@ -245,16 +256,25 @@ fn schedule_busy_check(ctx: &Rc<Context>) {
     }
     let ctx = Rc::clone(ctx);
     tokio::task::spawn_local(async move {
-        tokio::time::sleep(BUSY_MIGRATE_AFTER).await;
-        ctx.busy_check.set(false);
-        // Busy with one request that has run the whole time, not with a stream of fast ones.
         let slot = ctx.board.slot(ctx.slot);
-        let running = crate::scoreboard::now().saturating_sub(slot.since());
-        let busy =
-            slot.state() == crate::scoreboard::SlotState::Busy && running >= BUSY_MIGRATE_AFTER;
-        if busy && !*ctx.draining.borrow() && ctx.board.other_idle(ctx.slot) {
-            ctx.migrate.notify_waiters();
+        loop {
+            tokio::time::sleep(BUSY_MIGRATE_AFTER).await;
+            if slot.state() != crate::scoreboard::SlotState::Busy || *ctx.draining.borrow() {
+                break;
+            }
+            // Busy with one request that has run that long, not with a stream of fast ones.
+            let running = crate::scoreboard::now().saturating_sub(slot.since());
+            if running >= BUSY_MIGRATE_AFTER && ctx.board.other_idle(ctx.slot) {
+                ctx.migrate.notify_waiters();
+                tracing::debug!(
+                    pid = std::process::id(),
+                    running_ms = running.as_millis() as u64,
+                    "busy with a long request: idle connections move to a worker with room"
+                );
+                break;
+            }
         }
+        ctx.busy_check.set(false);
     });
 }
 

@@ -326,8 +326,9 @@ fn fast_requests_do_not_wait_behind_a_slow_one_on_kept_alive_connections() {
     }
     let slow = std::thread::spawn(move || http::get(port, "/sleep?ms=3000").expect("slow"));
     s.app.wait_for_log("uri=\"/sleep?ms=3000\"");
-    // Give the busy worker its moment to notice and move its idle connections.
-    std::thread::sleep(Duration::from_millis(200));
+    // The busy worker notices and moves its idle connections.
+    s.app
+        .wait_for_log("idle connections move to a worker with room");
     for i in 0..30 {
         let t = std::time::Instant::now();
         let r = http::get(port, "/hello").expect("/hello");
