@@ -296,17 +296,9 @@ async fn pool_saturated(ctx: &Context) {
 
 /// Serves a TCP connection; if the worker drains while it is idle, hands it over.
 fn spawn_tcp(stream: tokio::net::TcpStream, ctx: Rc<Context>, room: Option<OwnedSemaphorePermit>) {
-    tokio::task::spawn_local(async move {
-        let (rd, wr) = stream.into_split();
-        if let Some((rd, wr)) = connection::serve(rd, wr, Rc::clone(&ctx), room).await {
-            if let Ok(std) = rd
-                .reunite(wr)
-                .map_err(|_| ())
-                .and_then(|s| s.into_std().map_err(|_| ()))
-            {
-                hand_over(&ctx, std.as_fd());
-            }
-        }
+    let (rd, wr) = stream.into_split();
+    spawn_serve(rd, wr, ctx, room, |rd, wr| {
+        Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
     });
 }
 
@@ -316,15 +308,28 @@ fn spawn_unix(
     ctx: Rc<Context>,
     room: Option<OwnedSemaphorePermit>,
 ) {
+    let (rd, wr) = stream.into_split();
+    spawn_serve(rd, wr, ctx, room, |rd, wr| {
+        Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
+    });
+}
+
+/// Serves a connection; one that comes back idle from a draining worker is made whole again
+/// by `reunite` and handed over.
+fn spawn_serve<Rd, Wr>(
+    rd: Rd,
+    wr: Wr,
+    ctx: Rc<Context>,
+    room: Option<OwnedSemaphorePermit>,
+    reunite: impl FnOnce(Rd, Wr) -> Option<std::os::fd::OwnedFd> + 'static,
+) where
+    Rd: tokio::io::AsyncRead + Unpin + 'static,
+    Wr: tokio::io::AsyncWrite + Unpin + 'static,
+{
     tokio::task::spawn_local(async move {
-        let (rd, wr) = stream.into_split();
         if let Some((rd, wr)) = connection::serve(rd, wr, Rc::clone(&ctx), room).await {
-            if let Ok(std) = rd
-                .reunite(wr)
-                .map_err(|_| ())
-                .and_then(|s| s.into_std().map_err(|_| ()))
-            {
-                hand_over(&ctx, std.as_fd());
+            if let Some(fd) = reunite(rd, wr) {
+                hand_over(&ctx, fd.as_fd());
             }
         }
     });

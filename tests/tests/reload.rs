@@ -10,6 +10,49 @@ use e2e::http::{self, Body};
 use e2e::{wait_until, worker_pids, App, Nginx, TempDir};
 use nix::sys::signal::Signal;
 
+/// Four client threads sending requests until told to stop (bounded: at most 20000 each);
+/// each request asserts its own answer, so a failure fails its thread.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(request: impl Fn(usize, usize) + Send + Sync + Clone + 'static) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let threads = (0..4)
+            .map(|c| {
+                let (stop, sent, request) = (Arc::clone(&stop), Arc::clone(&sent), request.clone());
+                std::thread::spawn(move || {
+                    for i in 0..20_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        request(c, i);
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            sent,
+            threads,
+        }
+    }
+
+    /// Stops the clients; every request they sent succeeded, or this panics. Returns the count.
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("every request under load succeeded");
+        }
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
 /// Waits until none of `old` is a worker any more and the pool is back at `size`; then every
 /// answer comes from the new generation.
 fn wait_for_new_generation(app: &App, old: &BTreeSet<i32>, size: usize, what: &str) {
@@ -29,34 +72,20 @@ fn ten_reloads_and_five_upgrades_under_load_fail_no_request() {
     });
     let master = app.pid();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicUsize::new(0));
     let port = nginx.port();
-    let load: Vec<_> = (0..4)
-        .map(|c| {
-            let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
-            std::thread::spawn(move || {
-                // Bounded: the test stops it, and it never sends more than 20000 requests.
-                for i in 0..20_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let (path, body) = if c == 0 && i % 4 == 0 {
-                        ("/sleep?ms=1500", &b"slept 1500\n"[..])
-                    } else {
-                        ("/hello", &b"Hello, world!\n"[..])
-                    };
-                    let r = http::get(port, path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                    assert_eq!(
-                        (r.status, &r.body[..]),
-                        (200, body),
-                        "{path} during a reload"
-                    );
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(move |c, i| {
+        let (path, body) = if c == 0 && i % 4 == 0 {
+            ("/sleep?ms=1500", &b"slept 1500\n"[..])
+        } else {
+            ("/hello", &b"Hello, world!\n"[..])
+        };
+        let r = http::get(port, path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(
+            (r.status, &r.body[..]),
+            (200, body),
+            "{path} during a reload"
+        );
+    });
 
     let signals = [Signal::SIGHUP; 10].into_iter().chain([Signal::SIGUSR2; 5]);
     for (round, sig) in signals.enumerate() {
@@ -81,13 +110,9 @@ fn ten_reloads_and_five_upgrades_under_load_fail_no_request() {
         }
         assert_eq!(app.pid(), master, "the master's pid never changes");
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.join()
-            .expect("every request during the reloads and upgrades succeeded");
-    }
-    let total = sent.load(Ordering::Relaxed);
+    let total = load.finish();
     eprintln!("{total} requests through 10 reloads and 5 upgrades, none failed");
+    }
     let log = app.stderr();
     assert_eq!(
         log.matches("reload: new generation ready").count(),
@@ -175,42 +200,24 @@ fn posts_on_kept_alive_connections_survive_reloads_and_upgrades() {
     wait_until(Duration::from_secs(10), "3 workers", || {
         worker_pids(app.pid()).len() == 3
     });
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicUsize::new(0));
     let port = nginx.port();
-    let load: Vec<_> = (0..4)
-        .map(|c| {
-            let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
-            std::thread::spawn(move || {
-                // Bounded: the test stops it, and it never sends more than 20000 requests.
-                for i in 0..20_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let body = format!("client {c} request {i}");
-                    let r = http::request(port, "POST", "/echo", &[], Body::Bytes(body.as_bytes()))
-                        .unwrap_or_else(|e| panic!("POST /echo: {e}"));
-                    assert_eq!(
-                        (r.status, r.body),
-                        (200, body.into_bytes()),
-                        "POST during a reload"
-                    );
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(move |c, i| {
+        let body = format!("client {c} request {i}");
+        let r = http::request(port, "POST", "/echo", &[], Body::Bytes(body.as_bytes()))
+            .unwrap_or_else(|e| panic!("POST /echo: {e}"));
+        assert_eq!(
+            (r.status, r.body),
+            (200, body.into_bytes()),
+            "POST during a reload"
+        );
+    });
     let signals = [Signal::SIGHUP; 7].into_iter().chain([Signal::SIGUSR2; 3]);
     for (round, sig) in signals.enumerate() {
         let old: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
         app.signal(sig);
         wait_for_new_generation(&app, &old, 3, &format!("round {round} ({sig:?})"));
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.join().expect("every POST during the reloads succeeded");
-    }
-    let total = sent.load(Ordering::Relaxed);
+    let total = load.finish();
     eprintln!("{total} POSTs through 7 reloads and 3 upgrades, none failed");
     assert!(total > 100, "the load ran: {total}");
 }
