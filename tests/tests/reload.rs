@@ -112,7 +112,6 @@ fn ten_reloads_and_five_upgrades_under_load_fail_no_request() {
     }
     let total = load.finish();
     eprintln!("{total} requests through 10 reloads and 5 upgrades, none failed");
-    }
     let log = app.stderr();
     assert_eq!(
         log.matches("reload: new generation ready").count(),
