@@ -1,5 +1,5 @@
 //! One FastCGI connection in a worker: read records, start requests, feed their bodies, write
-//! their responses. Runs on the worker's I/O thread; never blocks it.
+//! their responses. Runs on the worker's event loop; never blocks it.
 //!
 //! Body bytes go to the handler through a small bounded channel. While a chunk waits for room,
 //! the connection stops reading the socket, so a slow application slows the client instead of
@@ -7,7 +7,7 @@
 //! STDOUT, END_REQUEST) is written in one write.
 
 use std::collections::VecDeque;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ pub(crate) struct Context {
     pub limits: fcgi::Limits,
     pub keepalive_timeout: Duration,
     pub jobs: std::sync::mpsc::Sender<Job>,
+    /// The I/O thread, which runs a request itself when it is free (see `inline.rs`).
+    pub inline: Arc<crate::inline::Inline<Job>>,
     pub permits: Arc<Semaphore>,
     /// Becomes true when the worker drains: idle connections close, busy ones finish first.
     pub draining: watch::Receiver<bool>,
@@ -39,12 +41,12 @@ pub(crate) struct Context {
     pub slot: usize,
     /// The socketpair to the master, for handing connections over when draining and
     /// receiving those of other workers.
-    pub handover: Option<Rc<tokio::net::UnixStream>>,
+    pub handover: Option<Arc<tokio::net::UnixStream>>,
     /// Tells idle kept-alive connections to move to a worker with room: this one has been busy
     /// a while (see [`BUSY_MIGRATE_AFTER`]).
     pub migrate: Notify,
     /// Whether a busy check is already scheduled.
-    pub busy_check: std::cell::Cell<bool>,
+    pub busy_check: AtomicBool,
     /// A request on an open connection waits for room: the accept loop gives back the room it
     /// holds for a connection not yet accepted, so requests already here go first.
     pub wanted: Notify,
@@ -75,7 +77,7 @@ const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(2);
 pub(crate) async fn serve<Rd, Wr>(
     mut rd: Rd,
     mut wr: Wr,
-    ctx: Rc<Context>,
+    ctx: Arc<Context>,
     reserved: Option<OwnedSemaphorePermit>,
 ) -> Option<(Rd, Wr)>
 where
@@ -250,12 +252,12 @@ pub(crate) const BUSY_MIGRATE_AFTER: Duration = Duration::from_millis(25);
 
 /// After a request starts, looks again a little later: if the worker is still at its cap and
 /// another has room, the idle connections move (at most one check in flight).
-fn schedule_busy_check(ctx: &Rc<Context>) {
-    if ctx.handover.is_none() || ctx.busy_check.replace(true) {
+fn schedule_busy_check(ctx: &Arc<Context>) {
+    if ctx.handover.is_none() || ctx.busy_check.swap(true, Ordering::AcqRel) {
         return;
     }
-    let ctx = Rc::clone(ctx);
-    tokio::task::spawn_local(async move {
+    let ctx = Arc::clone(ctx);
+    tokio::spawn(async move {
         let slot = ctx.board.slot(ctx.slot);
         loop {
             tokio::time::sleep(BUSY_MIGRATE_AFTER).await;
@@ -274,7 +276,7 @@ fn schedule_busy_check(ctx: &Rc<Context>) {
                 break;
             }
         }
-        ctx.busy_check.set(false);
+        ctx.busy_check.store(false, Ordering::Release);
     });
 }
 
@@ -287,10 +289,18 @@ async fn reserve(
     }
 }
 
+/// Runs a request that has its room: on the I/O thread if it is free, else on a handler thread.
+fn start(ctx: &Arc<Context>, job: Job) {
+    if let Err(job) = ctx.inline.offer(job) {
+        let _ = ctx.jobs.send(job);
+    }
+    schedule_busy_check(ctx);
+}
+
 /// Acts on one event; returns a body chunk that must wait for room.
 fn dispatch(
     event: Event,
-    ctx: &Rc<Context>,
+    ctx: &Arc<Context>,
     out: &mpsc::Sender<Out>,
     streams: &mut Vec<Streams>,
     reserved: &mut Option<OwnedSemaphorePermit>,
@@ -306,7 +316,7 @@ fn dispatch(
                 let last = Out::Last(req.id, records);
                 if let Err(mpsc::error::TrySendError::Full(last)) = out.try_send(last) {
                     let out = out.clone();
-                    tokio::task::spawn_local(async move {
+                    tokio::spawn(async move {
                         let _ = out.send(last).await;
                     });
                 }
@@ -333,39 +343,40 @@ fn dispatch(
             };
             let id = req.id;
             let out = out.clone();
-            if let Some(permit) = reserved.take() {
-                let _ = ctx.jobs.send(Job {
-                    id,
-                    request,
-                    out,
-                    permit,
-                });
-                schedule_busy_check(ctx);
+            let room = reserved
+                .take()
+                .or_else(|| Arc::clone(&ctx.permits).try_acquire_owned().ok());
+            if let Some(permit) = room {
+                start(
+                    ctx,
+                    Job {
+                        id,
+                        request,
+                        out,
+                        permit,
+                    },
+                );
                 return None;
             }
-            let ctx = Rc::clone(ctx);
-            // Waiting for a free handler must not stall this connection's other traffic.
-            tokio::task::spawn_local(async move {
-                let permit = match Arc::clone(&ctx.permits).try_acquire_owned() {
-                    Ok(permit) => permit,
-                    Err(_) => {
-                        ctx.wanted.notify_one();
-                        // Waiting here is waiting for a worker: the status page counts it.
-                        let slot = ctx.board.slot(ctx.slot);
-                        slot.add_held(1);
-                        let permit = Arc::clone(&ctx.permits).acquire_owned().await;
-                        slot.add_held(-1);
-                        let Ok(permit) = permit else { return };
-                        permit
-                    }
-                };
-                let _ = ctx.jobs.send(Job {
-                    id,
-                    request,
-                    out,
-                    permit,
-                });
-                schedule_busy_check(&ctx);
+            let ctx = Arc::clone(ctx);
+            // Waiting for room must not stall this connection's other traffic.
+            tokio::spawn(async move {
+                ctx.wanted.notify_one();
+                // Waiting here is waiting for a worker: the status page counts it.
+                let slot = ctx.board.slot(ctx.slot);
+                slot.add_held(1);
+                let permit = Arc::clone(&ctx.permits).acquire_owned().await;
+                slot.add_held(-1);
+                let Ok(permit) = permit else { return };
+                start(
+                    &ctx,
+                    Job {
+                        id,
+                        request,
+                        out,
+                        permit,
+                    },
+                );
             });
             None
         }

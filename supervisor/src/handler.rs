@@ -1,9 +1,9 @@
-//! The worker's handler threads: where the application's code runs.
+//! Running a request, and the worker's handler threads.
 //!
-//! Application code is blocking by design (that is the point of a prefork server), so it never
-//! runs on the I/O thread: the I/O thread assembles requests and writes responses, while
-//! `max_requests_in_flight` handler threads each run one request at a time. A panic costs only
-//! its request, which is answered `500`; the thread and the worker keep serving.
+//! Application code is blocking by design (that is the point of a prefork server), so it runs
+//! outside the event loop: on the I/O thread when that thread is free (`inline.rs`), else on one
+//! of `max_requests_in_flight` handler threads, each running one request at a time. A panic
+//! costs only its request, which is answered `500`; the thread and the worker keep serving.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -86,7 +86,8 @@ pub(crate) fn start<R: Responder>(
     Ok(tx)
 }
 
-fn run<R: Responder>(shared: &Shared<R>, job: Job) {
+/// Runs one request to its end: on a handler thread, or on the I/O thread (`inline.rs`).
+pub(crate) fn run<R: Responder>(shared: &Shared<R>, job: Job) {
     let Job {
         id,
         mut request,
@@ -128,7 +129,7 @@ fn run<R: Responder>(shared: &Shared<R>, job: Job) {
         );
         let mut tail = BytesMut::new();
         ResponseWriter::new(id).finish(&mut tail);
-        let _ = out.blocking_send(Out::Last(id, tail));
+        let _ = response::send_out(&out, Out::Last(id, tail));
     }
 
     let now = scoreboard::now();

@@ -22,8 +22,8 @@
 //!   (so `fork` is safe). [`signals`] maps signals to intents; `handover` passes the running
 //!   server to a re-executed binary (upgrade) or takes sockets from systemd; `notify` speaks
 //!   `sd_notify`.
-//! - `worker`, `connection`, `handler`: a worker's tokio I/O thread, its FastCGI connections,
-//!   and the handler threads where application code runs.
+//! - `worker`, `connection`, `inline`, `handler`: a worker's tokio event loop, its FastCGI
+//!   connections, the I/O thread that runs requests itself when free, and the handler threads.
 //! - [`policy`]: pool sizing, respawn backoff, timeouts, recycling: pure functions of a
 //!   scoreboard snapshot and `now`.
 //! - [`scoreboard`]: the shared-memory table workers write and the master reads;
@@ -34,13 +34,16 @@
 //!
 //! # How application code runs
 //! Setup (the closure given to [`run`]) runs once in the master before any fork, so what it
-//! loads is shared copy-on-write by every worker. [`Responder::respond`] runs on a worker's
-//! handler thread: blocking code is first-class. A worker runs at most
-//! `max_requests_in_flight` requests at once (default 1: classic one-request-per-process),
-//! one handler thread each; its I/O thread keeps reading bodies and writing responses
-//! meanwhile, and holds idle kept-alive connections for free. Async code runs by building a
-//! runtime inside the handler (`tokio::runtime::Builder::new_current_thread()`), or by
-//! calling into one the app keeps per worker.
+//! loads is shared copy-on-write by every worker. [`Responder::respond`] runs outside the
+//! worker's event loop and may block: blocking code is first-class. A worker runs at most
+//! `max_requests_in_flight` requests at once (default 1: classic one-request-per-process).
+//! When the worker's I/O thread is free it runs the request itself, since passing it to another
+//! thread and back costs more than a fast request; a standby thread drives the event loop as
+//! soon as that request waits for it or runs past a few milliseconds. Other requests run on
+//! handler threads. Either way bodies keep being read, responses written, and idle kept-alive
+//! connections held for free. Async code runs by building a runtime inside the handler
+//! (`tokio::runtime::Builder::new_current_thread()`), or by calling into one the app keeps per
+//! worker.
 //!
 //! A panic in `respond` is caught: the request is answered `500 Internal Server Error`, the
 //! panic is logged, and the worker keeps serving (unwinding must stay enabled: with
@@ -51,6 +54,7 @@ pub mod config;
 mod connection;
 mod handler;
 mod handover;
+mod inline;
 pub mod listener;
 mod logging;
 mod master;
@@ -73,8 +77,8 @@ pub use http;
 pub use request::{BodyReader, Request};
 pub use response::{status, text, with_type, Body, BodyWriter, Response};
 
-/// The application: one method, called for every request on a handler thread of a worker
-/// process. Blocking is fine: that is what handler threads are for.
+/// The application: one method, called for every request in a worker process, outside its
+/// event loop. Blocking is fine: the event loop goes on without the thread that blocks.
 pub trait Responder: Send + Sync + 'static {
     /// Answers one request.
     fn respond(&self, request: &mut Request) -> Response;

@@ -194,14 +194,27 @@ impl BodyReader {
         if !self.chunk.is_empty() {
             return Some(std::mem::take(&mut self.chunk));
         }
-        self.rx.as_mut()?.blocking_recv()
+        recv(self.rx.as_mut()?)
+    }
+}
+
+/// The next chunk, waiting for it if it has not arrived; the I/O thread running this request
+/// hands the event loop over first (see `inline.rs`).
+fn recv(rx: &mut mpsc::Receiver<Bytes>) -> Option<Bytes> {
+    match rx.try_recv() {
+        Ok(chunk) => Some(chunk),
+        Err(mpsc::error::TryRecvError::Disconnected) => None,
+        Err(mpsc::error::TryRecvError::Empty) => {
+            crate::inline::will_block();
+            rx.blocking_recv()
+        }
     }
 }
 
 impl Read for BodyReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.chunk.is_empty() {
-            match self.rx.as_mut().and_then(|rx| rx.blocking_recv()) {
+            match self.rx.as_mut().and_then(recv) {
                 Some(chunk) => self.chunk = chunk,
                 None => return Ok(0),
             }

@@ -116,9 +116,7 @@ impl BodyWriter {
         let mut records = BytesMut::with_capacity(fcgi::record::stream_encoded_len(self.buf.len()));
         self.fcgi.stdout(&self.buf, &mut records);
         self.buf.clear();
-        self.tx
-            .blocking_send(Out::Chunk(records.freeze()))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client connection closed"))
+        send_out(&self.tx, Out::Chunk(records.freeze()))
     }
 }
 
@@ -196,7 +194,7 @@ pub(crate) fn send(id: u16, res: Response, tx: &mpsc::Sender<Out>) -> io::Result
                 fcgi.stdout(&bytes, &mut out);
             }
             fcgi.finish(&mut out);
-            tx.blocking_send(Out::Last(id, out)).map_err(|_| closed())
+            send_out(tx, Out::Last(id, out))
         }
         Body::Stream(f) => {
             encode_head(&parts, None, &mut head);
@@ -211,8 +209,21 @@ pub(crate) fn send(id: u16, res: Response, tx: &mpsc::Sender<Out>) -> io::Result
             fcgi.stdout(&w.buf, &mut out);
             fcgi.finish(&mut out);
             // Even a failed stream ends its request cleanly: the client sees a short body.
-            let sent = tx.blocking_send(Out::Last(id, out)).map_err(|_| closed());
+            let sent = send_out(tx, Out::Last(id, out));
             result.and(sent)
+        }
+    }
+}
+
+/// Passes output to the I/O task, waiting while its channel is full; the I/O thread running
+/// this request hands the event loop over first (see `inline.rs`).
+pub(crate) fn send_out(tx: &mpsc::Sender<Out>, out: Out) -> io::Result<()> {
+    match tx.try_send(out) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(closed()),
+        Err(mpsc::error::TrySendError::Full(out)) => {
+            crate::inline::will_block();
+            tx.blocking_send(out).map_err(|_| closed())
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The status page and the ping, answered by a worker's I/O thread from the scoreboard without
 //! calling the application, in PHP-FPM's formats so existing dashboards and exporters read them.
 //!
-//! Why it answers while every worker is busy: a worker's I/O thread never runs application
-//! code. Below the pool's maximum, a busy pool grows (the master wakes on a waiting connection
+//! Why it answers while every worker is busy: application code never holds a worker's event
+//! loop for more than a few milliseconds (a long request runs on while a standby thread drives
+//! the loop, see `inline.rs`). Below the pool's maximum, a busy pool grows (the master wakes on a waiting connection
 //! and starts a worker with room, in milliseconds). At the maximum, the workers keep accepting
 //! connections, holding the application's requests until a handler is free (as the kernel's
 //! backlog would have), so a status or ping request is read and answered at once. PHP-FPM serves its status page from a

@@ -6,7 +6,6 @@
 //! cost nothing but a file descriptor.
 
 use std::os::fd::AsFd;
-use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +13,10 @@ use std::time::Duration;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio::task::LocalSet;
 
 use crate::connection::{self, Context};
 use crate::handler::{self, Recycle, Shared};
+use crate::inline::Inline;
 use crate::listener::ListenerSocket;
 use crate::scoreboard::{self, Scoreboard, SlotState};
 use crate::Responder;
@@ -85,52 +84,62 @@ fn serve<R: Responder>(
     if let Err(why) = app.init_worker() {
         return Err(std::io::Error::other(format!("worker init failed: {why}")));
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = LocalSet::new();
-    local.block_on(&runtime, async move {
-        let (drain_tx, drain_rx) = watch::channel(false);
-        let cap = settings.max_in_flight.max(1);
-        let shared = Arc::new(Shared {
-            app,
-            board: Arc::clone(&board),
-            slot: settings.slot,
-            cap: cap as u32,
-            recycle: settings.recycle,
-            recycle_now: AtomicBool::new(false),
-            rss_measured: std::sync::atomic::AtomicU64::new(0),
-            access_log: settings.access_log,
-            wake: drain_tx.clone(),
-        });
-        let jobs = handler::start(cap, shared)?;
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+    );
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let cap = settings.max_in_flight.max(1);
+    let shared = Arc::new(Shared {
+        app,
+        board: Arc::clone(&board),
+        slot: settings.slot,
+        cap: cap as u32,
+        recycle: settings.recycle,
+        recycle_now: AtomicBool::new(false),
+        rss_measured: std::sync::atomic::AtomicU64::new(0),
+        access_log: settings.access_log,
+        wake: drain_tx.clone(),
+    });
+    let jobs = handler::start(cap, Arc::clone(&shared))?;
+    let inline = Inline::new();
+    {
+        let (inline, runtime) = (Arc::clone(&inline), Arc::clone(&runtime));
+        std::thread::Builder::new()
+            .name("standby".into())
+            .spawn(move || inline.standby(&runtime))?;
+    }
+    let offer = Arc::clone(&inline);
+    let mut main = runtime.spawn(async move {
         let permits = Arc::new(Semaphore::new(cap));
         let handover = match channel {
             Some(c) => {
                 c.set_nonblocking(true)?;
-                Some(Rc::new(tokio::net::UnixStream::from_std(c)?))
+                Some(Arc::new(tokio::net::UnixStream::from_std(c)?))
             }
             None => None,
         };
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
-        let ctx = Rc::new(Context {
+        let ctx = Arc::new(Context {
             limits: settings.limits,
             keepalive_timeout: settings.keepalive_timeout,
             jobs,
+            inline: offer,
             permits,
             draining: drain_rx.clone(),
             stop: drain_tx.clone(),
             wanted: tokio::sync::Notify::new(),
             migrate: tokio::sync::Notify::new(),
-            busy_check: std::cell::Cell::new(false),
+            busy_check: AtomicBool::new(false),
             handover: handover.clone(),
             status: settings.status.clone(),
             board: Arc::clone(&board),
             slot: settings.slot,
             _done: done_tx,
         });
-        let accepting = tokio::task::spawn_local(accept_loop(listeners, Rc::clone(&ctx)));
-        tokio::task::spawn_local(receive_passed(Rc::clone(&ctx)));
+        let accepting = tokio::spawn(accept_loop(listeners, Arc::clone(&ctx)));
+        tokio::spawn(receive_passed(Arc::clone(&ctx)));
         let slot = board.slot(settings.slot);
         slot.set_pid(std::process::id() as i32);
         slot.set_state(SlotState::Idle, scoreboard::now());
@@ -153,8 +162,28 @@ fn serve<R: Responder>(
                 }
             }
         }
-        Ok(())
-    })
+        Ok::<(), std::io::Error>(())
+    });
+    // This thread drives the event loop and runs the requests offered to it (see `inline.rs`).
+    loop {
+        let step = runtime.block_on(async {
+            tokio::select! {
+                biased;
+                done = &mut main => Step::Done(done),
+                job = inline.next() => Step::Run(job),
+            }
+        });
+        match step {
+            Step::Run(job) => inline.run(job, |job| handler::run(&shared, job)),
+            Step::Done(Ok(result)) => return result,
+            Step::Done(Err(e)) => return Err(std::io::Error::other(format!("worker task: {e}"))),
+        }
+    }
+}
+
+enum Step {
+    Run(handler::Job),
+    Done(Result<std::io::Result<()>, tokio::task::JoinError>),
 }
 
 /// Waits for a reason to drain: SIGTERM or SIGQUIT from the master, or a recycling limit.
@@ -233,7 +262,7 @@ async fn accept_any(listeners: &[Listening], turn: &mut usize) -> std::io::Resul
 }
 
 /// Accepts connections, on every listener, while the worker has room for another request.
-async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Rc<Context>) {
+async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
     let listeners = match sockets
         .into_iter()
         .map(Listening::new)
@@ -272,9 +301,9 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Rc<Context>) {
         match accepted {
             Ok(Accepted::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                spawn_tcp(stream, Rc::clone(&ctx), room);
+                spawn_tcp(stream, Arc::clone(&ctx), room);
             }
-            Ok(Accepted::Unix(stream)) => spawn_unix(stream, Rc::clone(&ctx), room),
+            Ok(Accepted::Unix(stream)) => spawn_unix(stream, Arc::clone(&ctx), room),
             Err(e) if is_transient(&e) => backoff().await,
             Err(e) => return fail(&ctx, e),
         }
@@ -295,7 +324,7 @@ async fn pool_saturated(ctx: &Context) {
 }
 
 /// Serves a TCP connection; if the worker drains while it is idle, hands it over.
-fn spawn_tcp(stream: tokio::net::TcpStream, ctx: Rc<Context>, room: Option<OwnedSemaphorePermit>) {
+fn spawn_tcp(stream: tokio::net::TcpStream, ctx: Arc<Context>, room: Option<OwnedSemaphorePermit>) {
     let (rd, wr) = stream.into_split();
     spawn_serve(rd, wr, ctx, room, |rd, wr| {
         Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
@@ -305,7 +334,7 @@ fn spawn_tcp(stream: tokio::net::TcpStream, ctx: Rc<Context>, room: Option<Owned
 /// Serves a unix connection; if the worker drains while it is idle, hands it over.
 fn spawn_unix(
     stream: tokio::net::UnixStream,
-    ctx: Rc<Context>,
+    ctx: Arc<Context>,
     room: Option<OwnedSemaphorePermit>,
 ) {
     let (rd, wr) = stream.into_split();
@@ -319,15 +348,15 @@ fn spawn_unix(
 fn spawn_serve<Rd, Wr>(
     rd: Rd,
     wr: Wr,
-    ctx: Rc<Context>,
+    ctx: Arc<Context>,
     room: Option<OwnedSemaphorePermit>,
-    reunite: impl FnOnce(Rd, Wr) -> Option<std::os::fd::OwnedFd> + 'static,
+    reunite: impl FnOnce(Rd, Wr) -> Option<std::os::fd::OwnedFd> + Send + 'static,
 ) where
-    Rd: tokio::io::AsyncRead + Unpin + 'static,
-    Wr: tokio::io::AsyncWrite + Unpin + 'static,
+    Rd: tokio::io::AsyncRead + Unpin + Send + 'static,
+    Wr: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    tokio::task::spawn_local(async move {
-        if let Some((rd, wr)) = connection::serve(rd, wr, Rc::clone(&ctx), room).await {
+    tokio::spawn(async move {
+        if let Some((rd, wr)) = connection::serve(rd, wr, Arc::clone(&ctx), room).await {
             if let Some(fd) = reunite(rd, wr) {
                 hand_over(&ctx, fd.as_fd());
             }
@@ -346,7 +375,7 @@ fn hand_over(ctx: &Context, conn: std::os::fd::BorrowedFd<'_>) {
 }
 
 /// Takes connections handed over by draining workers, until this worker drains itself.
-async fn receive_passed(ctx: Rc<Context>) {
+async fn receive_passed(ctx: Arc<Context>) {
     let Some(channel) = &ctx.handover else { return };
     let mut draining = ctx.draining.clone();
     loop {
@@ -365,7 +394,7 @@ async fn receive_passed(ctx: Rc<Context>) {
                             .set_nonblocking(true)
                             .and_then(|()| tokio::net::TcpStream::from_std(s))
                         {
-                            spawn_tcp(s, Rc::clone(&ctx), None);
+                            spawn_tcp(s, Arc::clone(&ctx), None);
                         }
                     }
                     Ok(crate::passing::Passed::Unix(s)) => {
@@ -373,7 +402,7 @@ async fn receive_passed(ctx: Rc<Context>) {
                             .set_nonblocking(true)
                             .and_then(|()| tokio::net::UnixStream::from_std(s))
                         {
-                            spawn_unix(s, Rc::clone(&ctx), None);
+                            spawn_unix(s, Arc::clone(&ctx), None);
                         }
                     }
                     Err(_) => {}
