@@ -20,7 +20,7 @@ use crate::response::{self, Out};
 use crate::scoreboard::{self, Scoreboard};
 use crate::Responder;
 
-/// One request handed to a handler thread.
+/// One request to run.
 pub(crate) struct Job {
     pub id: u16,
     pub request: Request,
@@ -86,8 +86,33 @@ pub(crate) fn start<R: Responder>(
     Ok(tx)
 }
 
-/// Runs one request to its end: on a handler thread, or on the I/O thread (`inline.rs`).
-pub(crate) fn run<R: Responder>(shared: &Shared<R>, job: Job) {
+/// Runs one request to its end on a handler thread.
+fn run<R: Responder>(shared: &Shared<R>, job: Job) {
+    let done = respond(shared, job);
+    let _ = response::send_out(&done.out, done.tail);
+    done.finish.finish(shared);
+}
+
+/// A request the application has answered: the tail of its response is still to be sent to
+/// the connection, then `finish` does the bookkeeping.
+pub(crate) struct Answered {
+    pub out: mpsc::Sender<Out>,
+    pub tail: Out,
+    pub finish: Finish,
+}
+
+/// What is left of a request once its response is on its way.
+pub(crate) struct Finish {
+    request: Request,
+    status: u16,
+    started: Duration,
+    /// Held while the request runs: the worker's cap on requests in flight.
+    permit: OwnedSemaphorePermit,
+}
+
+/// Runs the application for one request, on a handler thread or on the I/O thread
+/// (`inline.rs`); a streamed body is written here too.
+pub(crate) fn respond<R: Responder>(shared: &Shared<R>, job: Job) -> Answered {
     let Job {
         id,
         mut request,
@@ -118,37 +143,59 @@ pub(crate) fn run<R: Responder>(shared: &Shared<R>, job: Job) {
         response::status(http::StatusCode::INTERNAL_SERVER_ERROR)
     });
     let status = res.status().as_u16();
-    let sent = panic::catch_unwind(AssertUnwindSafe(|| response::send(id, res, &out)));
-    if sent.is_err() {
-        // The body stream panicked part-way: the status is already sent, so end the request
-        // with what was written.
-        tracing::error!(
-            pid = std::process::id(),
-            uri = request.uri(),
-            "response stream panicked; ending it early"
-        );
-        let mut tail = BytesMut::new();
-        ResponseWriter::new(id).finish(&mut tail);
-        let _ = response::send_out(&out, Out::Last(id, tail));
-    }
-
-    let now = scoreboard::now();
-    slot.end_request(now.saturating_sub(started), shared.cap, now);
-    if shared.access_log {
-        tracing::info!(
-            pid = std::process::id(),
-            method = %request.method(),
-            uri = request.uri(),
+    let tail = panic::catch_unwind(AssertUnwindSafe(|| response::encode(id, res, &out)))
+        .unwrap_or_else(|_| {
+            // The body stream panicked part-way: the status is already sent, so end the
+            // request with what was written.
+            tracing::error!(
+                pid = std::process::id(),
+                uri = request.uri(),
+                "response stream panicked; ending it early"
+            );
+            let mut tail = BytesMut::new();
+            ResponseWriter::new(id).finish(&mut tail);
+            Out::Last(id, tail)
+        });
+    Answered {
+        out,
+        tail,
+        finish: Finish {
+            request,
             status,
-            duration_ms = now.saturating_sub(started).as_secs_f64() * 1000.0,
-            "request"
-        );
+            started,
+            permit,
+        },
     }
-    drop(request);
-    // Decide on recycling before giving the room back, so the accept loop, which needs that
-    // room, already sees the drain and does not take a connection it would not serve.
-    check_recycle(shared, now);
-    drop(permit);
+}
+
+impl Finish {
+    /// Records the request in the scoreboard and the access log, and gives its room back.
+    pub(crate) fn finish<R>(self, shared: &Shared<R>) {
+        let Finish {
+            request,
+            status,
+            started,
+            permit,
+        } = self;
+        let slot = shared.board.slot(shared.slot);
+        let now = scoreboard::now();
+        slot.end_request(now.saturating_sub(started), shared.cap, now);
+        if shared.access_log {
+            tracing::info!(
+                pid = std::process::id(),
+                method = %request.method(),
+                uri = request.uri(),
+                status,
+                duration_ms = now.saturating_sub(started).as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
+        drop(request);
+        // Decide on recycling before giving the room back, so the accept loop, which needs that
+        // room, already sees the drain and does not take a connection it would not serve.
+        check_recycle(shared, now);
+        drop(permit);
+    }
 }
 
 fn check_recycle<R>(shared: &Shared<R>, now: Duration) {

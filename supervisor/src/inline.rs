@@ -135,7 +135,7 @@ impl<T> Inline<T> {
 
     /// Runs `job` with `run` on the calling thread, outside the runtime, while the standby
     /// thread watches.
-    pub(crate) fn run(&self, job: T, run: impl FnOnce(T)) {
+    pub(crate) fn run<U>(&self, job: T, run: impl FnOnce(T) -> U) -> U {
         self.wake.urgent.store(false, SeqCst);
         self.started.fetch_add(1, SeqCst);
         self.since.store(micros(scoreboard::now()), SeqCst);
@@ -143,11 +143,12 @@ impl<T> Inline<T> {
             self.wake.standby();
         }
         RUNNING.with(|r| *r.borrow_mut() = Some(Arc::clone(&self.wake)));
-        run(job);
+        let result = run(job);
         RUNNING.with(|r| *r.borrow_mut() = None);
         self.since.store(0, SeqCst);
         self.busy.store(false, SeqCst);
         self.ended.notify_waiters();
+        result
     }
 
     /// The standby thread's life: wait until the request on the I/O thread needs the event

@@ -169,9 +169,9 @@ pub(crate) fn encode_head(
     dst.put_slice(b"\r\n");
 }
 
-/// Encodes `res` for request `id` and sends it to the I/O task. A buffered response becomes one
-/// message; a stream becomes chunks and a tail.
-pub(crate) fn send(id: u16, res: Response, tx: &mpsc::Sender<Out>) -> io::Result<()> {
+/// Encodes `res` for request `id`. A buffered response becomes one message, returned for the
+/// caller to send; a stream is sent in chunks as it is written, and its tail is returned.
+pub(crate) fn encode(id: u16, res: Response, tx: &mpsc::Sender<Out>) -> Out {
     let (parts, body) = res.into_parts();
     let fcgi = ResponseWriter::new(id);
     let mut head = BytesMut::with_capacity(256);
@@ -194,7 +194,7 @@ pub(crate) fn send(id: u16, res: Response, tx: &mpsc::Sender<Out>) -> io::Result
                 fcgi.stdout(&bytes, &mut out);
             }
             fcgi.finish(&mut out);
-            send_out(tx, Out::Last(id, out))
+            Out::Last(id, out)
         }
         Body::Stream(f) => {
             encode_head(&parts, None, &mut head);
@@ -203,14 +203,13 @@ pub(crate) fn send(id: u16, res: Response, tx: &mpsc::Sender<Out>) -> io::Result
                 fcgi,
                 tx: tx.clone(),
             };
-            let result = f(&mut w);
+            // Even a failed stream ends its request cleanly: the client sees a short body.
+            let _ = f(&mut w);
             let mut out =
                 BytesMut::with_capacity(fcgi::record::stream_encoded_len(w.buf.len()) + 32);
             fcgi.stdout(&w.buf, &mut out);
             fcgi.finish(&mut out);
-            // Even a failed stream ends its request cleanly: the client sees a short body.
-            let sent = send_out(tx, Out::Last(id, out));
-            result.and(sent)
+            Out::Last(id, out)
         }
     }
 }

@@ -165,8 +165,14 @@ fn serve<R: Responder>(
         Ok::<(), std::io::Error>(())
     });
     // This thread drives the event loop and runs the requests offered to it (see `inline.rs`).
+    // The answer is handed to its connection back inside the runtime, where waking the
+    // connection's task costs no system call.
+    let mut answered: Option<handler::Answered> = None;
     loop {
         let step = runtime.block_on(async {
+            if let Some(answered) = answered.take() {
+                deliver(answered, &shared);
+            }
             tokio::select! {
                 biased;
                 done = &mut main => Step::Done(done),
@@ -174,11 +180,24 @@ fn serve<R: Responder>(
             }
         });
         match step {
-            Step::Run(job) => inline.run(job, |job| handler::run(&shared, job)),
+            Step::Run(job) => {
+                answered = Some(inline.run(job, |job| handler::respond(&shared, job)))
+            }
             Step::Done(Ok(result)) => return result,
             Step::Done(Err(e)) => return Err(std::io::Error::other(format!("worker task: {e}"))),
         }
     }
+}
+
+/// Passes a response run on this thread to its connection, from inside the runtime.
+fn deliver<R>(answered: handler::Answered, shared: &Shared<R>) {
+    let handler::Answered { out, tail, finish } = answered;
+    if let Err(tokio::sync::mpsc::error::TrySendError::Full(tail)) = out.try_send(tail) {
+        tokio::spawn(async move {
+            let _ = out.send(tail).await;
+        });
+    }
+    finish.finish(shared);
 }
 
 enum Step {
