@@ -323,6 +323,12 @@ impl ServerConnection {
             .count()
     }
 
+    /// True while the client still has input to send: a request's params or body are not
+    /// complete, even if the application already answered it.
+    pub fn expects_input(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
     /// True when a request without `FCGI_KEEP_CONN` has ended: close once nothing is active.
     pub fn wants_close(&self) -> bool {
         self.close_after_idle
@@ -446,6 +452,31 @@ mod tests {
             }
         );
         assert_eq!(events[2], Event::StdinEnd { id: 1 });
+    }
+
+    #[test]
+    fn input_is_expected_until_the_body_ends_even_after_the_answer() {
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, false, &mut wire);
+        params(1, &[("A", "b")], &mut wire);
+        let mut conn = ServerConnection::new(limits());
+        all(&mut conn, &mut wire).expect("valid");
+        assert!(conn.expects_input());
+        // Answered before its body ended (as cgi-fcgi's requests are): still expecting it.
+        assert!(conn.end_request(1, 0, &mut BytesMut::new()));
+        assert!(conn.expects_input());
+        encode_end_of_stream(kind::STDIN, 1, &mut wire);
+        all(&mut conn, &mut wire).expect("valid");
+        assert!(!conn.expects_input());
+
+        // A request read whole, then answered: nothing more to come.
+        let mut conn = ServerConnection::new(limits());
+        begin(2, Role::Responder, false, &mut wire);
+        params(2, &[("A", "b")], &mut wire);
+        encode_end_of_stream(kind::STDIN, 2, &mut wire);
+        all(&mut conn, &mut wire).expect("valid");
+        assert!(conn.end_request(2, 0, &mut BytesMut::new()));
+        assert!(!conn.expects_input());
     }
 
     #[test]

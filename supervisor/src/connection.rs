@@ -50,6 +50,9 @@ pub(crate) struct Context {
     /// A request on an open connection waits for room: the accept loop gives back the room it
     /// holds for a connection not yet accepted, so requests already here go first.
     pub wanted: Notify,
+    /// The room the accept loop holds while it waits for a connection. A request on an open
+    /// connection takes it from here at once, and tells the accept loop through `wanted`.
+    pub parked_room: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
     /// Dropped with the last reference to the context: the worker waits for that to exit.
     pub _done: mpsc::Sender<()>,
 }
@@ -124,6 +127,10 @@ where
             outbox.push_back(control);
         }
         if outbox.is_empty() && close_when_written {
+            if buf.is_empty() && !conn.expects_input() {
+                // Everything the client sent has been read: closing resets nothing.
+                return None;
+            }
             // The answer is complete, but the client may still be sending the rest of a body
             // nobody read: closing now would reset the connection and could cost the client
             // the end of the answer. Half-close, drain what still comes, then close.
@@ -289,6 +296,13 @@ async fn reserve(
     }
 }
 
+/// The room the accept loop holds, if it holds one; it stops accepting until it has room again.
+fn take_parked_room(ctx: &Context) -> Option<OwnedSemaphorePermit> {
+    let room = ctx.parked_room.lock().ok()?.take()?;
+    ctx.wanted.notify_one();
+    Some(room)
+}
+
 /// Runs a request that has its room: on the I/O thread if it is free, else on a handler thread.
 fn start(ctx: &Arc<Context>, job: Job) {
     if let Err(job) = ctx.inline.offer(job) {
@@ -345,7 +359,8 @@ fn dispatch(
             let out = out.clone();
             let room = reserved
                 .take()
-                .or_else(|| Arc::clone(&ctx.permits).try_acquire_owned().ok());
+                .or_else(|| Arc::clone(&ctx.permits).try_acquire_owned().ok())
+                .or_else(|| take_parked_room(ctx));
             if let Some(permit) = room {
                 start(
                     ctx,

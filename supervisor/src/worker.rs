@@ -130,6 +130,7 @@ fn serve<R: Responder>(
             draining: drain_rx.clone(),
             stop: drain_tx.clone(),
             wanted: tokio::sync::Notify::new(),
+            parked_room: std::sync::Mutex::new(None),
             migrate: tokio::sync::Notify::new(),
             busy_check: AtomicBool::new(false),
             handover: handover.clone(),
@@ -296,6 +297,7 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
         // saturated it accepts anyway: the connection would only wait in the kernel's backlog,
         // and a status or ping request on it is answered at once (see `status.rs`).
         let room = tokio::select! {
+            biased;
             room = room(&ctx) => match room {
                 Some(room) => Some(room),
                 None => return,
@@ -305,14 +307,25 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
         if *ctx.draining.borrow() {
             return;
         }
-        let accepted = match room {
-            Some(_) => tokio::select! {
-                accepted = accept_any(&listeners, &mut turn) => accepted,
-                // A request on a kept-alive connection needs the room: let it go first.
-                _ = ctx.wanted.notified() => continue,
-            },
+        let (accepted, room) = match room {
+            Some(room) => {
+                // Parked where a request on a kept-alive connection can take it at once.
+                set_parked_room(&ctx, Some(room));
+                tokio::select! {
+                    biased;
+                    // A request on a kept-alive connection took the room or waits for it: the
+                    // room goes to it, requests already here go first.
+                    _ = ctx.wanted.notified() => {
+                        drop(set_parked_room(&ctx, None));
+                        continue;
+                    }
+                    accepted = accept_any(&listeners, &mut turn) => {
+                        (accepted, set_parked_room(&ctx, None))
+                    }
+                }
+            }
             None => tokio::select! {
-                accepted = accept_any(&listeners, &mut turn) => accepted,
+                accepted = accept_any(&listeners, &mut turn) => (accepted, None),
                 // Room may have come back, or the pool may no longer be saturated: look again.
                 _ = tokio::time::sleep(SATURATION_CHECK) => continue,
             },
@@ -326,6 +339,17 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
             Err(e) if is_transient(&e) => backoff().await,
             Err(e) => return fail(&ctx, e),
         }
+    }
+}
+
+/// Parks `room` for the taking (see `Context::parked_room`); returns what was parked.
+fn set_parked_room(
+    ctx: &Context,
+    room: Option<OwnedSemaphorePermit>,
+) -> Option<OwnedSemaphorePermit> {
+    match ctx.parked_room.lock() {
+        Ok(mut parked) => std::mem::replace(&mut *parked, room),
+        Err(_) => room,
     }
 }
 
