@@ -356,7 +356,7 @@ impl ServerConnection {
         let asked = Params::decode(content, self.limits.max_params)?;
         let mut body = Vec::new();
         for (name, _) in asked.iter() {
-            let value = match &name[..] {
+            let value = match name {
                 b"FCGI_MAX_CONNS" => self.limits.max_conns,
                 b"FCGI_MAX_REQS" => self.limits.max_reqs,
                 b"FCGI_MPXS_CONNS" => usize::from(self.limits.max_requests_per_conn > 1),
@@ -496,7 +496,7 @@ mod tests {
             panic!()
         };
         assert_eq!(req.params.get("LONG").map(|v| v.len()), Some(300));
-        assert_eq!(req.params.get("B").map(|v| &v[..]), Some(&b"\xff\x00"[..]));
+        assert_eq!(req.params.get("B"), Some(&b"\xff\x00"[..]));
     }
 
     #[test]

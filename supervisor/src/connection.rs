@@ -105,6 +105,11 @@ where
     let mut reserved = reserved;
     let give_back = tokio::time::Instant::now() + FIRST_REQUEST_WAIT;
     let mut quiet_until: Option<tokio::time::Instant> = None;
+    // One timer for the connection's life, pushed back when it fires early: re-arming a timer
+    // for every request would cost more than the request.
+    let mut idle_since = tokio::time::Instant::now();
+    let keepalive = tokio::time::sleep(ctx.keepalive_timeout);
+    tokio::pin!(keepalive);
 
     loop {
         // Take every complete record already buffered.
@@ -201,6 +206,7 @@ where
                 let bytes = match out {
                     Out::Chunk(records) => records,
                     Out::Last(id, mut tail) => {
+                        idle_since = tokio::time::Instant::now();
                         streams.retain(|s| s.id != id);
                         close_when_written |= conn.end_request(id, 0, &mut tail);
                         close_when_written |=
@@ -211,7 +217,13 @@ where
                 queued += bytes.len();
                 outbox.push_back(bytes);
             }
-            _ = tokio::time::sleep(ctx.keepalive_timeout), if idle => return None,
+            () = &mut keepalive, if idle => {
+                let deadline = idle_since + ctx.keepalive_timeout;
+                if tokio::time::Instant::now() >= deadline {
+                    return None;
+                }
+                keepalive.as_mut().reset(deadline);
+            }
             _ = tokio::time::sleep_until(give_back), if reserved.is_some() => reserved = None,
             _ = draining.changed(), if idle => {}
             _ = sleep_until_opt(quiet_until), if idle && quiet_until.is_some() => return None,

@@ -81,9 +81,9 @@ impl Request {
                     .into_iter()
                     .map(|b| if b == b'_' { b'-' } else { b })
                     .collect::<Vec<u8>>()
-            } else if &name[..] == b"CONTENT_TYPE" {
+            } else if name == b"CONTENT_TYPE" {
                 b"content-type".to_vec()
-            } else if &name[..] == b"CONTENT_LENGTH" {
+            } else if name == b"CONTENT_LENGTH" {
                 b"content-length".to_vec()
             } else {
                 continue;
@@ -100,7 +100,7 @@ impl Request {
 
     /// A CGI variable, raw bytes (binary-safe).
     pub fn param(&self, name: &str) -> Option<&[u8]> {
-        self.params.get(name).map(|v| &v[..])
+        self.params.get(name)
     }
 
     /// Every CGI variable, in the order received, duplicates included.

@@ -330,3 +330,52 @@ fn ttin_and_ttou_resize_the_pool() {
     let r = fcgi_request(&app.unix(), "GET", "/hello", b"").expect("still serving");
     assert_eq!(r.status(), 200);
 }
+
+#[test]
+fn an_idle_kept_alive_connection_closes_after_the_keepalive_timeout_and_not_before() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("keepalive");
+    let app = App::start(&dir, &["--workers", "1", "--keepalive-timeout", "1500ms"]);
+    let mut wire = bytes::BytesMut::new();
+    let params = fcgi::Params::from_pairs([
+        ("REQUEST_METHOD", "GET"),
+        ("REQUEST_URI", "/hello"),
+        ("SCRIPT_NAME", "/hello"),
+    ]);
+    let mut conn = std::os::unix::net::UnixStream::connect(app.unix_path()).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    // Two requests on the connection, the second 1 s after the first: the timeout counts from
+    // the last answer, not from the connection's start.
+    let mut answered = Vec::new();
+    for id in [1, 2] {
+        wire.clear();
+        fcgi::client::encode_request(id, fcgi::Role::Responder, true, &params, b"", &mut wire);
+        conn.write_all(&wire).expect("send request");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // END_REQUEST (type 3) for this id ends the answer.
+        while !got
+            .windows(4)
+            .any(|w| w == [1, 3, (id >> 8) as u8, id as u8])
+        {
+            let n = conn.read(&mut buf).expect("answer");
+            assert_ne!(n, 0, "closed before answering request {id}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&got).contains("Hello, world!"));
+        answered.push(Instant::now());
+        if id == 1 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let mut buf = [0u8; 64];
+    let n = conn.read(&mut buf).expect("EOF, not a timeout");
+    let idle = answered[1].elapsed();
+    assert_eq!(n, 0, "nothing but the close follows");
+    assert!(
+        idle >= Duration::from_millis(1500),
+        "closed after {idle:?} idle"
+    );
+    assert!(idle < Duration::from_secs(10), "still open after {idle:?}");
+}
