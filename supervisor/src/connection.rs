@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use crate::handler::Job;
 use crate::request::{BodyReader, Request};
 use crate::response::Out;
+use crate::room::{start_or_wait, Room, Waiting};
 
 /// What every connection of a worker shares.
 pub(crate) struct Context {
@@ -53,6 +54,10 @@ pub(crate) struct Context {
     /// The room the accept loop holds while it waits for a connection. A request on an open
     /// connection takes it from here at once, and tells the accept loop through `wanted`.
     pub parked_room: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+    /// Requests waiting for room, longest first (see `room.rs`).
+    pub waiting: std::sync::Mutex<VecDeque<Waiting>>,
+    /// The worker's runtime, for tasks started from handler threads.
+    pub runtime: tokio::runtime::Handle,
     /// Dropped with the last reference to the context: the worker waits for that to exit.
     pub _done: mpsc::Sender<()>,
 }
@@ -81,7 +86,7 @@ pub(crate) async fn serve<Rd, Wr>(
     mut rd: Rd,
     mut wr: Wr,
     ctx: Arc<Context>,
-    reserved: Option<OwnedSemaphorePermit>,
+    reserved: Option<Room>,
 ) -> Option<(Rd, Wr)>
 where
     Rd: AsyncRead + Unpin,
@@ -180,7 +185,7 @@ where
                 Err(_) => return None,
             },
             read = rd.read_buf(&mut buf), if pending.is_none() && !eof && !close_when_written => {
-                buf.reserve(16 * 1024);
+                buf.reserve(4 * 1024);
                 match read {
                     Ok(0) => {
                         if let Err(e) = conn.handle_eof(&buf) {
@@ -271,12 +276,13 @@ pub(crate) const BUSY_MIGRATE_AFTER: Duration = Duration::from_millis(25);
 
 /// After a request starts, looks again a little later: if the worker is still at its cap and
 /// another has room, the idle connections move (at most one check in flight).
-fn schedule_busy_check(ctx: &Arc<Context>) {
+pub(crate) fn schedule_busy_check(ctx: &Arc<Context>) {
     if ctx.handover.is_none() || ctx.busy_check.swap(true, Ordering::AcqRel) {
         return;
     }
     let ctx = Arc::clone(ctx);
-    tokio::spawn(async move {
+    // Also called from handler threads, outside the runtime.
+    ctx.runtime.clone().spawn(async move {
         let slot = ctx.board.slot(ctx.slot);
         loop {
             tokio::time::sleep(BUSY_MIGRATE_AFTER).await;
@@ -308,28 +314,13 @@ async fn reserve(
     }
 }
 
-/// The room the accept loop holds, if it holds one; it stops accepting until it has room again.
-fn take_parked_room(ctx: &Context) -> Option<OwnedSemaphorePermit> {
-    let room = ctx.parked_room.lock().ok()?.take()?;
-    ctx.wanted.notify_one();
-    Some(room)
-}
-
-/// Runs a request that has its room: on the I/O thread if it is free, else on a handler thread.
-fn start(ctx: &Arc<Context>, job: Job) {
-    if let Err(job) = ctx.inline.offer(job) {
-        let _ = ctx.jobs.send(job);
-    }
-    schedule_busy_check(ctx);
-}
-
 /// Acts on one event; returns a body chunk that must wait for room.
 fn dispatch(
     event: Event,
     ctx: &Arc<Context>,
     out: &mpsc::Sender<Out>,
     streams: &mut Vec<Streams>,
-    reserved: &mut Option<OwnedSemaphorePermit>,
+    reserved: &mut Option<Room>,
 ) -> Option<(mpsc::Sender<Bytes>, Bytes)> {
     match event {
         Event::Request(req) => {
@@ -367,44 +358,12 @@ fn dispatch(
                 body: BodyReader::new(stdin_rx),
                 data,
             };
-            let id = req.id;
-            let out = out.clone();
-            let room = reserved
-                .take()
-                .or_else(|| Arc::clone(&ctx.permits).try_acquire_owned().ok())
-                .or_else(|| take_parked_room(ctx));
-            if let Some(permit) = room {
-                start(
-                    ctx,
-                    Job {
-                        id,
-                        request,
-                        out,
-                        permit,
-                    },
-                );
-                return None;
-            }
-            let ctx = Arc::clone(ctx);
-            // Waiting for room must not stall this connection's other traffic.
-            tokio::spawn(async move {
-                ctx.wanted.notify_one();
-                // Waiting here is waiting for a worker: the status page counts it.
-                let slot = ctx.board.slot(ctx.slot);
-                slot.add_held(1);
-                let permit = Arc::clone(&ctx.permits).acquire_owned().await;
-                slot.add_held(-1);
-                let Ok(permit) = permit else { return };
-                start(
-                    &ctx,
-                    Job {
-                        id,
-                        request,
-                        out,
-                        permit,
-                    },
-                );
-            });
+            let waiting = Waiting {
+                id: req.id,
+                request,
+                out: out.clone(),
+            };
+            start_or_wait(ctx, waiting, reserved);
             None
         }
         Event::Stdin { id, data } => feed(streams, id, data, |s| &mut s.stdin),

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use fcgi::response::ResponseWriter;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 
 use crate::request::Request;
 use crate::response::{self, Out};
+use crate::room::Room;
 use crate::scoreboard::{self, Scoreboard};
 use crate::Responder;
 
@@ -26,7 +27,7 @@ pub(crate) struct Job {
     pub request: Request,
     pub out: mpsc::Sender<Out>,
     /// Held while the request runs: the worker's cap on requests in flight.
-    pub permit: OwnedSemaphorePermit,
+    pub room: Room,
 }
 
 /// When this worker should stop taking requests and exit.
@@ -107,7 +108,7 @@ pub(crate) struct Finish {
     status: u16,
     started: Duration,
     /// Held while the request runs: the worker's cap on requests in flight.
-    permit: OwnedSemaphorePermit,
+    room: Room,
 }
 
 /// Runs the application for one request, on a handler thread or on the I/O thread
@@ -117,7 +118,7 @@ pub(crate) fn respond<R: Responder>(shared: &Shared<R>, job: Job) -> Answered {
         id,
         mut request,
         out,
-        permit,
+        room,
     } = job;
     let slot = shared.board.slot(shared.slot);
     let started = scoreboard::now();
@@ -163,7 +164,7 @@ pub(crate) fn respond<R: Responder>(shared: &Shared<R>, job: Job) -> Answered {
             request,
             status,
             started,
-            permit,
+            room,
         },
     }
 }
@@ -175,7 +176,7 @@ impl Finish {
             request,
             status,
             started,
-            permit,
+            room,
         } = self;
         let slot = shared.board.slot(shared.slot);
         let now = scoreboard::now();
@@ -194,7 +195,7 @@ impl Finish {
         // Decide on recycling before giving the room back, so the accept loop, which needs that
         // room, already sees the drain and does not take a connection it would not serve.
         check_recycle(shared, now);
-        drop(permit);
+        drop(room);
     }
 }
 

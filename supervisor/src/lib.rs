@@ -63,6 +63,7 @@ mod passing;
 pub mod policy;
 mod request;
 mod response;
+mod room;
 pub mod scoreboard;
 pub mod signals;
 pub mod status;

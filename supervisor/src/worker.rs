@@ -18,6 +18,7 @@ use crate::connection::{self, Context};
 use crate::handler::{self, Recycle, Shared};
 use crate::inline::Inline;
 use crate::listener::ListenerSocket;
+use crate::room::{give_to_waiting, Room};
 use crate::scoreboard::{self, Scoreboard, SlotState};
 use crate::Responder;
 
@@ -131,6 +132,8 @@ fn serve<R: Responder>(
             stop: drain_tx.clone(),
             wanted: tokio::sync::Notify::new(),
             parked_room: std::sync::Mutex::new(None),
+            waiting: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            runtime: tokio::runtime::Handle::current(),
             migrate: tokio::sync::Notify::new(),
             busy_check: AtomicBool::new(false),
             handover: handover.clone(),
@@ -296,15 +299,24 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
         // Normally a worker accepts only with room for the request. When the whole pool is
         // saturated it accepts anyway: the connection would only wait in the kernel's backlog,
         // and a status or ping request on it is answered at once (see `status.rs`).
-        let room = tokio::select! {
-            biased;
-            room = room(&ctx) => match room {
-                Some(room) => Some(room),
-                None => return,
+        let room = match set_parked_room(&ctx, None) {
+            // Still parked from the last turn: a wake-up that was not about the room.
+            Some(room) => Some(room),
+            None => tokio::select! {
+                biased;
+                room = room(&ctx) => match room {
+                    // A request already here that waits for room goes first.
+                    Some(room) => match give_to_waiting(&ctx, room, true) {
+                        Some(room) => Some(room),
+                        None => continue,
+                    },
+                    None => return,
+                },
+                () = pool_saturated(&ctx) => None,
             },
-            () = pool_saturated(&ctx) => None,
         };
         if *ctx.draining.borrow() {
+            drop(room.map(|room| Room::new(room, &ctx)));
             return;
         }
         let (accepted, room) = match room {
@@ -313,14 +325,10 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
                 set_parked_room(&ctx, Some(room));
                 tokio::select! {
                     biased;
-                    // A request on a kept-alive connection took the room or waits for it: the
-                    // room goes to it, requests already here go first.
-                    _ = ctx.wanted.notified() => {
-                        drop(set_parked_room(&ctx, None));
-                        continue;
-                    }
+                    // A request on a kept-alive connection took the room.
+                    _ = ctx.wanted.notified() => continue,
                     accepted = accept_any(&listeners, &mut turn) => {
-                        (accepted, set_parked_room(&ctx, None))
+                        (accepted, set_parked_room(&ctx, None).map(|room| Room::new(room, &ctx)))
                     }
                 }
             }
@@ -367,7 +375,7 @@ async fn pool_saturated(ctx: &Context) {
 }
 
 /// Serves a TCP connection; if the worker drains while it is idle, hands it over.
-fn spawn_tcp(stream: tokio::net::TcpStream, ctx: Arc<Context>, room: Option<OwnedSemaphorePermit>) {
+fn spawn_tcp(stream: tokio::net::TcpStream, ctx: Arc<Context>, room: Option<Room>) {
     let (rd, wr) = stream.into_split();
     spawn_serve(rd, wr, ctx, room, |rd, wr| {
         Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
@@ -375,11 +383,7 @@ fn spawn_tcp(stream: tokio::net::TcpStream, ctx: Arc<Context>, room: Option<Owne
 }
 
 /// Serves a unix connection; if the worker drains while it is idle, hands it over.
-fn spawn_unix(
-    stream: tokio::net::UnixStream,
-    ctx: Arc<Context>,
-    room: Option<OwnedSemaphorePermit>,
-) {
+fn spawn_unix(stream: tokio::net::UnixStream, ctx: Arc<Context>, room: Option<Room>) {
     let (rd, wr) = stream.into_split();
     spawn_serve(rd, wr, ctx, room, |rd, wr| {
         Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
@@ -392,7 +396,7 @@ fn spawn_serve<Rd, Wr>(
     rd: Rd,
     wr: Wr,
     ctx: Arc<Context>,
-    room: Option<OwnedSemaphorePermit>,
+    room: Option<Room>,
     reunite: impl FnOnce(Rd, Wr) -> Option<std::os::fd::OwnedFd> + Send + 'static,
 ) where
     Rd: tokio::io::AsyncRead + Unpin + Send + 'static,
