@@ -113,6 +113,21 @@ pub(crate) fn give_to_waiting(
     }
 }
 
+/// Once the accept loop has stopped: the room it parked, or gave back to the worker as it was
+/// cancelled, goes to the requests waiting for room.
+pub(crate) fn settle(ctx: &Arc<Context>) {
+    if let Some(permit) = ctx.parked_room.lock().ok().and_then(|mut p| p.take()) {
+        drop(Room::new(permit, ctx));
+    }
+    while ctx.waiting.lock().is_ok_and(|queue| !queue.is_empty()) {
+        match free_room(ctx) {
+            // Dropped, the room goes to the request that has waited longest.
+            Some(room) => drop(room),
+            None => break,
+        }
+    }
+}
+
 fn free_room(ctx: &Arc<Context>) -> Option<Room> {
     let permit = Arc::clone(&ctx.permits).try_acquire_owned().ok()?;
     Some(Room::new(permit, ctx))

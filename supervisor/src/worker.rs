@@ -112,7 +112,7 @@ fn serve<R: Responder>(
             .spawn(move || inline.standby(&runtime))?;
     }
     let offer = Arc::clone(&inline);
-    let mut main = runtime.spawn(async move {
+    let main = runtime.spawn(async move {
         let permits = Arc::new(Semaphore::new(cap));
         let handover = match channel {
             Some(c) => {
@@ -152,10 +152,12 @@ fn serve<R: Responder>(
         slot.set_state(SlotState::Draining, scoreboard::now());
         drain_tx.send_replace(true);
         accepting.abort();
+        // Once it has stopped, the room it held goes to requests waiting for one.
+        let _ = accepting.await;
+        crate::room::settle(&ctx);
         // Every connection holds the context; when the last one has finished its requests and
         // closed, the `done` sender inside it is dropped and this returns.
         drop(ctx);
-        drop(accepting);
         let _ = done_rx.recv().await;
         // Connections the master passed while this worker was starting to drain go back to it
         // rather than die with this process.
@@ -169,27 +171,14 @@ fn serve<R: Responder>(
         Ok::<(), std::io::Error>(())
     });
     // This thread drives the event loop and runs the requests offered to it (see `inline.rs`).
-    // The answer is handed to its connection back inside the runtime, where waking the
-    // connection's task costs no system call.
-    let mut answered: Option<handler::Answered> = None;
-    loop {
-        let step = runtime.block_on(async {
-            if let Some(answered) = answered.take() {
-                deliver(answered, &shared);
-            }
-            tokio::select! {
-                biased;
-                done = &mut main => Step::Done(done),
-                job = inline.next() => Step::Run(job),
-            }
-        });
-        match step {
-            Step::Run(job) => {
-                answered = Some(inline.run(job, |job| handler::respond(&shared, job)))
-            }
-            Step::Done(Ok(result)) => return result,
-            Step::Done(Err(e)) => return Err(std::io::Error::other(format!("worker task: {e}"))),
-        }
+    match inline.drive(
+        &runtime,
+        main,
+        |job| handler::respond(&shared, job),
+        |answered| deliver(answered, &shared),
+    ) {
+        Ok(result) => result,
+        Err(e) => Err(std::io::Error::other(format!("worker task: {e}"))),
     }
 }
 
@@ -202,11 +191,6 @@ fn deliver<R>(answered: handler::Answered, shared: &Shared<R>) {
         });
     }
     finish.finish(shared);
-}
-
-enum Step {
-    Run(handler::Job),
-    Done(Result<std::io::Result<()>, tokio::task::JoinError>),
 }
 
 /// Waits for a reason to drain: SIGTERM or SIGQUIT from the master, or a recycling limit.

@@ -379,3 +379,31 @@ fn an_idle_kept_alive_connection_closes_after_the_keepalive_timeout_and_not_befo
     );
     assert!(idle < Duration::from_secs(10), "still open after {idle:?}");
 }
+
+#[test]
+fn an_answer_does_not_wait_for_the_request_queued_behind_it() {
+    // One worker, one request at a time: the second request waits for the first. The first
+    // answer must reach its client when it is ready, not when the second request is done.
+    let dir = TempDir::new("answer-first");
+    let app = App::start(&dir, &["--workers", "1"]);
+    let start = Instant::now();
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = app.unix();
+            std::thread::spawn(move || {
+                let res = fcgi_request(&addr, "GET", "/sleep?ms=600", b"").expect("answer");
+                assert_eq!(res.status(), 200);
+                start.elapsed()
+            })
+        })
+        .collect();
+    let mut done: Vec<Duration> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client thread"))
+        .collect();
+    done.sort();
+    assert!(
+        done[1] - done[0] >= Duration::from_millis(300),
+        "answers came at {done:?}: the first waited for the second request"
+    );
+}
