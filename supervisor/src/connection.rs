@@ -108,7 +108,8 @@ where
     let mut eof = false;
     let peer = "fastcgi peer";
     let mut reserved = reserved;
-    let give_back = tokio::time::Instant::now() + FIRST_REQUEST_WAIT;
+    let give_back = tokio::time::sleep(FIRST_REQUEST_WAIT);
+    tokio::pin!(give_back);
     let mut quiet_until: Option<tokio::time::Instant> = None;
     // One timer for the connection's life, pushed back when it fires early: re-arming a timer
     // for every request would cost more than the request.
@@ -229,7 +230,7 @@ where
                 }
                 keepalive.as_mut().reset(deadline);
             }
-            _ = tokio::time::sleep_until(give_back), if reserved.is_some() => reserved = None,
+            () = &mut give_back, if reserved.is_some() => reserved = None,
             _ = draining.changed(), if idle => {}
             _ = sleep_until_opt(quiet_until), if idle && quiet_until.is_some() => return None,
             // This worker is busy with a long request and another has room: move there, so
