@@ -48,6 +48,10 @@ pub(crate) struct Inline<T> {
     ended: Notify,
     /// The standby thread sleeps without a deadline: a request starting must wake it.
     standby_asleep: AtomicBool,
+    /// The standby thread is driving (or about to drive) the runtime.
+    driving: AtomicBool,
+    /// The I/O thread, woken when the standby thread lets go of the runtime.
+    io_thread: OnceLock<Thread>,
     /// How long a request runs before the standby thread takes over.
     takeover_after: Duration,
     wake: Arc<Wake>,
@@ -104,6 +108,8 @@ impl<T> Inline<T> {
             since: AtomicU64::new(0),
             ended: Notify::new(),
             standby_asleep: AtomicBool::new(false),
+            driving: AtomicBool::new(false),
+            io_thread: OnceLock::new(),
             takeover_after,
             wake: Arc::new(Wake {
                 urgent: AtomicBool::new(false),
@@ -190,6 +196,9 @@ impl<T> Inline<T> {
     /// Runs `job` with `run` on the calling thread, outside the runtime, while the standby
     /// thread watches.
     pub(crate) fn run<U>(&self, job: T, run: impl FnOnce(T) -> U) -> U {
+        if self.io_thread.get().is_none() {
+            let _ = self.io_thread.set(std::thread::current());
+        }
         self.wake.urgent.store(false, SeqCst);
         self.started.fetch_add(1, SeqCst);
         self.since.store(micros(scoreboard::now()), SeqCst);
@@ -202,6 +211,11 @@ impl<T> Inline<T> {
         self.since.store(0, SeqCst);
         self.busy.store(false, SeqCst);
         self.ended.notify_waiters();
+        // If the standby thread drives the runtime, wait until it lets go: this thread could
+        // take the next job without the runtime, leaving nobody to drive it.
+        while self.driving.load(SeqCst) {
+            std::thread::park();
+        }
         result
     }
 
@@ -211,7 +225,12 @@ impl<T> Inline<T> {
         let _ = self.wake.standby.set(std::thread::current());
         loop {
             let run = self.wait_for_takeover();
+            self.driving.store(true, SeqCst);
             runtime.block_on(self.until_end(run));
+            self.driving.store(false, SeqCst);
+            if let Some(t) = self.io_thread.get() {
+                t.unpark();
+            }
         }
     }
 
@@ -223,9 +242,12 @@ impl<T> Inline<T> {
             let since = self.since.load(SeqCst);
             let now = scoreboard::now();
             if since != 0 {
+                // `urgent` before `started`: an urgent request is never mistaken for the one
+                // before it, which would spend its wake-up on a request already over.
+                let urgent = self.wake.urgent.swap(false, SeqCst);
                 let run = self.started.load(SeqCst);
                 let ran = now.saturating_sub(Duration::from_micros(since));
-                if self.wake.urgent.swap(false, SeqCst) || ran >= self.takeover_after {
+                if urgent || ran >= self.takeover_after {
                     return run;
                 }
                 last_seen = (run, now);

@@ -296,7 +296,15 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
                     },
                     None => return,
                 },
-                () = pool_saturated(&ctx) => None,
+                // The room being acquired may have come at this very moment, and is back in
+                // the worker: a request waiting for room comes first.
+                () = pool_saturated(&ctx) => match Arc::clone(&ctx.permits).try_acquire_owned() {
+                    Ok(room) => match give_to_waiting(&ctx, room, true) {
+                        Some(room) => Some(room),
+                        None => continue,
+                    },
+                    Err(_) => None,
+                },
             },
         };
         if *ctx.draining.borrow() {
