@@ -104,7 +104,14 @@ where
     let mut outbox: VecDeque<Bytes> = VecDeque::new();
     let mut queued = 0usize;
     let mut close_when_written = false;
+    // Futures that live as long as the connection: built and registered once, not on every
+    // turn of the loop. Draining only ever goes from false to true, so one wait is enough.
     let mut draining = ctx.draining.clone();
+    let drain_starts = draining.changed();
+    tokio::pin!(drain_starts);
+    let mut drain_seen = false;
+    let migrate = ctx.migrate.notified();
+    tokio::pin!(migrate);
     let mut eof = false;
     let peer = "fastcgi peer";
     let mut reserved = reserved;
@@ -153,7 +160,7 @@ where
         }
         let idle = conn.active() == 0 && pending.is_none() && outbox.is_empty();
         // A connection accepted with room reserved gets its first request served, drain or not.
-        let drained = *draining.borrow() && reserved.is_none();
+        let drained = *ctx.draining.borrow() && reserved.is_none();
         if idle && (eof || conn.wants_close()) {
             return None;
         }
@@ -216,7 +223,7 @@ where
                         streams.retain(|s| s.id != id);
                         close_when_written |= conn.end_request(id, 0, &mut tail);
                         close_when_written |=
-                            *draining.borrow() && conn.active() == 0 && ctx.handover.is_none();
+                            *ctx.draining.borrow() && conn.active() == 0 && ctx.handover.is_none();
                         tail.freeze()
                     }
                 };
@@ -231,11 +238,11 @@ where
                 keepalive.as_mut().reset(deadline);
             }
             () = &mut give_back, if reserved.is_some() => reserved = None,
-            _ = draining.changed(), if idle => {}
+            _ = &mut drain_starts, if idle && !drain_seen => drain_seen = true,
             _ = sleep_until_opt(quiet_until), if idle && quiet_until.is_some() => return None,
             // This worker is busy with a long request and another has room: move there, so
             // nginx's next request on this connection does not wait behind the long one.
-            _ = ctx.migrate.notified(), if idle && buf.is_empty() && reserved.is_none() && ctx.handover.is_some() => {
+            () = &mut migrate, if idle && buf.is_empty() && reserved.is_none() && ctx.handover.is_some() => {
                 return Some((rd, wr));
             }
         }
