@@ -407,3 +407,36 @@ fn an_answer_does_not_wait_for_the_request_queued_behind_it() {
         "answers came at {done:?}: the first waited for the second request"
     );
 }
+
+#[test]
+fn a_worker_runs_max_requests_in_flight_requests_at_once() {
+    // One worker that may run three requests at once: one on its I/O thread, two on handler
+    // threads. Three 800 ms requests end together (one after another would take 2.4 s), and a
+    // fourth waits for room.
+    let dir = TempDir::new("in-flight");
+    let app = App::start(&dir, &["--workers", "1", "--max-requests-in-flight", "3"]);
+    let start = Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = app.unix();
+            std::thread::spawn(move || {
+                let res = fcgi_request(&addr, "GET", "/sleep?ms=800", b"").expect("answer");
+                assert_eq!(res.status(), 200);
+                start.elapsed()
+            })
+        })
+        .collect();
+    let mut done: Vec<Duration> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client thread"))
+        .collect();
+    done.sort();
+    assert!(
+        done[2] < Duration::from_millis(2000),
+        "three requests at once: {done:?}"
+    );
+    assert!(
+        done[3] >= Duration::from_millis(1600),
+        "the fourth waited for room: {done:?}"
+    );
+}
