@@ -97,11 +97,7 @@ impl Params {
         let mut buf = BytesMut::new();
         let mut ranges = Vec::new();
         for (name, value) in pairs {
-            let start = buf.len();
-            buf.extend_from_slice(name.as_ref());
-            let mid = buf.len();
-            buf.extend_from_slice(value.as_ref());
-            ranges.push((start..mid, mid..buf.len()));
+            append(&mut buf, &mut ranges, name.as_ref(), value.as_ref());
         }
         Params {
             buf: buf.freeze(),
@@ -152,16 +148,24 @@ impl Params {
 
     /// Appends a pair (copying what came before: for building requests, not for serving them).
     pub fn push(&mut self, name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        let (name, value) = (name.as_ref(), value.as_ref());
-        let mut buf = BytesMut::with_capacity(self.buf.len() + name.len() + value.len());
-        buf.extend_from_slice(&self.buf);
-        let start = buf.len();
-        buf.extend_from_slice(name);
-        buf.extend_from_slice(value);
+        let mut buf = BytesMut::from(&self.buf[..]);
+        append(&mut buf, &mut self.pairs, name.as_ref(), value.as_ref());
         self.buf = buf.freeze();
-        let mid = start + name.len();
-        self.pairs.push((start..mid, mid..mid + value.len()));
     }
+}
+
+/// Appends a pair's bytes to `buf` and records where they are.
+fn append(
+    buf: &mut BytesMut,
+    pairs: &mut Vec<(Range<usize>, Range<usize>)>,
+    name: &[u8],
+    value: &[u8],
+) {
+    let start = buf.len();
+    buf.extend_from_slice(name);
+    let mid = buf.len();
+    buf.extend_from_slice(value);
+    pairs.push((start..mid, mid..buf.len()));
 }
 
 impl PartialEq for Params {

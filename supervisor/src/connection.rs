@@ -15,7 +15,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use fcgi::server::{Event, ServerConnection};
 use fcgi::Role;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::handler::Job;
 use crate::request::{BodyReader, Request};
@@ -29,7 +29,8 @@ pub(crate) struct Context {
     pub jobs: std::sync::mpsc::Sender<Job>,
     /// The I/O thread, which runs a request itself when it is free (see `inline.rs`).
     pub inline: Arc<crate::inline::Inline<Job>>,
-    pub permits: Arc<Semaphore>,
+    /// Room for requests: at most `max_requests_in_flight` at once (see `room.rs`).
+    pub rooms: crate::room::Rooms,
     /// Becomes true when the worker drains: idle connections close, busy ones finish first.
     pub draining: watch::Receiver<bool>,
     /// Starts the drain (an accept loop that cannot go on).
@@ -48,14 +49,9 @@ pub(crate) struct Context {
     pub migrate: Notify,
     /// Whether a busy check is already scheduled.
     pub busy_check: AtomicBool,
-    /// A request on an open connection waits for room: the accept loop gives back the room it
-    /// holds for a connection not yet accepted, so requests already here go first.
+    /// A request on an open connection took the room the accept loop had parked: the accept
+    /// loop waits for room again before it accepts, so requests already here go first.
     pub wanted: Notify,
-    /// The room the accept loop holds while it waits for a connection. A request on an open
-    /// connection takes it from here at once, and tells the accept loop through `wanted`.
-    pub parked_room: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
-    /// Requests waiting for room, longest first (see `room.rs`).
-    pub waiting: std::sync::Mutex<VecDeque<Waiting>>,
     /// The worker's runtime, for tasks started from handler threads.
     pub runtime: tokio::runtime::Handle,
     /// Dropped with the last reference to the context: the worker waits for that to exit.
@@ -338,13 +334,7 @@ fn dispatch(
                 let mut records = BytesMut::with_capacity(page.len() + 64);
                 w.stdout(&page, &mut records);
                 w.finish(&mut records);
-                let last = Out::Last(req.id, records);
-                if let Err(mpsc::error::TrySendError::Full(last)) = out.try_send(last) {
-                    let out = out.clone();
-                    tokio::spawn(async move {
-                        let _ = out.send(last).await;
-                    });
-                }
+                crate::response::send_in_runtime(out, Out::Last(req.id, records));
                 return None;
             }
             let chunks = body_chunks(&ctx.limits);

@@ -227,6 +227,17 @@ pub(crate) fn send_out(tx: &mpsc::Sender<Out>, out: Out) -> io::Result<()> {
     }
 }
 
+/// Passes output to the I/O task from inside the runtime, where nothing may block: if the
+/// channel is full, a task sends it once there is room.
+pub(crate) fn send_in_runtime(tx: &mpsc::Sender<Out>, out: Out) {
+    if let Err(mpsc::error::TrySendError::Full(out)) = tx.try_send(out) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(out).await;
+        });
+    }
+}
+
 fn closed() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "client connection closed")
 }

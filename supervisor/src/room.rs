@@ -6,37 +6,88 @@
 //! The accept loop takes a room before accepting (so the kernel hands connections to a worker
 //! with room) and parks it while it waits; a request on a connection already open takes that
 //! parked room first, since it is already here.
+//!
+//! Free rooms, the parked one and the queue are counted under one lock, so a room cannot slip
+//! past a waiting request: a request queues only while no room is free, and a room is freed
+//! only when no request waits.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 
 use tokio::sync::mpsc;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::connection::{schedule_busy_check, Context};
 use crate::handler::Job;
 use crate::request::Request;
 use crate::response::Out;
 
+/// The worker's rooms.
+pub(crate) struct Rooms {
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Rooms nobody holds.
+    free: usize,
+    /// The accept loop holds a room while it waits for a connection.
+    parked: bool,
+    /// Requests waiting for room, longest first; never non-empty while a room is free.
+    waiting: VecDeque<Waiting>,
+    /// The accept loop, waiting for a free room.
+    accept: Option<Waker>,
+}
+
+impl Rooms {
+    pub(crate) fn new(rooms: usize) -> Rooms {
+        Rooms {
+            state: Mutex::new(State {
+                free: rooms,
+                parked: false,
+                waiting: VecDeque::new(),
+                accept: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> Option<MutexGuard<'_, State>> {
+        self.state.lock().ok()
+    }
+}
+
 /// Room for one request. Dropped, it goes to the next waiting request, or back to the worker.
 pub(crate) struct Room {
-    permit: Option<OwnedSemaphorePermit>,
-    ctx: Arc<Context>,
+    /// `None` once parked: the room is then counted in [`State::parked`].
+    ctx: Option<Arc<Context>>,
 }
 
 impl Room {
-    pub(crate) fn new(permit: OwnedSemaphorePermit, ctx: &Arc<Context>) -> Room {
+    fn new(ctx: &Arc<Context>) -> Room {
         Room {
-            permit: Some(permit),
-            ctx: Arc::clone(ctx),
+            ctx: Some(Arc::clone(ctx)),
         }
     }
 }
 
 impl Drop for Room {
     fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            if let Some(permit) = give_to_waiting(&self.ctx, permit, false) {
-                drop(permit);
+        let Some(ctx) = self.ctx.take() else { return };
+        let Some(mut state) = ctx.rooms.lock() else {
+            return;
+        };
+        match state.waiting.pop_front() {
+            Some(waiting) => {
+                drop(state);
+                ctx.board.slot(ctx.slot).add_held(-1);
+                start(&ctx, waiting.with(Room::new(&ctx)));
+            }
+            None => {
+                state.free += 1;
+                let accept = state.accept.take();
+                drop(state);
+                if let Some(accept) = accept {
+                    accept.wake();
+                }
             }
         }
     }
@@ -63,81 +114,65 @@ impl Waiting {
 /// Starts `waiting` now if there is room (the connection's reserved room, a free one, or the
 /// one the accept loop has parked); otherwise queues it.
 pub(crate) fn start_or_wait(ctx: &Arc<Context>, waiting: Waiting, reserved: &mut Option<Room>) {
-    let room = reserved
-        .take()
-        .or_else(|| free_room(ctx))
-        .or_else(|| parked_room(ctx));
-    if let Some(room) = room {
+    if let Some(room) = reserved.take() {
         return start(ctx, waiting.with(room));
     }
-    let Ok(mut queue) = ctx.waiting.lock() else {
+    let Some(mut state) = ctx.rooms.lock() else {
         return;
     };
-    // Looked at again under the lock: a room freed since is either seen here or, once this
-    // request is queued, given to it.
-    match free_room(ctx) {
-        Some(room) => {
-            drop(queue);
-            start(ctx, waiting.with(room));
+    if state.free > 0 {
+        state.free -= 1;
+    } else if state.parked {
+        state.parked = false;
+        // The accept loop lost its room: it stops accepting until it has one again.
+        ctx.wanted.notify_one();
+    } else {
+        state.waiting.push_back(waiting);
+        drop(state);
+        // Waiting here is waiting for a worker: the status page counts it.
+        ctx.board.slot(ctx.slot).add_held(1);
+        return;
+    }
+    drop(state);
+    start(ctx, waiting.with(Room::new(ctx)));
+}
+
+/// A free room, for the accept loop; waits until one is free. Nothing is taken until it
+/// returns, so dropping it loses no room.
+pub(crate) async fn acquire(ctx: &Arc<Context>) -> Option<Room> {
+    std::future::poll_fn(|cx| {
+        let Some(mut state) = ctx.rooms.lock() else {
+            return Poll::Ready(None);
+        };
+        if state.free > 0 {
+            state.free -= 1;
+            Poll::Ready(Some(Room::new(ctx)))
+        } else {
+            state.accept = Some(cx.waker().clone());
+            Poll::Pending
         }
-        None => {
-            queue.push_back(waiting);
-            // Waiting here is waiting for a worker: the status page counts it.
-            ctx.board.slot(ctx.slot).add_held(1);
+    })
+    .await
+}
+
+/// Parks the accept loop's room where a request on an open connection can take it.
+pub(crate) fn park(mut room: Room) {
+    if let Some(ctx) = room.ctx.take() {
+        if let Some(mut state) = ctx.rooms.lock() {
+            state.parked = true;
         }
     }
 }
 
-/// Gives `permit` to the request that has waited longest. With none waiting it is returned if
-/// `keep`, else released (under the queue's lock, so no request is queued past it).
-pub(crate) fn give_to_waiting(
-    ctx: &Arc<Context>,
-    permit: OwnedSemaphorePermit,
-    keep: bool,
-) -> Option<OwnedSemaphorePermit> {
-    let Ok(mut queue) = ctx.waiting.lock() else {
-        return Some(permit);
-    };
-    match queue.pop_front() {
-        Some(waiting) => {
-            drop(queue);
-            ctx.board.slot(ctx.slot).add_held(-1);
-            start(ctx, waiting.with(Room::new(permit, ctx)));
-            None
-        }
-        None if keep => Some(permit),
-        None => {
-            drop(permit);
-            None
-        }
+/// The room the accept loop parked, if no request took it.
+pub(crate) fn unpark(ctx: &Arc<Context>) -> Option<Room> {
+    let mut state = ctx.rooms.lock()?;
+    if !state.parked {
+        return None;
     }
-}
-
-/// Once the accept loop has stopped: the room it parked, or gave back to the worker as it was
-/// cancelled, goes to the requests waiting for room.
-pub(crate) fn settle(ctx: &Arc<Context>) {
-    if let Some(permit) = ctx.parked_room.lock().ok().and_then(|mut p| p.take()) {
-        drop(Room::new(permit, ctx));
-    }
-    while ctx.waiting.lock().is_ok_and(|queue| !queue.is_empty()) {
-        match free_room(ctx) {
-            // Dropped, the room goes to the request that has waited longest.
-            Some(room) => drop(room),
-            None => break,
-        }
-    }
-}
-
-fn free_room(ctx: &Arc<Context>) -> Option<Room> {
-    let permit = Arc::clone(&ctx.permits).try_acquire_owned().ok()?;
-    Some(Room::new(permit, ctx))
-}
-
-/// The room the accept loop holds, if it holds one; it stops accepting until it has room again.
-fn parked_room(ctx: &Arc<Context>) -> Option<Room> {
-    let permit = ctx.parked_room.lock().ok()?.take()?;
-    ctx.wanted.notify_one();
-    Some(Room::new(permit, ctx))
+    state.parked = false;
+    drop(state);
+    Some(Room::new(ctx))
 }
 
 /// Runs a request that has its room: on the I/O thread if it is free, else on a handler thread.

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
 use crate::connection::{self, Context};
 use crate::handler::{self, Recycle, Shared};
 use crate::inline::Inline;
 use crate::listener::ListenerSocket;
-use crate::room::{give_to_waiting, Room};
+use crate::room::{self, Room};
 use crate::scoreboard::{self, Scoreboard, SlotState};
 use crate::Responder;
 
@@ -113,7 +113,6 @@ fn serve<R: Responder>(
     }
     let offer = Arc::clone(&inline);
     let main = runtime.spawn(async move {
-        let permits = Arc::new(Semaphore::new(cap));
         let handover = match channel {
             Some(c) => {
                 c.set_nonblocking(true)?;
@@ -127,12 +126,10 @@ fn serve<R: Responder>(
             keepalive_timeout: settings.keepalive_timeout,
             jobs,
             inline: offer,
-            permits,
+            rooms: room::Rooms::new(cap),
             draining: drain_rx.clone(),
             stop: drain_tx.clone(),
             wanted: tokio::sync::Notify::new(),
-            parked_room: std::sync::Mutex::new(None),
-            waiting: std::sync::Mutex::new(std::collections::VecDeque::new()),
             runtime: tokio::runtime::Handle::current(),
             migrate: tokio::sync::Notify::new(),
             busy_check: AtomicBool::new(false),
@@ -152,9 +149,7 @@ fn serve<R: Responder>(
         slot.set_state(SlotState::Draining, scoreboard::now());
         drain_tx.send_replace(true);
         accepting.abort();
-        // Once it has stopped, the room it held goes to requests waiting for one.
-        let _ = accepting.await;
-        crate::room::settle(&ctx);
+        drop(accepting);
         // Every connection holds the context; when the last one has finished its requests and
         // closed, the `done` sender inside it is dropped and this returns.
         drop(ctx);
@@ -185,11 +180,7 @@ fn serve<R: Responder>(
 /// Passes a response run on this thread to its connection, from inside the runtime.
 fn deliver<R>(answered: handler::Answered, shared: &Shared<R>) {
     let handler::Answered { out, tail, finish } = answered;
-    if let Err(tokio::sync::mpsc::error::TrySendError::Full(tail)) = out.try_send(tail) {
-        tokio::spawn(async move {
-            let _ = out.send(tail).await;
-        });
-    }
+    crate::response::send_in_runtime(&out, tail);
     finish.finish(shared);
 }
 
@@ -283,45 +274,30 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
         // Normally a worker accepts only with room for the request. When the whole pool is
         // saturated it accepts anyway: the connection would only wait in the kernel's backlog,
         // and a status or ping request on it is answered at once (see `status.rs`).
-        let room = match set_parked_room(&ctx, None) {
+        let room = match room::unpark(&ctx) {
             // Still parked from the last turn: a wake-up that was not about the room.
             Some(room) => Some(room),
             None => tokio::select! {
                 biased;
-                room = room(&ctx) => match room {
-                    // A request already here that waits for room goes first.
-                    Some(room) => match give_to_waiting(&ctx, room, true) {
-                        Some(room) => Some(room),
-                        None => continue,
-                    },
+                room = room::acquire(&ctx) => match room {
+                    Some(room) => Some(room),
                     None => return,
                 },
-                // The room being acquired may have come at this very moment, and is back in
-                // the worker: a request waiting for room comes first.
-                () = pool_saturated(&ctx) => match Arc::clone(&ctx.permits).try_acquire_owned() {
-                    Ok(room) => match give_to_waiting(&ctx, room, true) {
-                        Some(room) => Some(room),
-                        None => continue,
-                    },
-                    Err(_) => None,
-                },
+                () = pool_saturated(&ctx) => None,
             },
         };
         if *ctx.draining.borrow() {
-            drop(room.map(|room| Room::new(room, &ctx)));
             return;
         }
         let (accepted, room) = match room {
             Some(room) => {
                 // Parked where a request on a kept-alive connection can take it at once.
-                set_parked_room(&ctx, Some(room));
+                room::park(room);
                 tokio::select! {
                     biased;
                     // A request on a kept-alive connection took the room.
                     _ = ctx.wanted.notified() => continue,
-                    accepted = accept_any(&listeners, &mut turn) => {
-                        (accepted, set_parked_room(&ctx, None).map(|room| Room::new(room, &ctx)))
-                    }
+                    accepted = accept_any(&listeners, &mut turn) => (accepted, room::unpark(&ctx)),
                 }
             }
             None => tokio::select! {
@@ -339,17 +315,6 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
             Err(e) if is_transient(&e) => backoff().await,
             Err(e) => return fail(&ctx, e),
         }
-    }
-}
-
-/// Parks `room` for the taking (see `Context::parked_room`); returns what was parked.
-fn set_parked_room(
-    ctx: &Context,
-    room: Option<OwnedSemaphorePermit>,
-) -> Option<OwnedSemaphorePermit> {
-    match ctx.parked_room.lock() {
-        Ok(mut parked) => std::mem::replace(&mut *parked, room),
-        Err(_) => room,
     }
 }
 
@@ -457,12 +422,6 @@ async fn receive_passed(ctx: Arc<Context>) {
 fn fail(ctx: &Context, e: std::io::Error) {
     tracing::error!(pid = std::process::id(), error = %e, "cannot accept; worker draining");
     ctx.stop.send_replace(true);
-}
-
-/// Room for one more request, reserved before accepting: at the cap the worker stops
-/// accepting, and the kernel gives the connection to a worker with room.
-async fn room(ctx: &Context) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    Arc::clone(&ctx.permits).acquire_owned().await.ok()
 }
 
 /// Per-connection accept failures (a peer that reset first, fd exhaustion) must not stop the
