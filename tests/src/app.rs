@@ -124,6 +124,13 @@ impl App {
         self.proc.stderr_text()
     }
 
+    /// Waits (up to 10 s) until the master has exactly `n` live workers.
+    pub fn wait_for_workers(&self, n: usize) {
+        wait_until(Duration::from_secs(10), &format!("{n} workers"), || {
+            worker_pids(self.pid()).len() == n
+        });
+    }
+
     /// Waits until the log holds `needle`.
     pub fn wait_for_log(&self, needle: &str) {
         wait_until(Duration::from_secs(15), needle, || {

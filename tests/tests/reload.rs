@@ -67,9 +67,7 @@ fn ten_reloads_and_five_upgrades_under_load_fail_no_request() {
     let dir = TempDir::new("reload");
     let app = App::start(&dir, &["--pm", "static", "--workers", "3"]);
     let nginx = Nginx::start(&dir, &format!("unix:{}", app.unix_path().display()), true);
-    wait_until(Duration::from_secs(10), "3 workers", || {
-        worker_pids(app.pid()).len() == 3
-    });
+    app.wait_for_workers(3);
     let master = app.pid();
 
     let port = nginx.port();
@@ -127,9 +125,7 @@ fn upgrade_to_a_binary_whose_setup_fails_keeps_the_old_one_serving() {
     let program = dir.path().join("app");
     std::fs::copy(e2e::bin_path("app-example"), &program).expect("copy the binary");
     let app = App::start_binary(&dir, &program, &["--workers", "2"], &[]);
-    wait_until(Duration::from_secs(10), "2 workers", || {
-        worker_pids(app.pid()).len() == 2
-    });
+    app.wait_for_workers(2);
     let before: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
 
     // A deploy puts a broken build in place (renamed over the old file, as deploy tools do).
@@ -158,10 +154,7 @@ fn upgrade_to_a_binary_whose_setup_fails_keeps_the_old_one_serving() {
         app.wait_exit(Duration::ZERO).is_none(),
         "the master still runs"
     );
-    let after: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
-    assert_eq!(before, after, "the old generation keeps serving");
-    let r = e2e::fcgi_request(&app.unix(), "GET", "/hello", b"").expect("still serving");
-    assert_eq!(r.status(), 200);
+    assert_same_workers_serving(&app, &before, "the old generation keeps serving");
 }
 
 #[test]
@@ -170,9 +163,7 @@ fn hup_with_an_invalid_config_keeps_serving() {
     let conf = dir.path().join("app.toml");
     std::fs::write(&conf, "workers = 2\n").expect("config");
     let app = App::start(&dir, &["--config", conf.to_str().expect("utf-8")]);
-    wait_until(Duration::from_secs(10), "2 workers", || {
-        worker_pids(app.pid()).len() == 2
-    });
+    app.wait_for_workers(2);
     let before: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
     std::fs::write(&conf, "workers = 2\nrequest_timeout = \"whenever\"\n").expect("config");
     app.signal(Signal::SIGHUP);
@@ -182,8 +173,13 @@ fn hup_with_an_invalid_config_keeps_serving() {
         log.contains("request_timeout"),
         "the log names the bad key: {log}"
     );
+    assert_same_workers_serving(&app, &before, "nothing was replaced");
+}
+
+/// The workers are those of `before`, and they still answer.
+fn assert_same_workers_serving(app: &App, before: &BTreeSet<i32>, why: &str) {
     let after: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
-    assert_eq!(before, after, "nothing was replaced");
+    assert_eq!(before, &after, "{why}");
     let r = e2e::fcgi_request(&app.unix(), "GET", "/hello", b"").expect("still serving");
     assert_eq!(r.status(), 200);
 }
@@ -196,9 +192,7 @@ fn posts_on_kept_alive_connections_survive_reloads_and_upgrades() {
     let dir = TempDir::new("reload-posts");
     let app = App::start(&dir, &["--pm", "static", "--workers", "3"]);
     let nginx = Nginx::start(&dir, &format!("unix:{}", app.unix_path().display()), true);
-    wait_until(Duration::from_secs(10), "3 workers", || {
-        worker_pids(app.pid()).len() == 3
-    });
+    app.wait_for_workers(3);
     let port = nginx.port();
     let load = Load::start(move |c, i| {
         let body = format!("client {c} request {i}");

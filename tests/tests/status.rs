@@ -24,9 +24,7 @@ fn status_json(addr: &Addr) -> serde_json::Value {
 fn every_format_parses_and_counts_right() {
     let dir = TempDir::new("status-formats");
     let app = start(&dir, &["--workers", "2"]);
-    wait_until(Duration::from_secs(10), "2 workers", || {
-        worker_pids(app.pid()).len() == 2
-    });
+    app.wait_for_workers(2);
     for _ in 0..5 {
         assert_eq!(
             fcgi_request(&app.unix(), "GET", "/hello", b"")
@@ -94,9 +92,7 @@ fn every_format_parses_and_counts_right() {
 fn busy_workers_and_waiting_connections_are_counted_and_status_still_answers() {
     let dir = TempDir::new("status-busy");
     let app = start(&dir, &["--workers", "2"]);
-    wait_until(Duration::from_secs(10), "2 workers", || {
-        worker_pids(app.pid()).len() == 2
-    });
+    app.wait_for_workers(2);
     // Two requests keep both workers busy, three more wait for them.
     let slow: Vec<_> = (0..5)
         .map(|_| {

@@ -11,9 +11,7 @@ use nix::sys::signal::Signal;
 fn static_pool_has_exactly_its_workers_and_serves_on_both_listeners() {
     let dir = TempDir::new("static");
     let app = App::start(&dir, &["--pm", "static", "--workers", "3"]);
-    wait_until(Duration::from_secs(10), "3 workers", || {
-        worker_pids(app.pid()).len() == 3
-    });
+    app.wait_for_workers(3);
     let unix = fcgi_request(&app.unix(), "GET", "/hello", b"").expect("unix request");
     assert_eq!((unix.status(), unix.body()), (200, &b"Hello, world!\n"[..]));
     let tcp = fcgi_request(&app.tcp(), "GET", "/hello", b"").expect("tcp request");
@@ -118,9 +116,7 @@ fn killed_worker_is_replaced_and_requests_keep_succeeding() {
 fn workers_die_with_the_master() {
     let dir = TempDir::new("orphans");
     let app = App::start(&dir, &["--pm", "static", "--workers", "3"]);
-    wait_until(Duration::from_secs(10), "3 workers", || {
-        worker_pids(app.pid()).len() == 3
-    });
+    app.wait_for_workers(3);
     let workers = worker_pids(app.pid());
     app.signal(Signal::SIGKILL);
     let start = Instant::now();
@@ -230,9 +226,7 @@ fn graceful_stop_finishes_the_request_in_flight() {
         &["--pm", "static", "--workers", "2"],
         &[("RUST_LOG", "debug")],
     );
-    wait_until(Duration::from_secs(10), "2 workers", || {
-        worker_pids(app.pid()).len() == 2
-    });
+    app.wait_for_workers(2);
     let addr = app.unix();
     let slow = std::thread::spawn(move || fcgi_request(&addr, "GET", "/sleep?ms=2000", b""));
     app.wait_for_log("request started");
@@ -314,9 +308,7 @@ fn is_zombie(pid: i32) -> bool {
 fn ttin_and_ttou_resize_the_pool() {
     let dir = TempDir::new("ttin");
     let app = App::start(&dir, &["--pm", "static", "--workers", "2"]);
-    wait_until(Duration::from_secs(10), "2 workers", || {
-        worker_pids(app.pid()).len() == 2
-    });
+    app.wait_for_workers(2);
     app.signal(Signal::SIGTTIN);
     wait_until(Duration::from_secs(5), "3 workers after TTIN", || {
         worker_pids(app.pid()).len() == 3
@@ -386,22 +378,7 @@ fn an_answer_does_not_wait_for_the_request_queued_behind_it() {
     // answer must reach its client when it is ready, not when the second request is done.
     let dir = TempDir::new("answer-first");
     let app = App::start(&dir, &["--workers", "1"]);
-    let start = Instant::now();
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            let addr = app.unix();
-            std::thread::spawn(move || {
-                let res = fcgi_request(&addr, "GET", "/sleep?ms=600", b"").expect("answer");
-                assert_eq!(res.status(), 200);
-                start.elapsed()
-            })
-        })
-        .collect();
-    let mut done: Vec<Duration> = clients
-        .into_iter()
-        .map(|c| c.join().expect("client thread"))
-        .collect();
-    done.sort();
+    let done = sleep_at_once(&app, 2, 600);
     assert!(
         done[1] - done[0] >= Duration::from_millis(300),
         "answers came at {done:?}: the first waited for the second request"
@@ -415,12 +392,27 @@ fn a_worker_runs_max_requests_in_flight_requests_at_once() {
     // fourth waits for room.
     let dir = TempDir::new("in-flight");
     let app = App::start(&dir, &["--workers", "1", "--max-requests-in-flight", "3"]);
+    let done = sleep_at_once(&app, 4, 800);
+    assert!(
+        done[2] < Duration::from_millis(2000),
+        "three requests at once: {done:?}"
+    );
+    assert!(
+        done[3] >= Duration::from_millis(1600),
+        "the fourth waited for room: {done:?}"
+    );
+}
+
+/// Sends `clients` requests for `/sleep?ms=ms` at once, each on its own connection; returns
+/// when each was answered, from the start, earliest first.
+fn sleep_at_once(app: &App, clients: usize, ms: u64) -> Vec<Duration> {
     let start = Instant::now();
-    let clients: Vec<_> = (0..4)
+    let uri = format!("/sleep?ms={ms}");
+    let clients: Vec<_> = (0..clients)
         .map(|_| {
-            let addr = app.unix();
+            let (addr, uri) = (app.unix(), uri.clone());
             std::thread::spawn(move || {
-                let res = fcgi_request(&addr, "GET", "/sleep?ms=800", b"").expect("answer");
+                let res = fcgi_request(&addr, "GET", &uri, b"").expect("answer");
                 assert_eq!(res.status(), 200);
                 start.elapsed()
             })
@@ -431,12 +423,5 @@ fn a_worker_runs_max_requests_in_flight_requests_at_once() {
         .map(|c| c.join().expect("client thread"))
         .collect();
     done.sort();
-    assert!(
-        done[2] < Duration::from_millis(2000),
-        "three requests at once: {done:?}"
-    );
-    assert!(
-        done[3] >= Duration::from_millis(1600),
-        "the fourth waited for room: {done:?}"
-    );
+    done
 }
