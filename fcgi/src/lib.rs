@@ -6,7 +6,7 @@
 //! - [`server`]: request assembly for the application side: records in, [`server::Event`]s out.
 //! - [`response`]: encoding a response (STDOUT/STDERR records, END_REQUEST) into one buffer.
 //! - [`client`]: the web server's side: encode a request, decode a response.
-//! - [`io`]: a thin tokio shell: an async client for tests, health checks and load generation.
+//! - `io` (feature `tokio`): a thin tokio shell: an async client for tests, health checks and load generation.
 //! - [`Limits`] and [`Error`]: every bound a peer meets, and every way it can be wrong.
 //!
 //! The core does no I/O and reads no clock: decoders take `&mut BytesMut` and return
@@ -36,6 +36,7 @@
 
 pub mod client;
 mod error;
+#[cfg(feature = "tokio")]
 pub mod io;
 mod limits;
 pub mod params;

@@ -18,19 +18,23 @@
 //! ```
 //!
 //! # Layout
-//! - `master`: forks and supervises workers; single-threaded, synchronous, no async runtime
-//!   (so `fork` is safe). [`signals`] maps signals to intents; `handover` passes the running
-//!   server to a re-executed binary (upgrade) or takes sockets from systemd; `notify` speaks
-//!   `sd_notify`.
-//! - `worker`, `connection`, `inline`, `handler`: a worker's tokio event loop, its FastCGI
-//!   connections, the I/O thread that runs requests itself when free, and the handler threads.
-//! - [`policy`]: pool sizing, respawn backoff, timeouts, recycling: pure functions of a
-//!   scoreboard snapshot and `now`.
-//! - [`scoreboard`]: the shared-memory table workers write and the master reads;
-//!   [`status`](mod@status) renders it as PHP-FPM's status page.
-//! - [`config`], [`listener`], `logging`: the operator's surface.
-//! - `sys`: the only module with `unsafe` (fork, shared memory, inherited fds, one sockopt).
-//! - [`Request`], [`Response`], [`Body`]: what the application sees.
+//! The folders are the processes. Nothing in `app`, `config` or the shared leaf modules imports
+//! `master` or `worker`, and the master reaches the worker only through `worker::run` at the fork.
+//! - `boot`: the command line and the file become a `Config`, listeners are bound or
+//!   inherited, the application is set up, and the master takes over; every failure at start
+//!   is one `StartError` mapped to an exit code.
+//! - `master/`: the supervisor process. Single-threaded and synchronous, never a tokio runtime,
+//!   so `fork` is safe (`scripts/test` fails if a file there imports tokio). The loop and
+//!   reaping, reload generations, forwarding kept-alive connections, upgrades, systemd
+//!   notification, the signal table, and the pure policies.
+//! - `worker/`: a forked worker. A current-thread tokio runtime plus handler threads; it never
+//!   forks. Accepting, one FastCGI connection, the room queue, running a request, the I/O
+//!   thread's inline runner, and the status page.
+//! - `app/`: what the application sees: [`Request`], [`Response`], [`Body`], and the body
+//!   streams. No runtime, no scoreboard.
+//! - `config/`: the operator's surface, each key declared once, validated once.
+//! - Shared leaves: `scoreboard` (the shared-memory table), `listener` (bind or adopt),
+//!   `passing` (SCM_RIGHTS), `logging`, `clock`, and `sys`, the only module with `unsafe`.
 //!
 //! # How application code runs
 //! Setup (the closure given to [`run`]) runs once in the master before any fork, so what it
@@ -50,33 +54,24 @@
 //! `panic = "abort"` a panic costs the worker, which the master replaces). An abort or a
 //! segfault costs only that worker.
 
-pub mod config;
-mod connection;
-mod handler;
-mod handover;
-mod inline;
-pub mod listener;
+mod app;
+mod clock;
+mod config;
+mod listener;
 mod logging;
 mod master;
-mod notify;
 mod passing;
-pub mod policy;
-mod request;
-mod response;
-mod room;
-pub mod scoreboard;
-pub mod signals;
-pub mod status;
+mod scoreboard;
 mod sys;
 mod worker;
 
 use std::fmt::Display;
 use std::sync::Arc;
 
+pub use app::request::{BodyReader, Request};
+pub use app::response::{status, text, with_type, Body, BodyWriter, Response};
 pub use fcgi::Role;
 pub use http;
-pub use request::{BodyReader, Request};
-pub use response::{status, text, with_type, Body, BodyWriter, Response};
 
 /// The application: one method, called for every request in a worker process, outside its
 /// event loop. Blocking is fine: the event loop goes on without the thread that blocks.
@@ -116,7 +111,7 @@ where
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    cli.inherits_listeners = handover::will_inherit();
+    cli.inherits_listeners = master::upgrade::will_inherit();
     let cfg = match config::Config::load(&cli) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -138,7 +133,7 @@ where
         eprintln!("{program}: {e}");
         return 1;
     }
-    let mut inherited = match handover::inherit() {
+    let mut inherited = match master::upgrade::inherit() {
         Ok(inherited) => inherited,
         Err(e) => {
             tracing::error!(error = %e, "cannot take over the inherited sockets");

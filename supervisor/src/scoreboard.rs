@@ -176,11 +176,6 @@ impl Scoreboard {
         self.slots
     }
 
-    /// True when the table has no slots.
-    pub fn is_empty(&self) -> bool {
-        self.slots == 0
-    }
-
     /// Slot `index`. Panics on an index past the end: that is a bug in the master.
     pub fn slot(&self, index: usize) -> Slot<'_> {
         assert!(
@@ -489,22 +484,6 @@ fn unpack(words: &[AtomicU64], len: usize) -> Vec<u8> {
     out
 }
 
-/// The monotonic clock every process shares (`CLOCK_MONOTONIC`): the scoreboard's and the
-/// policies' time.
-pub fn now() -> Duration {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(Duration::from)
-        .unwrap_or_default()
-}
-
-/// This process's resident set size in bytes, from `/proc/self/statm`.
-pub fn self_rss() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??;
-    Some(pages * page as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -617,11 +596,5 @@ mod tests {
             );
         }
         writer.join().expect("writer");
-    }
-
-    #[test]
-    fn clock_and_rss() {
-        assert!(now() > Duration::ZERO);
-        assert!(self_rss().is_some_and(|r| r > 0));
     }
 }

@@ -1,6 +1,7 @@
 //! The one module allowed `unsafe`: fork, shared memory, adopting inherited file descriptors,
 //! and one `getsockopt` that nix does not wrap. Every block says why it is sound.
 #![allow(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::io;
 use std::num::NonZeroUsize;

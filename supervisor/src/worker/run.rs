@@ -15,10 +15,11 @@ use bytes::BytesMut;
 use fcgi::response::ResponseWriter;
 use tokio::sync::mpsc;
 
-use crate::request::Request;
-use crate::response::{self, Out};
-use crate::room::Room;
-use crate::scoreboard::{self, Scoreboard};
+use crate::app::request::Request;
+use crate::app::response::{self, Out};
+use crate::clock;
+use crate::scoreboard::Scoreboard;
+use crate::worker::rooms::Room;
 use crate::Responder;
 
 /// One request to run.
@@ -121,7 +122,7 @@ pub(crate) fn respond<R: Responder>(shared: &Shared<R>, job: Job) -> Answered {
         room,
     } = job;
     let slot = shared.board.slot(shared.slot);
-    let started = scoreboard::now();
+    let started = clock::now();
     slot.begin_request(
         request.method().as_str(),
         request.uri(),
@@ -179,7 +180,7 @@ impl Finish {
             room,
         } = self;
         let slot = shared.board.slot(shared.slot);
-        let now = scoreboard::now();
+        let now = clock::now();
         slot.end_request(now.saturating_sub(started), shared.cap, now);
         if shared.access_log {
             tracing::info!(
@@ -208,11 +209,7 @@ fn check_recycle<R>(shared: &Shared<R>, now: Duration) {
         .is_some_and(|limit| served >= limit);
     let last = Duration::from_micros(shared.rss_measured.load(Ordering::Relaxed));
     let measure = shared.recycle.max_rss.is_some() || now.saturating_sub(last) >= RSS_EVERY;
-    let rss = if measure {
-        scoreboard::self_rss()
-    } else {
-        None
-    };
+    let rss = if measure { clock::self_rss() } else { None };
     if measure {
         let micros = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
         shared.rss_measured.store(micros, Ordering::Relaxed);

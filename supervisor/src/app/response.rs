@@ -221,7 +221,7 @@ pub(crate) fn send_out(tx: &mpsc::Sender<Out>, out: Out) -> io::Result<()> {
         Ok(()) => Ok(()),
         Err(mpsc::error::TrySendError::Closed(_)) => Err(closed()),
         Err(mpsc::error::TrySendError::Full(out)) => {
-            crate::inline::will_block();
+            crate::worker::inline::will_block();
             tx.blocking_send(out).map_err(|_| closed())
         }
     }

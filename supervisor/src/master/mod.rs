@@ -2,6 +2,11 @@
 //! signals from a signalfd, reaps children in a loop (signals coalesce), and once a second (or
 //! at once, when a signal arrives) asks the policies what to do and does it.
 
+pub(crate) mod notify;
+pub(crate) mod policy;
+pub(crate) mod signals;
+pub(crate) mod upgrade;
+
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
@@ -13,20 +18,20 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::clock;
+use crate::config::PoolMode;
 use crate::config::{Cli, Config};
-use crate::handler::Recycle;
-use crate::handover::{self, AdoptedWorker, Inherited};
 use crate::listener::Listener;
-use crate::notify::Notifier;
 use crate::passing;
-use crate::policy::{
-    self, Pool, PoolMode, Respawn, SlowLog, TimeoutAction, WorkerState, WorkerView,
-};
-use crate::scoreboard::{self, PoolStats, Scoreboard, SlotSnapshot, SlotState};
-use crate::signals::{self, Intent};
+use crate::scoreboard::{PoolStats, Scoreboard, SlotSnapshot, SlotState};
 use crate::sys::{self, Fork};
+use crate::worker::run::Recycle;
 use crate::{worker, Responder};
+use notify::Notifier;
+use policy::{Pool, Respawn, SlowLog, TimeoutAction, WorkerState, WorkerView};
+use signals::Intent;
 use std::os::unix::net::UnixStream;
+use upgrade::{AdoptedWorker, Inherited};
 
 /// The maintenance tick: how often an idle master wakes.
 const TICK: Duration = Duration::from_secs(1);
@@ -120,7 +125,7 @@ impl<R: Responder> Master<R> {
             None => Scoreboard::new(slots_for(&cfg))?,
         };
         let board = Arc::new(board);
-        let now = scoreboard::now();
+        let now = clock::now();
         // Workers of the previous master (an upgrade) keep serving until this master's own
         // generation is ready, exactly as in a reload.
         let workers: HashMap<Pid, Worker> = inherited
@@ -191,7 +196,7 @@ impl<R: Responder> Master<R> {
         );
         self.publish_stats(&[], 0);
         for _ in 0..self.pool.initial_workers() {
-            self.spawn(scoreboard::now());
+            self.spawn(clock::now());
         }
         if self.pool.initial_workers() == 0 && self.reload_since.is_none() {
             // ondemand: nothing to wait for.
@@ -199,7 +204,7 @@ impl<R: Responder> Master<R> {
             self.notifier.ready();
         }
         loop {
-            let now = scoreboard::now();
+            let now = clock::now();
             self.wait(self.next_wake(now));
             for intent in self.read_intents() {
                 self.apply(intent);
@@ -207,7 +212,7 @@ impl<R: Responder> Master<R> {
             self.forward_connections();
             self.reap();
             self.forward_connections();
-            let now = scoreboard::now();
+            let now = clock::now();
             if let Some(every) = self.notifier.watchdog_every() {
                 if now.saturating_sub(self.watchdog_at) >= every {
                     self.notifier.watchdog();
@@ -314,7 +319,7 @@ impl<R: Responder> Master<R> {
                         "graceful stop: draining workers"
                     );
                     self.stopping = Some(Stopping {
-                        deadline: scoreboard::now() + self.cfg.shutdown_timeout,
+                        deadline: clock::now() + self.cfg.shutdown_timeout,
                         killed: false,
                     });
                     self.notifier.stopping();
@@ -328,7 +333,7 @@ impl<R: Responder> Master<R> {
                 );
                 self.notifier.stopping();
                 self.stopping = Some(Stopping {
-                    deadline: scoreboard::now(),
+                    deadline: clock::now(),
                     killed: true,
                 });
                 self.signal_all(Signal::SIGKILL);
@@ -403,10 +408,10 @@ impl<R: Responder> Master<R> {
         self.generation += 1;
         self.pool = Pool::new(cfg.pool.clone());
         self.cfg = cfg;
-        self.reload_since = Some(scoreboard::now());
+        self.reload_since = Some(clock::now());
         self.reload_warned = false;
         self.ready_sent = false;
-        self.notifier.reloading(scoreboard::now());
+        self.notifier.reloading(clock::now());
         tracing::info!(
             generation = self.generation,
             workers = self.cfg.pool.workers,
@@ -450,7 +455,7 @@ impl<R: Responder> Master<R> {
         let check = std::process::Command::new(program)
             .args(&argv[1..])
             .arg("--check-config")
-            .env(handover::ENV_LISTENERS, "")
+            .env(upgrade::ENV_LISTENERS, "")
             .stdin(std::process::Stdio::null())
             .output();
         match check {
@@ -490,13 +495,13 @@ impl<R: Responder> Master<R> {
             .filter_map(|w| w.channel.as_ref())
             .map(|c| c.as_fd())
             .collect();
-        self.notifier.reloading(scoreboard::now());
+        self.notifier.reloading(clock::now());
         tracing::info!(
             pid = std::process::id(),
             workers = workers.len(),
             "upgrade: re-executing in place; the running workers serve until the new ones are ready"
         );
-        let err = handover::exec_successor(
+        let err = upgrade::exec_successor(
             &argv,
             &self.listeners,
             &self.board,
@@ -646,7 +651,7 @@ impl<R: Responder> Master<R> {
                 continue;
             };
             self.orphan_channels.extend(w.channel.take());
-            let now = scoreboard::now();
+            let now = clock::now();
             let snap = self.board.slot(w.slot).snapshot();
             self.board.slot(w.slot).free();
             let lifetime = now.saturating_sub(w.started);
@@ -897,7 +902,7 @@ impl<R: Responder> Master<R> {
                 ..fcgi::Limits::default()
             },
             access_log: self.cfg.access_log,
-            status: crate::status::Paths {
+            status: crate::worker::status::Paths {
                 status: self.cfg.status_path.clone(),
                 ping: self.cfg.ping_path.clone(),
                 ping_response: self.cfg.ping_response.clone(),

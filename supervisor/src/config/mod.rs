@@ -12,8 +12,6 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::policy::{PoolConfig, PoolMode};
-
 /// The command line every application built on this library gets.
 #[derive(Debug, Clone, Default, Parser)]
 #[command(version, about = "A prefork FastCGI application server", long_about = None)]
@@ -158,6 +156,37 @@ struct FileConfig {
     ping_response: Option<String>,
     access_log: Option<bool>,
     pool_name: Option<String>,
+}
+
+/// How the pool is sized, like PHP-FPM's `pm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// Exactly `workers` processes.
+    Static,
+    /// Between `min_spare` and `max_spare` idle workers, at most `workers` in all.
+    Dynamic,
+    /// None until requests arrive; idle workers are reaped after `idle_timeout`.
+    OnDemand,
+}
+
+/// The validated pool settings the policies read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Process manager mode.
+    pub mode: PoolMode,
+    /// The maximum number of workers (the exact number for `static`).
+    pub workers: usize,
+    /// Workers started at boot (`dynamic` only).
+    pub start_workers: usize,
+    /// Spawn when fewer idle workers than this (`dynamic`).
+    pub min_spare: usize,
+    /// Stop idle workers above this many (`dynamic`).
+    pub max_spare: usize,
+    /// Upper bound of the doubling spawn rate per tick (default 32, like PHP-FPM).
+    pub max_spawn_rate: usize,
+    /// `ondemand`: reap a worker idle longer than this.
+    pub idle_timeout: Duration,
 }
 
 /// Where to listen.

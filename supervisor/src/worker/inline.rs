@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::scoreboard;
+use crate::clock;
 
 /// How long a request runs on the I/O thread before the standby thread drives the event loop.
 pub(crate) const TAKEOVER_AFTER: Duration = Duration::from_millis(5);
@@ -201,7 +201,7 @@ impl<T> Inline<T> {
         }
         self.wake.urgent.store(false, SeqCst);
         self.started.fetch_add(1, SeqCst);
-        self.since.store(micros(scoreboard::now()), SeqCst);
+        self.since.store(micros(clock::now()), SeqCst);
         if self.standby_asleep.load(SeqCst) {
             self.wake.standby();
         }
@@ -237,10 +237,10 @@ impl<T> Inline<T> {
     /// Blocks until the running request has been out of the event loop too long or is about to
     /// wait for it; returns its number.
     fn wait_for_takeover(&self) -> u64 {
-        let mut last_seen = (self.started.load(SeqCst), scoreboard::now());
+        let mut last_seen = (self.started.load(SeqCst), clock::now());
         loop {
             let since = self.since.load(SeqCst);
-            let now = scoreboard::now();
+            let now = clock::now();
             if since != 0 {
                 // `urgent` before `started`: an urgent request is never mistaken for the one
                 // before it, which would spend its wake-up on a request already over.
@@ -268,7 +268,7 @@ impl<T> Inline<T> {
                 std::thread::park();
             }
             self.standby_asleep.store(false, SeqCst);
-            last_seen = (self.started.load(SeqCst), scoreboard::now());
+            last_seen = (self.started.load(SeqCst), clock::now());
         }
     }
 

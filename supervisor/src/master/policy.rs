@@ -5,36 +5,7 @@
 
 use std::time::Duration;
 
-/// How the pool is sized, like PHP-FPM's `pm`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolMode {
-    /// Exactly `workers` processes.
-    Static,
-    /// Between `min_spare` and `max_spare` idle workers, at most `workers` in all.
-    Dynamic,
-    /// None until requests arrive; idle workers are reaped after `idle_timeout`.
-    OnDemand,
-}
-
-/// The validated pool settings the policies read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolConfig {
-    /// Process manager mode.
-    pub mode: PoolMode,
-    /// The maximum number of workers (the exact number for `static`).
-    pub workers: usize,
-    /// Workers started at boot (`dynamic` only).
-    pub start_workers: usize,
-    /// Spawn when fewer idle workers than this (`dynamic`).
-    pub min_spare: usize,
-    /// Stop idle workers above this many (`dynamic`).
-    pub max_spare: usize,
-    /// Upper bound of the doubling spawn rate per tick (default 32, like PHP-FPM).
-    pub max_spawn_rate: usize,
-    /// `ondemand`: reap a worker idle longer than this.
-    pub idle_timeout: Duration,
-}
+use crate::config::{PoolConfig, PoolMode};
 
 /// What a worker is doing, as the policies see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,7 +194,6 @@ pub struct Respawn {
     young_deaths: u32,
     delay: Duration,
     hold_until: Option<Duration>,
-    backoffs: u64,
 }
 
 impl Respawn {
@@ -249,7 +219,6 @@ impl Respawn {
             (self.delay * 2).min(BACKOFF_MAX)
         };
         self.hold_until = Some(now + self.delay);
-        self.backoffs += 1;
         Some(self.delay)
     }
 
@@ -263,11 +232,6 @@ impl Respawn {
     /// `None` when spawning is allowed now; else the time before which it is not.
     pub fn hold_until(&self, now: Duration) -> Option<Duration> {
         self.hold_until.filter(|&t| t > now)
-    }
-
-    /// Backoffs so far (for the status page).
-    pub fn backoffs(&self) -> u64 {
-        self.backoffs
     }
 }
 
@@ -532,7 +496,6 @@ mod tests {
         );
         assert_eq!(*delays.last().expect("12 delays"), BACKOFF_MAX);
         assert_eq!(r.hold_until(T), Some(T + BACKOFF_MAX));
-        assert_eq!(r.backoffs(), 12);
         r.on_healthy();
         assert_eq!(r.hold_until(T), None);
         assert_eq!(r.on_crash(Duration::from_millis(5), T), None);

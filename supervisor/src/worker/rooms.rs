@@ -17,10 +17,10 @@ use std::task::{Poll, Waker};
 
 use tokio::sync::mpsc;
 
-use crate::connection::{schedule_busy_check, Context};
-use crate::handler::Job;
-use crate::request::Request;
-use crate::response::Out;
+use crate::app::request::Request;
+use crate::app::response::Out;
+use crate::worker::connection::{schedule_busy_check, Context};
+use crate::worker::run::Job;
 
 /// The worker's rooms.
 pub(crate) struct Rooms {

@@ -5,6 +5,12 @@
 //! kernel hands new connections to a worker with room. Kept-alive connections that sit idle
 //! cost nothing but a file descriptor.
 
+pub(crate) mod connection;
+pub(crate) mod inline;
+pub(crate) mod rooms;
+pub(crate) mod run;
+pub(crate) mod status;
+
 use std::os::fd::AsFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -14,13 +20,14 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::connection::{self, Context};
-use crate::handler::{self, Recycle, Shared};
-use crate::inline::Inline;
+use crate::clock;
 use crate::listener::ListenerSocket;
-use crate::room::{self, Room};
-use crate::scoreboard::{self, Scoreboard, SlotState};
+use crate::scoreboard::{Scoreboard, SlotState};
 use crate::Responder;
+use connection::Context;
+use inline::Inline;
+use rooms::Room;
+use run::{Recycle, Shared};
 
 /// Everything a worker needs to know, decided by the master before the fork.
 #[derive(Debug, Clone)]
@@ -30,7 +37,7 @@ pub(crate) struct Settings {
     pub keepalive_timeout: Duration,
     pub limits: fcgi::Limits,
     pub recycle: Recycle,
-    pub status: crate::status::Paths,
+    pub status: crate::worker::status::Paths,
     pub access_log: bool,
 }
 
@@ -103,7 +110,7 @@ fn serve<R: Responder>(
         access_log: settings.access_log,
         wake: drain_tx.clone(),
     });
-    let jobs = handler::start(cap, Arc::clone(&shared))?;
+    let jobs = run::start(cap, Arc::clone(&shared))?;
     let inline = Inline::new();
     {
         let (inline, runtime) = (Arc::clone(&inline), Arc::clone(&runtime));
@@ -126,7 +133,7 @@ fn serve<R: Responder>(
             keepalive_timeout: settings.keepalive_timeout,
             jobs,
             inline: offer,
-            rooms: room::Rooms::new(cap),
+            rooms: rooms::Rooms::new(cap),
             draining: drain_rx.clone(),
             stop: drain_tx.clone(),
             wanted: tokio::sync::Notify::new(),
@@ -143,10 +150,10 @@ fn serve<R: Responder>(
         tokio::spawn(receive_passed(Arc::clone(&ctx)));
         let slot = board.slot(settings.slot);
         slot.set_pid(std::process::id() as i32);
-        slot.set_state(SlotState::Idle, scoreboard::now());
+        slot.set_state(SlotState::Idle, clock::now());
 
         wait_for_drain(drain_rx).await?;
-        slot.set_state(SlotState::Draining, scoreboard::now());
+        slot.set_state(SlotState::Draining, clock::now());
         drain_tx.send_replace(true);
         accepting.abort();
         drop(accepting);
@@ -169,7 +176,7 @@ fn serve<R: Responder>(
     match inline.drive(
         &runtime,
         main,
-        |job| handler::respond(&shared, job),
+        |job| run::respond(&shared, job),
         |answered| deliver(answered, &shared),
     ) {
         Ok(result) => result,
@@ -178,9 +185,9 @@ fn serve<R: Responder>(
 }
 
 /// Passes a response run on this thread to its connection, from inside the runtime.
-fn deliver<R>(answered: handler::Answered, shared: &Shared<R>) {
-    let handler::Answered { out, tail, finish } = answered;
-    crate::response::send_in_runtime(&out, tail);
+fn deliver<R>(answered: run::Answered, shared: &Shared<R>) {
+    let run::Answered { out, tail, finish } = answered;
+    crate::app::response::send_in_runtime(&out, tail);
     finish.finish(shared);
 }
 
@@ -274,12 +281,12 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
         // Normally a worker accepts only with room for the request. When the whole pool is
         // saturated it accepts anyway: the connection would only wait in the kernel's backlog,
         // and a status or ping request on it is answered at once (see `status.rs`).
-        let room = match room::unpark(&ctx) {
+        let room = match rooms::unpark(&ctx) {
             // Still parked from the last turn: a wake-up that was not about the room.
             Some(room) => Some(room),
             None => tokio::select! {
                 biased;
-                room = room::acquire(&ctx) => match room {
+                room = rooms::acquire(&ctx) => match room {
                     Some(room) => Some(room),
                     None => return,
                 },
@@ -292,12 +299,12 @@ async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
         let (accepted, room) = match room {
             Some(room) => {
                 // Parked where a request on a kept-alive connection can take it at once.
-                room::park(room);
+                rooms::park(room);
                 tokio::select! {
                     biased;
                     // A request on a kept-alive connection took the room.
                     _ = ctx.wanted.notified() => continue,
-                    accepted = accept_any(&listeners, &mut turn) => (accepted, room::unpark(&ctx)),
+                    accepted = accept_any(&listeners, &mut turn) => (accepted, rooms::unpark(&ctx)),
                 }
             }
             None => tokio::select! {

@@ -504,7 +504,7 @@ pub(crate) fn answer(
             stats: board.stats(),
             workers: board.snapshot(),
             accepted: board.accepted(),
-            now: crate::scoreboard::now(),
+            now: crate::clock::now(),
         };
         let (ct, body) = render(&snapshot, format, full);
         (ct, body)

@@ -205,7 +205,7 @@ fn recv(rx: &mut mpsc::Receiver<Bytes>) -> Option<Bytes> {
         Ok(chunk) => Some(chunk),
         Err(mpsc::error::TryRecvError::Disconnected) => None,
         Err(mpsc::error::TryRecvError::Empty) => {
-            crate::inline::will_block();
+            crate::worker::inline::will_block();
             rx.blocking_recv()
         }
     }

@@ -17,10 +17,10 @@ use fcgi::Role;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::handler::Job;
-use crate::request::{BodyReader, Request};
-use crate::response::Out;
-use crate::room::{start_or_wait, Room, Waiting};
+use crate::app::request::{BodyReader, Request};
+use crate::app::response::Out;
+use crate::worker::rooms::{start_or_wait, Room, Waiting};
+use crate::worker::run::Job;
 
 /// What every connection of a worker shares.
 pub(crate) struct Context {
@@ -28,15 +28,15 @@ pub(crate) struct Context {
     pub keepalive_timeout: Duration,
     pub jobs: std::sync::mpsc::Sender<Job>,
     /// The I/O thread, which runs a request itself when it is free (see `inline.rs`).
-    pub inline: Arc<crate::inline::Inline<Job>>,
+    pub inline: Arc<crate::worker::inline::Inline<Job>>,
     /// Room for requests: at most `max_requests_in_flight` at once (see `room.rs`).
-    pub rooms: crate::room::Rooms,
+    pub rooms: crate::worker::rooms::Rooms,
     /// Becomes true when the worker drains: idle connections close, busy ones finish first.
     pub draining: watch::Receiver<bool>,
     /// Starts the drain (an accept loop that cannot go on).
     pub stop: watch::Sender<bool>,
     /// The status page and ping paths, answered here without the application.
-    pub status: crate::status::Paths,
+    pub status: crate::worker::status::Paths,
     /// The scoreboard, for the status page.
     pub board: Arc<crate::scoreboard::Scoreboard>,
     /// This worker's slot.
@@ -294,7 +294,7 @@ pub(crate) fn schedule_busy_check(ctx: &Arc<Context>) {
                 break;
             }
             // Busy with one request that has run that long, not with a stream of fast ones.
-            let running = crate::scoreboard::now().saturating_sub(slot.since());
+            let running = crate::clock::now().saturating_sub(slot.since());
             if running >= BUSY_MIGRATE_AFTER && ctx.board.other_idle(ctx.slot) {
                 ctx.migrate.notify_waiters();
                 tracing::debug!(
@@ -328,13 +328,13 @@ fn dispatch(
 ) -> Option<(mpsc::Sender<Bytes>, Bytes)> {
     match event {
         Event::Request(req) => {
-            if let Some(page) = crate::status::answer(&ctx.status, &ctx.board, &req) {
+            if let Some(page) = crate::worker::status::answer(&ctx.status, &ctx.board, &req) {
                 // Answered on this thread, from the scoreboard: no room needed, no handler.
                 let w = fcgi::response::ResponseWriter::new(req.id);
                 let mut records = BytesMut::with_capacity(page.len() + 64);
                 w.stdout(&page, &mut records);
                 w.finish(&mut records);
-                crate::response::send_in_runtime(out, Out::Last(req.id, records));
+                crate::app::response::send_in_runtime(out, Out::Last(req.id, records));
                 return None;
             }
             let chunks = body_chunks(&ctx.limits);
