@@ -25,7 +25,6 @@ use crate::listener::Listener;
 use crate::passing;
 use crate::scoreboard::{PoolStats, Scoreboard, SlotSnapshot, SlotState};
 use crate::sys::{self, Fork};
-use crate::worker::run::Recycle;
 use crate::{worker, Responder};
 use notify::Notifier;
 use policy::{Pool, Respawn, SlowLog, TimeoutAction, WorkerState, WorkerView};
@@ -892,31 +891,7 @@ impl<R: Responder> Master<R> {
                 std::process::exit(1)
             }
         };
-        let pid = std::process::id();
-        let settings = worker::Settings {
-            slot,
-            max_in_flight: self.cfg.max_requests_in_flight.get(),
-            keepalive_timeout: self.cfg.keepalive_timeout,
-            limits: fcgi::Limits {
-                max_reqs: self.cfg.max_requests_in_flight.get(),
-                ..fcgi::Limits::default()
-            },
-            access_log: self.cfg.access_log,
-            status: crate::worker::status::Paths {
-                status: self.cfg.status_path.clone(),
-                ping: self.cfg.ping_path.clone(),
-                ping_response: self.cfg.ping_response.clone(),
-                pool: self.cfg.pool_name.clone(),
-            },
-            recycle: Recycle {
-                request_limit: policy::request_limit(
-                    self.cfg.max_requests,
-                    self.cfg.max_requests_jitter,
-                    u64::from(pid),
-                ),
-                max_rss: self.cfg.max_rss,
-            },
-        };
+        let settings = worker::Settings::new(&self.cfg, slot);
         worker::run(
             Arc::clone(&self.app),
             sockets,

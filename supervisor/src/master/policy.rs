@@ -284,24 +284,6 @@ pub fn request_timeouts(
         .collect()
 }
 
-/// The request count after which one worker recycles itself: `None` when `max_requests` is 0,
-/// else `max_requests` plus a pseudo-random offset in `0..=jitter` drawn from `seed`, so the
-/// workers of one pool do not all restart together.
-pub fn request_limit(max_requests: u64, jitter: u64, seed: u64) -> Option<u64> {
-    if max_requests == 0 {
-        return None;
-    }
-    if jitter == 0 {
-        return Some(max_requests);
-    }
-    // splitmix64: a fixed, well-mixed hash of the seed; no randomness source needed.
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    Some(max_requests.saturating_add(z % (jitter.saturating_add(1)).max(1)))
-}
-
 /// Remembers which requests were already reported slow, so each is logged once.
 #[derive(Debug, Clone, Default)]
 pub struct SlowLog {
@@ -541,17 +523,6 @@ mod tests {
                 elapsed: secs(33)
             }]
         );
-    }
-
-    #[test]
-    fn request_limits_with_jitter() {
-        assert_eq!(request_limit(0, 10, 1), None);
-        assert_eq!(request_limit(500, 0, 1), Some(500));
-        let limits: std::collections::BTreeSet<u64> = (0..50)
-            .map(|seed| request_limit(500, 50, seed).expect("on"))
-            .collect();
-        assert!(limits.iter().all(|l| (500..=550).contains(l)));
-        assert!(limits.len() > 10, "the seed spreads the limits: {limits:?}");
     }
 
     #[test]

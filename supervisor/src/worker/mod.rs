@@ -21,6 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::clock;
+use crate::config::Config;
 use crate::listener::ListenerSocket;
 use crate::scoreboard::{Scoreboard, SlotState};
 use crate::Responder;
@@ -39,6 +40,38 @@ pub(crate) struct Settings {
     pub recycle: Recycle,
     pub status: crate::worker::status::Paths,
     pub access_log: bool,
+}
+
+impl Settings {
+    /// The settings of a worker in `slot`; called in the worker, right after the fork.
+    pub(crate) fn new(cfg: &Config, slot: usize) -> Settings {
+        Settings {
+            slot,
+            max_in_flight: cfg.max_requests_in_flight.get(),
+            keepalive_timeout: cfg.keepalive_timeout,
+            limits: fcgi::Limits {
+                max_reqs: cfg.max_requests_in_flight.get(),
+                ..fcgi::Limits::default()
+            },
+            access_log: cfg.access_log,
+            status: status::Paths {
+                status: cfg.status_path.clone(),
+                ping: cfg.ping_path.clone(),
+                ping_response: cfg.ping_response.clone(),
+                pool: cfg.pool_name.clone(),
+            },
+            recycle: Recycle {
+                // Called in the new worker: its pid seeds the jitter, so the workers of one
+                // pool recycle at different times.
+                request_limit: run::request_limit(
+                    cfg.max_requests,
+                    cfg.max_requests_jitter,
+                    u64::from(std::process::id()),
+                ),
+                max_rss: cfg.max_rss,
+            },
+        }
+    }
 }
 
 /// Runs the worker and exits the process; never returns.
