@@ -13,8 +13,9 @@ use serde::Deserialize;
 
 use super::parse::show_duration;
 
-/// Listen backlog: nginx's default on Linux (`listen ... backlog=511`), one below the old
-/// `somaxconn` of 512 so the kernel does not silently truncate it.
+/// Listen backlog: nginx's (and Redis's) default on Linux, so a pool behind nginx queues as
+/// much as nginx itself would. The kernel caps it at `net.core.somaxconn` (4096 since Linux
+/// 5.4, 128 before), silently.
 pub const DEFAULT_BACKLOG: i32 = 511;
 /// Unix socket file mode: owner and group (nginx's group) may connect, others may not, as
 /// PHP-FPM's `listen.mode = 0660`.
@@ -24,9 +25,11 @@ pub const DEFAULT_PM: &str = "static";
 /// Workers per CPU when `workers` is not given: one computing while another waits on I/O, the
 /// Gunicorn rule of thumb (its `2 x cores + 1`, without the one).
 pub const DEFAULT_WORKERS_PER_CPU: usize = 2;
-/// `dynamic`: spawn when fewer workers than this are idle (PHP-FPM's `pm.min_spare_servers`).
+/// `dynamic`: spawn when fewer workers than this are idle (`pm.min_spare_servers` in PHP-FPM's
+/// shipped `www.conf`).
 pub const DEFAULT_MIN_SPARE: usize = 1;
-/// `dynamic`: stop idle workers above this many (PHP-FPM's `pm.max_spare_servers`).
+/// `dynamic`: stop idle workers above this many (`pm.max_spare_servers` in PHP-FPM's shipped
+/// `www.conf`; its `start_servers` is the midpoint rule `start_workers` uses too).
 pub const DEFAULT_MAX_SPARE: usize = 3;
 /// Upper bound of the spawn rate, which doubles per tick while needed: PHP-FPM's
 /// `pm.max_spawn_rate` default.
@@ -42,8 +45,8 @@ pub const DEFAULT_JITTER_DIVISOR: u64 = 10;
 /// SIGTERM to SIGKILL for a worker past `request_timeout`: time to log and unwind, short next
 /// to any timeout worth setting.
 pub const DEFAULT_REQUEST_TIMEOUT_GRACE: Duration = Duration::from_secs(2);
-/// Graceful stop bound: Gunicorn's `graceful_timeout` is 30 s, and so is systemd's
-/// `TimeoutStopSec` below its 90 s default, so we finish before systemd kills us.
+/// Graceful stop bound: Gunicorn's `graceful_timeout`, and well inside systemd's default
+/// `TimeoutStopSec` of 90 s, so the pool finishes before systemd kills it.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle kept-alive connection bound: above nginx's 60 s `keepalive_timeout`, so nginx closes an
 /// idle upstream connection first and never writes to one we just closed.
