@@ -65,6 +65,11 @@ mod scoreboard;
 mod sys;
 mod worker;
 
+/// Not API: the checks that fork, for `tests/fork.rs` (a process of one thread).
+#[doc(hidden)]
+#[path = "fork_checks.rs"]
+pub mod __fork_checks;
+
 use std::fmt::Display;
 use std::sync::Arc;
 

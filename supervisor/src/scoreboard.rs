@@ -487,7 +487,6 @@ fn unpack(words: &[AtomicU64], len: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::{fork, Fork};
 
     const T0: Duration = Duration::from_secs(100);
 
@@ -547,27 +546,8 @@ mod tests {
         assert_eq!(s.method, "PROPPATCHLONGMET");
     }
 
-    #[test]
-    fn a_forked_worker_is_seen_by_the_master() {
-        let board = Scoreboard::new(1).expect("map");
-        board.slot(0).reset(1, T0);
-        match fork().expect("fork") {
-            Fork::Child => {
-                board.slot(0).begin_request("POST", "/child", 3, 1, T0);
-                board.add_accepted();
-                std::process::exit(0);
-            }
-            Fork::Parent(child) => {
-                nix::sys::wait::waitpid(child, None).expect("wait");
-                let s = board.slot(0).snapshot();
-                assert_eq!(
-                    (s.method.as_str(), s.uri.as_str(), s.state),
-                    ("POST", "/child", SlotState::Busy)
-                );
-                assert_eq!(board.accepted(), 1);
-            }
-        }
-    }
+    // A forked worker's slot as the master sees it: `fork_checks.rs`, run by `tests/fork.rs`,
+    // since no test here may fork inside the multi-threaded harness.
 
     #[test]
     fn readers_never_see_torn_text() {

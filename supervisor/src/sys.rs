@@ -166,20 +166,8 @@ mod tests {
     use std::os::fd::AsFd;
     use std::sync::atomic::Ordering;
 
-    #[test]
-    fn a_forked_child_writes_what_the_parent_reads() {
-        let shared = SharedWords::new(4).expect("map");
-        match fork().expect("fork") {
-            Fork::Child => {
-                shared.words()[2].store(42, Ordering::Release);
-                std::process::exit(0);
-            }
-            Fork::Parent(child) => {
-                nix::sys::wait::waitpid(child, None).expect("wait");
-                assert_eq!(shared.words()[2].load(Ordering::Acquire), 42);
-            }
-        }
-    }
+    // What a forked child writes is read by its parent: `fork_checks.rs`, run by
+    // `tests/fork.rs`, since no test here may fork inside the multi-threaded harness.
 
     #[test]
     fn adopting_a_closed_fd_fails() {

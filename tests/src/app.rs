@@ -2,14 +2,19 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fcgi::client::Response;
 use fcgi::io::Client;
 use fcgi::Params;
 use nix::sys::signal::Signal;
 
-use crate::{bin_path, free_port, wait_until, Proc, TempDir};
+use crate::log::{wait_for_json_line, LOG_DEADLINE};
+use crate::{bin_path, free_port, http, wait_until, Nginx, Proc, TempDir};
+
+/// How long a pool may take to reach a size: a fork, the worker's setup and its first accept
+/// each take milliseconds, but a loaded machine with two cores can stretch that a long way.
+pub const WORKERS_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Where a test reaches the application.
 #[derive(Debug, Clone)]
@@ -124,18 +129,37 @@ impl App {
         self.proc.stderr_text()
     }
 
-    /// Waits (up to 10 s) until the master has exactly `n` live workers.
+    /// Waits up to [`WORKERS_DEADLINE`] until the master has exactly `n` live workers.
     pub fn wait_for_workers(&self, n: usize) {
-        wait_until(Duration::from_secs(10), &format!("{n} workers"), || {
-            worker_pids(self.pid()).len() == n
-        });
+        self.wait_for_workers_within(n, WORKERS_DEADLINE);
     }
 
-    /// Waits until the log holds `needle`.
+    /// Waits up to `within` until the master has exactly `n` live workers; the panic names
+    /// the workers it saw last.
+    pub fn wait_for_workers_within(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let last = worker_pids(self.pid());
+            if last.len() == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {within:?} waiting for {n} workers; the last seen: {last:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to [`LOG_DEADLINE`] until the log holds `needle`.
     pub fn wait_for_log(&self, needle: &str) {
-        wait_until(Duration::from_secs(15), needle, || {
-            self.stderr().contains(needle)
-        });
+        wait_until(LOG_DEADLINE, needle, || self.stderr().contains(needle));
+    }
+
+    /// Waits up to [`LOG_DEADLINE`] for the JSON log line (`--log-format json`) whose
+    /// `message` is `message`, and returns it.
+    pub fn wait_for_json_line(&self, message: &str) -> serde_json::Value {
+        wait_for_json_line(|| self.stderr(), message)
     }
 }
 
@@ -202,6 +226,43 @@ pub fn fcgi_request_as(
             .await
             .map_err(|_| "no response within 60 s".to_string())?
     })
+}
+
+/// Where a test asks for `/pid`.
+#[derive(Clone, Copy)]
+pub enum Via<'a> {
+    /// Straight to the application, over FastCGI.
+    Fcgi(&'a Addr),
+    /// Through nginx, over HTTP.
+    Nginx(&'a Nginx),
+}
+
+/// GET `/pid`: the pid of the worker that answered, or why there is none (no answer, a status
+/// other than 200, or a body that is not a pid).
+pub fn fetch_pid(via: Via<'_>) -> Result<i32, String> {
+    let (status, body) = match via {
+        Via::Fcgi(addr) => {
+            let r = fcgi_request(addr, "GET", "/pid", b"")?;
+            (r.status(), r.body().to_vec())
+        }
+        Via::Nginx(nginx) => {
+            let r = http::get(nginx.port(), "/pid").map_err(|e| e.to_string())?;
+            (r.status, r.body)
+        }
+    };
+    let text = String::from_utf8_lossy(&body);
+    match text.trim().parse() {
+        Ok(pid) if status == 200 => Ok(pid),
+        _ => {
+            let via = match via {
+                Via::Fcgi(addr) => format!("FastCGI to {addr:?}"),
+                Via::Nginx(nginx) => format!("nginx on port {}", nginx.port()),
+            };
+            Err(format!(
+                "GET /pid via {via} answered {status} {text:?}, expected 200 and a pid"
+            ))
+        }
+    }
 }
 
 /// The live (not zombie) children of `master`, from /proc.

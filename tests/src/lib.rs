@@ -1,6 +1,7 @@
 //! Support code for the end-to-end tests: temporary directories, free ports, processes that
-//! are always stopped (by process group, never by name), polling with a deadline, and the
-//! applications and frontends the tests start.
+//! are always stopped (by process group, never by name), polling with a deadline, the
+//! applications and frontends the tests start, and checkers for what they answer and log
+//! (the JSON log, the OpenMetrics grammar).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -14,9 +15,14 @@ use nix::unistd::Pid;
 
 mod app;
 pub mod http;
+pub mod log;
 mod nginx;
+pub mod openmetrics;
 
-pub use app::{fcgi_request, fcgi_request_as, fcgi_request_with, worker_pids, Addr, App};
+pub use app::{
+    fcgi_request, fcgi_request_as, fcgi_request_with, fetch_pid, worker_pids, Addr, App, Via,
+    WORKERS_DEADLINE,
+};
 pub use nginx::Nginx;
 
 /// A directory removed when dropped.
@@ -169,4 +175,16 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Polls `f` every 10 ms for `duration` and panics naming `what` the first time it is false:
+/// for what must not happen in a while (a pool that must not grow), where [`wait_until`] is
+/// for what must happen.
+pub fn assert_throughout(duration: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        assert!(f(), "{what} failed after {:?}", start.elapsed());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(f(), "{what} failed at the end of {duration:?}");
 }

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::http::{self, Body};
-use e2e::{wait_until, worker_pids, App, Nginx, TempDir};
+use e2e::{fetch_pid, worker_pids, App, Nginx, TempDir, Via};
 use sha2::{Digest, Sha256};
 
 struct Stack {
@@ -67,11 +67,7 @@ fn every_route_through_nginx() {
         let r = http::get(p, "/sleep?ms=50").expect("/sleep");
         assert_eq!((r.status, &r.body[..]), (200, &b"slept 50\n"[..]));
 
-        let r = http::get(p, "/pid").expect("/pid");
-        let pid: i32 = String::from_utf8_lossy(&r.body)
-            .trim()
-            .parse()
-            .expect("a pid");
+        let pid = fetch_pid(Via::Nginx(&s.nginx)).expect("/pid");
         assert!(
             worker_pids(s.app.pid()).contains(&pid),
             "{pid} is one of the workers"
@@ -184,15 +180,11 @@ fn static_files_never_reach_the_pool() {
 fn panic_is_a_500_and_the_worker_keeps_serving() {
     both(|keep| {
         let s = stack(keep, &["--workers", "1"]);
-        let before = http::get(s.nginx.port(), "/pid").expect("/pid").body;
+        let before = fetch_pid(Via::Nginx(&s.nginx)).expect("/pid");
         let r = http::get(s.nginx.port(), "/panic").expect("/panic");
         assert_eq!(r.status, 500);
-        let after = http::get(s.nginx.port(), "/pid").expect("/pid");
-        assert_eq!(after.status, 200);
-        assert_eq!(
-            after.body, before,
-            "the same worker answered after its panic"
-        );
+        let after = fetch_pid(Via::Nginx(&s.nginx)).expect("/pid after the panic");
+        assert_eq!(after, before, "the same worker answered after its panic");
     });
 }
 
@@ -200,15 +192,12 @@ fn panic_is_a_500_and_the_worker_keeps_serving() {
 fn crash_is_a_502_and_the_pool_is_back_to_size() {
     both(|keep| {
         let s = stack(keep, &["--workers", "2"]);
-        wait_until(Duration::from_secs(10), "2 workers", || {
-            worker_pids(s.app.pid()).len() == 2
-        });
+        s.app.wait_for_workers(2);
         let r = http::get(s.nginx.port(), "/crash").expect("/crash");
         assert_eq!(r.status, 502, "keep_conn {keep}");
         s.app.wait_for_log("worker died unexpectedly");
-        wait_until(Duration::from_secs(10), "the pool back at 2", || {
-            worker_pids(s.app.pid()).len() == 2
-        });
+        // The pool back at 2.
+        s.app.wait_for_workers(2);
         assert_eq!(
             http::get(s.nginx.port(), "/hello").expect("/hello").status,
             200

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::http::{self, Body};
-use e2e::{wait_until, worker_pids, App, Nginx, TempDir};
+use e2e::{fetch_pid, wait_until, worker_pids, App, Nginx, TempDir, Via};
 use nix::sys::signal::Signal;
 
 /// Four client threads sending requests until told to stop (bounded: at most 20000 each);
@@ -96,11 +96,7 @@ fn ten_reloads_and_five_upgrades_under_load_fail_no_request() {
             &format!("round {round} ({sig:?}) to replace the workers"),
         );
         for _ in 0..10 {
-            let r = http::get(port, "/pid").expect("/pid");
-            let pid: i32 = String::from_utf8_lossy(&r.body)
-                .trim()
-                .parse()
-                .expect("a pid");
+            let pid = fetch_pid(Via::Nginx(&nginx)).expect("/pid");
             assert!(
                 !old.contains(&pid),
                 "round {round}: answered by the new generation"

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::http;
-use e2e::{fcgi_request, wait_until, worker_pids, Addr, App, Nginx, TempDir};
+use e2e::log::wait_for_json_line;
+use e2e::{fcgi_request, http, openmetrics, wait_until, worker_pids, Addr, App, Nginx, TempDir};
 use nix::sys::signal::Signal;
 
 const PATHS: [&str; 4] = ["--status-path", "/status", "--ping-path", "/ping"];
@@ -64,20 +64,30 @@ fn every_format_parses_and_counts_right() {
     );
     let metrics = String::from_utf8_lossy(r.body()).into_owned();
     assert!(metrics.ends_with("# EOF\n"));
-    for line in metrics.lines() {
-        let sample = line.starts_with("fcgi_pool_")
-            && line.contains("{pool=\"www\"")
-            && line
-                .rsplit(' ')
-                .next()
-                .is_some_and(|v| v.parse::<f64>().is_ok());
-        let meta = ["# TYPE ", "# HELP ", "# UNIT "]
-            .iter()
-            .any(|p| line.starts_with(p))
-            || line == "# EOF";
-        assert!(sample || meta, "not OpenMetrics: {line}");
+    let samples = openmetrics::check(&metrics).unwrap_or_else(|e| panic!("{e}\n{metrics}"));
+    for s in &samples {
+        assert!(s.name.starts_with("fcgi_pool_"), "{s:?}");
+        assert_eq!(
+            s.labels.first().map(|(n, v)| (n.as_str(), v.as_str())),
+            Some(("pool", "www")),
+            "{s:?}"
+        );
     }
     assert!(metrics.contains("fcgi_pool_accepted_connections_total{pool=\"www\"} 5\n"));
+    // With `full`, one state sample for each worker, named by its pid.
+    let mut pids: Vec<i32> = samples
+        .iter()
+        .filter(|s| s.name == "fcgi_pool_process_state")
+        .map(|s| {
+            s.label("pid")
+                .and_then(|p| p.parse().ok())
+                .expect("a pid label")
+        })
+        .collect();
+    let mut workers = worker_pids(app.pid());
+    pids.sort();
+    workers.sort();
+    assert_eq!(pids, workers, "{metrics}");
 
     let r = fcgi_request(&app.unix(), "GET", "/status?html", b"").expect("html");
     assert!(String::from_utf8_lossy(r.body()).contains("<th>accepted conn</th><td>5</td>"));
@@ -143,24 +153,12 @@ fn worker_exit_and_timeout_lines_in_json() {
     );
     let r = fcgi_request(&app.unix(), "GET", "/sleep?ms=10000", b"");
     assert!(r.is_err(), "the request was cut off");
-    app.wait_for_log("worker exited");
-    let lines: Vec<serde_json::Value> = app
-        .stderr()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    let timeout = lines
-        .iter()
-        .find(|l| l["message"] == "request timeout: ending worker")
-        .expect("timeout line");
+    let timeout = app.wait_for_json_line("request timeout: ending worker");
     assert_eq!(timeout["method"], "GET");
     assert_eq!(timeout["uri"], "/sleep?ms=10000");
     assert!(timeout["elapsed_ms"].as_u64().is_some_and(|ms| ms >= 1000));
     assert!(timeout["pid"].as_i64().is_some());
-    let exit = lines
-        .iter()
-        .find(|l| l["message"] == "worker exited")
-        .expect("exit line");
+    let exit = app.wait_for_json_line("worker exited");
     assert_eq!(exit["pid"], timeout["pid"]);
     assert_eq!(exit["generation"], 1);
     assert!(exit["cause"]
@@ -169,16 +167,12 @@ fn worker_exit_and_timeout_lines_in_json() {
     assert!(exit["lifetime_ms"].as_u64().is_some());
     assert!(exit["requests"].as_u64().is_some());
 
-    // A worker killed from outside: its line says which signal.
+    // A worker killed from outside: its line says which signal. (The replacement of the
+    // worker that timed out is forked after its exit line: wait for it.)
+    app.wait_for_workers(1);
     let pid = worker_pids(app.pid())[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
-    app.wait_for_log("worker died unexpectedly");
-    let died: serde_json::Value = app
-        .stderr()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["message"] == "worker died unexpectedly")
-        .expect("died line");
+    let died = app.wait_for_json_line("worker died unexpectedly");
     assert_eq!(died["pid"], pid);
     assert_eq!(died["cause"], "signal SIGKILL");
 }
@@ -219,18 +213,15 @@ fn log_file_is_reopened_on_usr1_and_access_log_lines_name_the_request() {
     );
     let r = fcgi_request(&app.unix(), "GET", "/hello?x=1", b"").expect("hello");
     assert_eq!(r.status(), 200);
-    wait_until(Duration::from_secs(5), "the access log line", || {
-        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"uri\":\"/hello?x=1\""))
-    });
-    let text = std::fs::read_to_string(&log).expect("log");
-    let line: serde_json::Value = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["message"] == "request")
-        .expect("access line");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let line = wait_for_json_line(read_log, "request");
     assert_eq!(
-        (line["method"].as_str(), line["status"].as_u64()),
-        (Some("GET"), Some(200))
+        (
+            line["uri"].as_str(),
+            line["method"].as_str(),
+            line["status"].as_u64()
+        ),
+        (Some("/hello?x=1"), Some("GET"), Some(200))
     );
     assert!(line["duration_ms"].as_f64().is_some() && line["pid"].as_i64().is_some());
 
@@ -244,9 +235,23 @@ fn log_file_is_reopened_on_usr1_and_access_log_lines_name_the_request() {
     );
     let r = fcgi_request(&app.unix(), "GET", "/hello?after=rotation", b"").expect("hello");
     assert_eq!(r.status(), 200);
-    wait_until(
-        Duration::from_secs(5),
-        "the worker's access line in the new file",
-        || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/hello?after=rotation")),
-    );
+    // The new file's only access line.
+    let line = wait_for_json_line(read_log, "request");
+    assert_eq!(line["uri"], "/hello?after=rotation");
+}
+
+#[test]
+fn openmetrics_escapes_a_pool_name_with_quotes_and_backslashes() {
+    let dir = TempDir::new("status-escape");
+    let pool = r#"a "quoted" \ pool"#;
+    let app = start(&dir, &["--workers", "1", "--pool-name", pool]);
+    app.wait_for_workers(1);
+    let r = fcgi_request(&app.unix(), "GET", "/status?openmetrics&full", b"").expect("openmetrics");
+    assert_eq!(r.status(), 200);
+    let metrics = String::from_utf8_lossy(r.body()).into_owned();
+    let samples = openmetrics::check(&metrics).unwrap_or_else(|e| panic!("{e}\n{metrics}"));
+    assert!(!samples.is_empty(), "{metrics}");
+    for s in &samples {
+        assert_eq!(s.label("pool"), Some(pool), "{s:?}");
+    }
 }

@@ -4,7 +4,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use e2e::{fcgi_request, wait_until, worker_pids, App, TempDir};
+use e2e::{
+    assert_throughout, fcgi_request, fetch_pid, wait_until, worker_pids, App, TempDir, Via,
+    WORKERS_DEADLINE,
+};
 use nix::sys::signal::Signal;
 
 #[test]
@@ -36,9 +39,7 @@ fn dynamic_pool_grows_under_a_burst_and_shrinks_back() {
             "2",
         ],
     );
-    wait_until(Duration::from_secs(10), "2 start workers", || {
-        worker_pids(app.pid()).len() == 2
-    });
+    app.wait_for_workers(2);
     let started = Instant::now();
     let burst: Vec<_> = (0..6)
         .map(|_| {
@@ -46,9 +47,8 @@ fn dynamic_pool_grows_under_a_burst_and_shrinks_back() {
             std::thread::spawn(move || fcgi_request(&addr, "GET", "/sleep?ms=4000", b""))
         })
         .collect();
-    wait_until(Duration::from_secs(4), "the pool to grow to 6", || {
-        worker_pids(app.pid()).len() == 6
-    });
+    // Within the 4 s the requests sleep: the pool grew for them, not after them.
+    app.wait_for_workers_within(6, Duration::from_secs(4));
     for t in burst {
         let res = t.join().expect("client thread").expect("burst request");
         assert_eq!(res.body(), b"slept 4000\n");
@@ -60,11 +60,8 @@ fn dynamic_pool_grows_under_a_burst_and_shrinks_back() {
         "burst took {:?}",
         started.elapsed()
     );
-    wait_until(
-        Duration::from_secs(10),
-        "the pool to shrink to max_spare",
-        || worker_pids(app.pid()).len() == 2,
-    );
+    // Back to max_spare.
+    app.wait_for_workers(2);
 }
 
 #[test]
@@ -74,35 +71,31 @@ fn ondemand_starts_empty_spawns_for_a_request_and_reaps_idle_workers() {
         &dir,
         &["--pm", "ondemand", "--workers", "4", "--idle-timeout", "1s"],
     );
-    // Give the master a full tick to prove it does not spawn on its own.
+    // Watch the master for over a full tick to prove it does not spawn on its own.
     app.wait_for_log("master started");
-    std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(
-        worker_pids(app.pid()).len(),
-        0,
-        "ondemand starts with no worker"
+    assert_throughout(
+        Duration::from_millis(1200),
+        "ondemand starts with no worker",
+        || worker_pids(app.pid()).is_empty(),
     );
     let res =
         fcgi_request(&app.unix(), "GET", "/hello", b"").expect("request through the unix socket");
     assert_eq!(res.status(), 200);
     assert_eq!(worker_pids(app.pid()).len(), 1);
-    wait_until(
-        Duration::from_secs(5),
-        "the idle worker to be reaped",
-        || worker_pids(app.pid()).is_empty(),
-    );
+    // Reaped after its 1 s idle timeout.
+    app.wait_for_workers_within(0, Duration::from_secs(5));
 }
 
 #[test]
 fn killed_worker_is_replaced_and_requests_keep_succeeding() {
     let dir = TempDir::new("respawn");
     let app = App::start(&dir, &["--pm", "static", "--workers", "1"]);
-    let first = pid_of_worker(&app);
+    let first = answering_worker(&app);
     let killed_at = Instant::now();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL)
         .expect("kill worker");
     // The replacement's first answer: connections made meanwhile wait in the backlog.
-    let second = pid_of_worker(&app);
+    let second = answering_worker(&app);
     let elapsed = killed_at.elapsed();
     eprintln!("worker SIGKILL to replacement answering: {elapsed:?}");
     assert_ne!(first, second);
@@ -141,13 +134,15 @@ fn crash_loop_backs_off() {
         &[("APP_EXAMPLE_FAIL_WORKER_INIT", "1")],
     );
     app.wait_for_log("crash-loop backoff");
-    std::thread::sleep(Duration::from_secs(3));
-    let deaths = app.stderr().matches("worker died unexpectedly").count();
+    let deaths = || app.stderr().matches("worker died unexpectedly").count();
+    wait_until(Duration::from_secs(15), "workers to keep dying", || {
+        deaths() >= 3
+    });
     // Without backoff two workers dying at once would respawn thousands of times in 3 s.
-    assert!(deaths >= 3, "workers did die: {deaths}");
-    assert!(
-        deaths < 30,
-        "respawns are bounded by the backoff, got {deaths}"
+    assert_throughout(
+        Duration::from_secs(3),
+        "respawns bounded by the backoff (under 30 deaths)",
+        || deaths() < 30,
     );
 }
 
@@ -178,14 +173,14 @@ fn request_timeout_kills_and_replaces_the_worker() {
             "1s",
         ],
     );
-    let before = pid_of_worker(&app);
+    let before = answering_worker(&app);
     let res = fcgi_request(&app.unix(), "GET", "/sleep?ms=20000", b"");
     assert!(
         res.is_err(),
         "the hung request is cut off, not answered: {res:?}"
     );
     app.wait_for_log("request timeout");
-    let after = pid_of_worker(&app);
+    let after = answering_worker(&app);
     assert_ne!(before, after, "the worker was replaced");
     let log = app.stderr();
     let line = log
@@ -207,10 +202,8 @@ fn max_requests_recycles_workers_without_failing_a_request() {
     );
     let mut pids = std::collections::BTreeSet::new();
     for i in 0..60 {
-        let res = fcgi_request(&app.unix(), "GET", "/pid", b"")
-            .unwrap_or_else(|e| panic!("request {i}: {e}"));
-        assert_eq!(res.status(), 200, "request {i}");
-        pids.insert(String::from_utf8_lossy(res.body()).trim().to_string());
+        let pid = fetch_pid(Via::Fcgi(&app.unix())).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        pids.insert(pid);
     }
     assert!(
         pids.len() >= 6,
@@ -283,12 +276,11 @@ fn bad_configuration_exits_2_naming_the_key() {
     assert_eq!(code, Some(0), "{out}");
 }
 
-fn pid_of_worker(app: &App) -> i32 {
+/// The pid of the worker that answers `/pid`, once one does.
+fn answering_worker(app: &App) -> i32 {
     let mut last = None;
-    wait_until(Duration::from_secs(10), "a worker answering /pid", || {
-        last = fcgi_request(&app.unix(), "GET", "/pid", b"")
-            .ok()
-            .and_then(|r| String::from_utf8_lossy(r.body()).trim().parse().ok());
+    wait_until(WORKERS_DEADLINE, "a worker answering /pid", || {
+        last = fetch_pid(Via::Fcgi(&app.unix())).ok();
         last.is_some()
     });
     last.expect("checked by wait_until")
@@ -310,15 +302,11 @@ fn ttin_and_ttou_resize_the_pool() {
     let app = App::start(&dir, &["--pm", "static", "--workers", "2"]);
     app.wait_for_workers(2);
     app.signal(Signal::SIGTTIN);
-    wait_until(Duration::from_secs(5), "3 workers after TTIN", || {
-        worker_pids(app.pid()).len() == 3
-    });
+    app.wait_for_workers_within(3, Duration::from_secs(5));
     app.signal(Signal::SIGTTOU);
     app.wait_for_log("to=2");
     app.signal(Signal::SIGTTOU);
-    wait_until(Duration::from_secs(5), "1 worker after two TTOU", || {
-        worker_pids(app.pid()).len() == 1
-    });
+    app.wait_for_workers_within(1, Duration::from_secs(5));
     let r = fcgi_request(&app.unix(), "GET", "/hello", b"").expect("still serving");
     assert_eq!(r.status(), 200);
 }
