@@ -55,6 +55,7 @@
 //! segfault costs only that worker.
 
 mod app;
+mod boot;
 mod clock;
 mod config;
 mod listener;
@@ -66,7 +67,6 @@ mod sys;
 mod worker;
 
 use std::fmt::Display;
-use std::sync::Arc;
 
 pub use app::request::{BodyReader, Request};
 pub use app::response::{status, text, with_type, Body, BodyWriter, Response};
@@ -97,83 +97,5 @@ where
     E: Display,
     F: FnOnce() -> Result<R, E>,
 {
-    std::process::exit(run_to_exit_code(setup))
-}
-
-fn run_to_exit_code<R, E, F>(setup: F) -> i32
-where
-    R: Responder,
-    E: Display,
-    F: FnOnce() -> Result<R, E>,
-{
-    let program = std::env::args().next().unwrap_or_else(|| "server".into());
-    let mut cli = match config::Cli::parse_from_env() {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
-    };
-    cli.inherits_listeners = master::upgrade::will_inherit();
-    let cfg = match config::Config::load(&cli) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("{program}: {e}");
-            return 2;
-        }
-    };
-    if cfg.check_config {
-        // The application's setup runs too: a binary upgrade checks the new binary this way
-        // before it replaces the running one.
-        if let Err(e) = setup() {
-            eprintln!("{program}: configuration ok, but the application setup failed: {e}");
-            return 1;
-        }
-        println!("{program}: configuration ok");
-        return 0;
-    }
-    if let Err(e) = logging::init(cfg.log_format, cfg.log_file.as_deref()) {
-        eprintln!("{program}: {e}");
-        return 1;
-    }
-    let mut inherited = match master::upgrade::inherit() {
-        Ok(inherited) => inherited,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot take over the inherited sockets");
-            return 1;
-        }
-    };
-    let mut listeners = std::mem::take(&mut inherited.listeners);
-    for addr in &cfg.listen {
-        if listeners.iter().any(|l| l.addr() == addr) {
-            continue;
-        }
-        match listener::Listener::bind(addr, cfg.backlog, &cfg.socket) {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                tracing::error!(listen = %addr, error = %e, "cannot listen");
-                return 1;
-            }
-        }
-    }
-    if let Some(path) = &cfg.pid_file {
-        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
-            tracing::error!(path = %path.display(), error = %e, "cannot write pid file");
-            return 1;
-        }
-    }
-    let app = match setup() {
-        Ok(app) => app,
-        Err(e) => {
-            tracing::error!(error = %e, "application setup failed");
-            if let Some(path) = &cfg.pid_file {
-                let _ = std::fs::remove_file(path);
-            }
-            return 1;
-        }
-    };
-    match master::Master::new(cli, cfg, Arc::new(app), listeners, inherited) {
-        Ok(master) => master.run(),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the master");
-            1
-        }
-    }
+    std::process::exit(boot::run(setup))
 }
