@@ -98,15 +98,21 @@ pub(crate) struct Misfit {
 
 impl fmt::Display for Misfit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{ENV_WORKERS} puts worker {} in slot {}, but the inherited scoreboard has {} slots \
-             (0 to {}); not adopting it",
-            self.worker.pid,
-            self.worker.slot,
-            self.slots,
-            self.slots.saturating_sub(1)
-        )
+        let (pid, slot) = (self.worker.pid, self.worker.slot);
+        if self.slots == 0 {
+            write!(
+                f,
+                "{ENV_WORKERS} puts worker {pid} in slot {slot}, but no scoreboard was handed over \
+                 in {ENV_SCOREBOARD}; not adopting it"
+            )
+        } else {
+            write!(
+                f,
+                "{ENV_WORKERS} puts worker {pid} in slot {slot}, but the inherited scoreboard has \
+                 {} slots; not adopting it",
+                self.slots
+            )
+        }
     }
 }
 
@@ -290,13 +296,18 @@ pub(crate) fn inherit() -> io::Result<Inherited> {
 /// one. Only a child of this process is signalled: a pid in the variable that is not one is
 /// left alone. Its exit is reaped like any child's and, being unknown, logged by no one.
 fn let_go(misfit: &Misfit) {
-    tracing::error!("{misfit}; stopping it");
     if let Some(fd) = misfit.worker.channel {
         drop(sys::adopt_fd(fd));
     }
     let pid = misfit.worker.pid;
-    if let Ok(WaitStatus::StillAlive) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-        let _ = kill(pid, Signal::SIGTERM);
+    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => {
+            tracing::error!("{misfit}; stopping it (SIGTERM)");
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+        // It exited meanwhile, and is now reaped.
+        Ok(_) => tracing::error!("{misfit}; it has exited"),
+        Err(_) => tracing::error!("{misfit}; not a child of this process, so left alone"),
     }
 }
 
@@ -378,6 +389,11 @@ mod tests {
         let parsed = parse_workers(&value, 0).expect("well-formed");
         assert!(parsed.adopted.is_empty());
         assert_eq!(parsed.misfits.len(), 2);
+        let said = parsed.misfits[0].to_string();
+        assert!(
+            said.contains("no scoreboard") && said.contains("SUPERVISOR_SCOREBOARD"),
+            "{said}"
+        );
     }
 
     #[test]
