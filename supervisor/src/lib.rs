@@ -24,8 +24,9 @@
 //!   inherited, the application is set up, and the master takes over; every failure at start
 //!   is one `StartError` mapped to an exit code.
 //! - `master/`: the supervisor process. Single-threaded and synchronous, never a tokio runtime,
-//!   so `fork` is safe (`scripts/test` fails if a file there imports tokio). The loop and
-//!   reaping, reload generations, forwarding kept-alive connections, upgrades, systemd
+//!   so `fork` is safe (`scripts/test` fails if a file there imports tokio). The loop,
+//!   reaping and spawning (`mod.rs`), the maintenance pass, reload generations, forwarding
+//!   kept-alive connections, the USR2 upgrade and what it hands over (`inherit`), systemd
 //!   notification, the signal table, and the pure policies.
 //! - `worker/`: a forked worker. A current-thread tokio runtime plus handler threads; it never
 //!   forks. Accepting, one FastCGI connection, the room queue, running a request, the I/O

@@ -56,8 +56,8 @@ const MIN_WAIT: Duration = Duration::from_millis(1);
 /// (growing stops at half the table) and a reload of the doubled pool still fits.
 const SLOTS_PER_WORKER: usize = 4;
 
-/// The fewest slots: at 384 bytes a slot, 256 cost under 100 KiB, and let a small pool grow by
-/// TTIN to 127 workers without a restart.
+/// The fewest slots: a slot is under 400 bytes, so 256 cost under 100 KiB, and they let a small
+/// pool grow by TTIN to 127 workers without a restart.
 const MIN_SLOTS: usize = 256;
 
 /// Scoreboard slots for `cfg`; the table is sized once, at startup.
