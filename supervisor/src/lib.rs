@@ -24,8 +24,9 @@
 //!   inherited, the application is set up, and the master takes over; every failure at start
 //!   is one `StartError` mapped to an exit code.
 //! - `master/`: the supervisor process. Single-threaded and synchronous, never a tokio runtime,
-//!   so `fork` is safe (`scripts/test` fails if a file there imports tokio). The loop and
-//!   reaping, reload generations, forwarding kept-alive connections, upgrades, systemd
+//!   so `fork` is safe (`scripts/test` fails if a file there imports tokio). The loop,
+//!   reaping and spawning (`mod.rs`), the maintenance pass, reload generations, forwarding
+//!   kept-alive connections, the USR2 upgrade and what it hands over (`inherit`), systemd
 //!   notification, the signal table, and the pure policies.
 //! - `worker/`: a forked worker. A current-thread tokio runtime plus handler threads; it never
 //!   forks. Accepting, one FastCGI connection, the room queue, running a request, the I/O
@@ -55,6 +56,7 @@
 //! segfault costs only that worker.
 
 mod app;
+mod boot;
 mod clock;
 mod config;
 mod listener;
@@ -71,7 +73,6 @@ mod worker;
 pub mod __fork_checks;
 
 use std::fmt::Display;
-use std::sync::Arc;
 
 pub use app::request::{BodyReader, Request};
 pub use app::response::{status, text, with_type, Body, BodyWriter, Response};
@@ -102,83 +103,5 @@ where
     E: Display,
     F: FnOnce() -> Result<R, E>,
 {
-    std::process::exit(run_to_exit_code(setup))
-}
-
-fn run_to_exit_code<R, E, F>(setup: F) -> i32
-where
-    R: Responder,
-    E: Display,
-    F: FnOnce() -> Result<R, E>,
-{
-    let program = std::env::args().next().unwrap_or_else(|| "server".into());
-    let mut cli = match config::Cli::parse_from_env() {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
-    };
-    cli.inherits_listeners = master::upgrade::will_inherit();
-    let cfg = match config::Config::load(&cli) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("{program}: {e}");
-            return 2;
-        }
-    };
-    if cfg.check_config {
-        // The application's setup runs too: a binary upgrade checks the new binary this way
-        // before it replaces the running one.
-        if let Err(e) = setup() {
-            eprintln!("{program}: configuration ok, but the application setup failed: {e}");
-            return 1;
-        }
-        println!("{program}: configuration ok");
-        return 0;
-    }
-    if let Err(e) = logging::init(cfg.log_format, cfg.log_file.as_deref()) {
-        eprintln!("{program}: {e}");
-        return 1;
-    }
-    let mut inherited = match master::upgrade::inherit() {
-        Ok(inherited) => inherited,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot take over the inherited sockets");
-            return 1;
-        }
-    };
-    let mut listeners = std::mem::take(&mut inherited.listeners);
-    for addr in &cfg.listen {
-        if listeners.iter().any(|l| l.addr() == addr) {
-            continue;
-        }
-        match listener::Listener::bind(addr, cfg.backlog, &cfg.socket) {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                tracing::error!(listen = %addr, error = %e, "cannot listen");
-                return 1;
-            }
-        }
-    }
-    if let Some(path) = &cfg.pid_file {
-        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
-            tracing::error!(path = %path.display(), error = %e, "cannot write pid file");
-            return 1;
-        }
-    }
-    let app = match setup() {
-        Ok(app) => app,
-        Err(e) => {
-            tracing::error!(error = %e, "application setup failed");
-            if let Some(path) = &cfg.pid_file {
-                let _ = std::fs::remove_file(path);
-            }
-            return 1;
-        }
-    };
-    match master::Master::new(cli, cfg, Arc::new(app), listeners, inherited) {
-        Ok(master) => master.run(),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the master");
-            1
-        }
-    }
+    std::process::exit(boot::run(setup))
 }

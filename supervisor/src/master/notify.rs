@@ -82,3 +82,36 @@ impl Notifier {
         self.send("WATCHDOG=1");
     }
 }
+
+/// The master's side of systemd: the notifier and when the watchdog was last fed.
+pub(crate) struct Systemd {
+    pub(crate) notifier: Notifier,
+    /// When WATCHDOG=1 was last sent.
+    watchdog_at: Duration,
+}
+
+impl Systemd {
+    /// From the environment, as of `now`.
+    pub(crate) fn from_env(now: Duration) -> Systemd {
+        Systemd {
+            notifier: Notifier::from_env(),
+            watchdog_at: now,
+        }
+    }
+
+    /// Feeds the watchdog when it is due.
+    pub(crate) fn tick(&mut self, now: Duration) {
+        if let Some(every) = self.notifier.watchdog_every() {
+            if now.saturating_sub(self.watchdog_at) >= every {
+                self.notifier.watchdog();
+                self.watchdog_at = now;
+            }
+        }
+    }
+
+    /// How long until the watchdog is due, if there is one.
+    pub(crate) fn next_due(&self, now: Duration) -> Option<Duration> {
+        let every = self.notifier.watchdog_every()?;
+        Some((self.watchdog_at + every).saturating_sub(now))
+    }
+}

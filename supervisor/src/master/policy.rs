@@ -317,222 +317,108 @@ impl SlowLog {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// TTIN or TTOU: one worker more or one fewer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    /// One worker more.
+    Grow,
+    /// One worker fewer.
+    Shrink,
+}
 
-    const T: Duration = Duration::from_secs(1000);
+/// Why TTIN changed nothing: the pool would outgrow its share of the scoreboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoardFull {
+    /// The pool size, unchanged.
+    pub workers: usize,
+    /// Slots in the scoreboard.
+    pub slots: usize,
+}
 
-    fn secs(s: u64) -> Duration {
-        Duration::from_secs(s)
+/// Generations that must fit in the scoreboard at once: during a reload the new generation
+/// starts beside the old one, which drains only once the new one is ready.
+pub const GENERATIONS_IN_BOARD: usize = 2;
+
+/// The pool settings after TTIN or TTOU. The scoreboard is sized once, at startup: growing
+/// stops short of [`GENERATIONS_IN_BOARD`]'s share of it, so a reload of the grown pool still
+/// fits. Shrinking stops at one worker. The spare and start counts are clamped to the new size,
+/// which they may not exceed.
+pub fn resize(cfg: &PoolConfig, resize: Resize, slots: usize) -> Result<PoolConfig, BoardFull> {
+    let mut cfg = cfg.clone();
+    let before = cfg.workers;
+    cfg.workers = match resize {
+        Resize::Grow => before + 1,
+        Resize::Shrink => before.saturating_sub(1).max(1),
+    };
+    if resize == Resize::Grow && cfg.workers >= slots / GENERATIONS_IN_BOARD {
+        return Err(BoardFull {
+            workers: before,
+            slots,
+        });
     }
+    cfg.min_spare = cfg.min_spare.min(cfg.workers);
+    cfg.max_spare = cfg.max_spare.min(cfg.workers);
+    cfg.start_workers = cfg.start_workers.min(cfg.workers);
+    Ok(cfg)
+}
 
-    fn w(pid: i32, state: WorkerState, since: Duration) -> WorkerView {
-        WorkerView {
-            pid,
-            state,
-            started: Duration::ZERO,
-            since,
-            requests: 0,
-            timeout_term_at: None,
-        }
-    }
+/// Whether some current worker is up (past starting) and has lived past [`YOUNG_DEATH`]: then
+/// a crash loop, if any, is over ([`Respawn::on_healthy`]).
+pub fn any_healthy(current: &[WorkerView], now: Duration) -> bool {
+    current
+        .iter()
+        .any(|v| v.state != WorkerState::Starting && now.saturating_sub(v.started) >= YOUNG_DEATH)
+}
 
-    fn idle(n: i32) -> Vec<WorkerView> {
-        (1..=n).map(|p| w(p, WorkerState::Idle, T)).collect()
-    }
+/// Whether the master should wake on a connection arriving rather than on its tick: a pool
+/// that starts workers on demand (`dynamic`, `ondemand`) has none ready or about to be
+/// (idle or starting), this tick starts none, and there is room for one. A `static` pool is
+/// always full, and a starting worker will take the connection itself.
+pub fn watch_listeners(cfg: &PoolConfig, current: &[WorkerView], spawning: usize) -> bool {
+    let ready = current
+        .iter()
+        .any(|v| matches!(v.state, WorkerState::Idle | WorkerState::Starting));
+    cfg.mode != PoolMode::Static && !ready && spawning == 0 && current.len() < cfg.workers
+}
 
-    fn cfg(mode: PoolMode) -> PoolConfig {
-        PoolConfig {
-            mode,
-            workers: 10,
-            start_workers: 3,
-            min_spare: 2,
-            max_spare: 4,
-            max_spawn_rate: 8,
-            idle_timeout: secs(10),
-        }
-    }
+/// How long a reload may wait for the new generation before the master says so, loudly.
+pub const RELOAD_SLOW: Duration = Duration::from_secs(10);
 
-    #[test]
-    fn static_keeps_exactly_its_size() {
-        let mut pool = Pool::new(cfg(PoolMode::Static));
-        assert_eq!(pool.initial_workers(), 10);
-        assert_eq!(pool.tick(&idle(10), 0, T), PoolPlan::default());
-        assert_eq!(pool.tick(&idle(7), 0, T).spawn, 3, "the dead are replaced");
-        let mut shrunk = cfg(PoolMode::Static);
-        shrunk.workers = 8;
-        pool.set_config(shrunk);
-        let mut ws = idle(10);
-        ws[0].state = WorkerState::Busy;
-        assert_eq!(pool.tick(&ws, 0, T).stop.len(), 2);
-    }
+/// Current workers that serve (idle or busy): what readiness counts.
+pub fn ready_workers(current: &[WorkerView]) -> usize {
+    current
+        .iter()
+        .filter(|v| matches!(v.state, WorkerState::Idle | WorkerState::Busy))
+        .count()
+}
 
-    #[test]
-    fn dynamic_spawn_rate_doubles_and_resets() {
-        let mut c = cfg(PoolMode::Dynamic);
-        c.min_spare = 8;
-        c.workers = 40;
-        c.max_spawn_rate = 4;
-        let mut pool = Pool::new(c);
-        assert_eq!(pool.initial_workers(), 3);
-        let busy: Vec<_> = (1..=3).map(|p| w(p, WorkerState::Busy, T)).collect();
-        let rates: Vec<usize> = (0..4).map(|_| pool.tick(&busy, 0, T).spawn).collect();
-        assert_eq!(rates, [1, 2, 4, 4]);
-        assert_eq!(pool.tick(&idle(8), 0, T).spawn, 0);
-        assert_eq!(
-            pool.tick(&busy, 0, T).spawn,
-            1,
-            "rate reset once nothing was needed"
-        );
-    }
+/// Where a reload stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadProgress {
+    /// The new generation is ready: the older ones drain.
+    Ready,
+    /// Not yet.
+    Waiting,
+    /// Not yet, and it has been [`RELOAD_SLOW`] or longer.
+    Late,
+}
 
-    #[test]
-    fn dynamic_stops_excess_idle_longest_idle_first_never_busy() {
-        let mut pool = Pool::new(cfg(PoolMode::Dynamic));
-        let mut ws: Vec<_> = (1..=7)
-            .map(|p| w(p, WorkerState::Idle, T + secs(p as u64)))
-            .collect();
-        ws.push(w(8, WorkerState::Busy, T));
-        ws.push(w(9, WorkerState::Starting, T));
-        let plan = pool.tick(&ws, 0, T + secs(100));
-        assert_eq!(
-            plan.stop,
-            vec![1, 2, 3],
-            "7 idle, max_spare 4: the 3 idle longest go"
-        );
-    }
-
-    #[test]
-    fn dynamic_serves_a_burst_within_a_few_ticks_and_never_exceeds_the_maximum() {
-        let mut pool = Pool::new(cfg(PoolMode::Dynamic));
-        let mut ws: Vec<_> = (1..=3).map(|p| w(p, WorkerState::Busy, T)).collect();
-        let mut ticks = 0;
-        while ws.len() < 10 {
-            let plan = pool.tick(&ws, 20, T);
-            assert!(plan.spawn > 0);
-            // New workers are busy at once with the waiting requests.
-            for _ in 0..plan.spawn {
-                ws.push(w(ws.len() as i32 + 1, WorkerState::Busy, T));
-            }
-            assert!(ws.len() <= 10);
-            ticks += 1;
-        }
-        assert!(ticks <= 2, "grew to the maximum in {ticks} ticks");
-        let plan = pool.tick(&ws, 20, T);
-        assert_eq!(plan.spawn, 0);
-        assert_eq!(
-            plan.max_reached,
-            Some(MaxReached {
-                workers: 10,
-                waiting: 20
-            })
-        );
-        assert_eq!(pool.tick(&ws, 20, T).max_reached, None, "once per episode");
-        pool.tick(&ws, 0, T);
-        assert!(
-            pool.tick(&ws, 5, T).max_reached.is_some(),
-            "a new episode is reported again"
-        );
-    }
-
-    #[test]
-    fn ondemand_starts_empty_spawns_on_waiting_and_reaps_idle() {
-        let mut pool = Pool::new(cfg(PoolMode::OnDemand));
-        assert_eq!(pool.initial_workers(), 0);
-        assert_eq!(pool.tick(&[], 0, T).spawn, 0);
-        assert_eq!(pool.tick(&[], 1, T).spawn, 1);
-        let starting = vec![w(1, WorkerState::Starting, T)];
-        assert_eq!(
-            pool.tick(&starting, 1, T).spawn,
-            0,
-            "a starting worker will take it"
-        );
-        let ws = vec![w(1, WorkerState::Idle, T)];
-        assert!(pool.tick(&ws, 0, T + secs(9)).stop.is_empty());
-        assert_eq!(pool.tick(&ws, 0, T + secs(10)).stop, vec![1]);
-    }
-
-    #[test]
-    fn one_old_death_respawns_at_once() {
-        let mut r = Respawn::new();
-        assert_eq!(r.on_crash(secs(60), T), None);
-        assert_eq!(r.hold_until(T), None);
-    }
-
-    #[test]
-    fn crash_loop_backs_off_exponentially_up_to_the_cap() {
-        let mut r = Respawn::new();
-        assert_eq!(
-            r.on_crash(Duration::from_millis(5), T),
-            None,
-            "the first young death is free"
-        );
-        let mut delays = Vec::new();
-        for _ in 0..12 {
-            delays.push(r.on_crash(Duration::from_millis(5), T).expect("backoff"));
-        }
-        assert_eq!(
-            &delays[..4],
-            &[100, 200, 400, 800].map(Duration::from_millis)
-        );
-        assert_eq!(*delays.last().expect("12 delays"), BACKOFF_MAX);
-        assert_eq!(r.hold_until(T), Some(T + BACKOFF_MAX));
-        r.on_healthy();
-        assert_eq!(r.hold_until(T), None);
-        assert_eq!(r.on_crash(Duration::from_millis(5), T), None);
-    }
-
-    #[test]
-    fn crash_loop_spawns_stay_few() {
-        // Workers that die 1 ms after spawning, for 5 simulated seconds.
-        let mut r = Respawn::new();
-        let mut now = T;
-        let end = T + secs(5);
-        let mut spawns = 0;
-        while now < end {
-            if let Some(t) = r.hold_until(now) {
-                now = t;
-                continue;
-            }
-            spawns += 1;
-            now += Duration::from_millis(1);
-            r.on_crash(Duration::from_millis(1), now);
-        }
-        assert!(spawns < 20, "{spawns} spawns");
-    }
-
-    #[test]
-    fn timeouts_term_once_then_kill_after_grace() {
-        let mut ws = vec![w(1, WorkerState::Busy, T), w(2, WorkerState::Idle, T)];
-        let grace = secs(2);
-        assert!(request_timeouts(&ws, secs(30), grace, T + secs(30)).is_empty());
-        assert_eq!(
-            request_timeouts(&ws, secs(30), grace, T + secs(31)),
-            vec![TimeoutAction::Term {
-                pid: 1,
-                elapsed: secs(31)
-            }]
-        );
-        ws[0].timeout_term_at = Some(T + secs(31));
-        assert!(request_timeouts(&ws, secs(30), grace, T + secs(32)).is_empty());
-        assert_eq!(
-            request_timeouts(&ws, secs(30), grace, T + secs(33)),
-            vec![TimeoutAction::Kill {
-                pid: 1,
-                elapsed: secs(33)
-            }]
-        );
-    }
-
-    #[test]
-    fn slow_requests_are_reported_once_each() {
-        let mut log = SlowLog::default();
-        let ws = vec![w(1, WorkerState::Busy, T)];
-        assert!(log.check(&ws, secs(5), T + secs(5)).is_empty());
-        assert_eq!(log.check(&ws, secs(5), T + secs(6)), vec![(1, secs(6))]);
-        assert!(log.check(&ws, secs(5), T + secs(7)).is_empty());
-        let next = vec![w(1, WorkerState::Busy, T + secs(10))];
-        assert_eq!(log.check(&next, secs(5), T + secs(16)), vec![(1, secs(6))]);
+/// A reload that started at `since` is done once `ready` workers of the new generation serve,
+/// as many as the pool starts with (`wanted`, [`Pool::initial_workers`]).
+pub fn reload_progress(
+    ready: usize,
+    wanted: usize,
+    since: Duration,
+    now: Duration,
+) -> ReloadProgress {
+    if ready >= wanted {
+        ReloadProgress::Ready
+    } else if now.saturating_sub(since) >= RELOAD_SLOW {
+        ReloadProgress::Late
+    } else {
+        ReloadProgress::Waiting
     }
 }
+
+#[cfg(test)]
+mod tests;

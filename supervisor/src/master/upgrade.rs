@@ -1,128 +1,104 @@
-//! Inheriting a running server: a binary upgrade re-executes the master in place (same pid, so
-//! systemd and pid files stay right) with its listening sockets, its scoreboard and its workers
-//! described in the environment; systemd's socket activation passes sockets the same way.
+//! USR2, the binary upgrade: the binary on disk is checked against the current command line,
+//! then executed in place of this one, handing over the listeners, the scoreboard and the
+//! running workers in the variables of [`super::inherit`]. Any failure keeps the old binary
+//! running, with everything as it was.
 
 use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-use nix::unistd::Pid;
 
+use super::inherit::{self, AdoptedWorker, ListenerEntry};
+use super::Master;
+use crate::clock;
 use crate::listener::Listener;
 use crate::scoreboard::Scoreboard;
-use crate::sys;
+use crate::Responder;
 
-/// `fd:created:activated` for each listener, comma-separated: `created` is 1 when the unix
-/// socket file was created by this pid and is to be removed at exit, `activated` 1 when systemd
-/// passed the socket in.
-pub(crate) const ENV_LISTENERS: &str = "SUPERVISOR_LISTENERS";
-/// `fd:slots` of the scoreboard's memfd.
-const ENV_SCOREBOARD: &str = "SUPERVISOR_SCOREBOARD";
-/// `pid:slot:generation:started_us:channel_fd` for each worker, comma-separated (`-` for a
-/// worker without a connection channel).
-const ENV_WORKERS: &str = "SUPERVISOR_WORKERS";
-/// The generation the running workers belong to.
-const ENV_GENERATION: &str = "SUPERVISOR_GENERATION";
-
-/// A worker the previous master left running.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AdoptedWorker {
-    pub pid: Pid,
-    pub slot: usize,
-    pub generation: u64,
-    pub started: Duration,
-    /// The master's end of its connection channel, as an fd number handed over.
-    pub channel: Option<RawFd>,
-}
-
-/// What this process inherited.
-#[derive(Default)]
-pub(crate) struct Inherited {
-    pub listeners: Vec<Listener>,
-    pub board: Option<Scoreboard>,
-    pub workers: Vec<AdoptedWorker>,
-    pub generation: u64,
-}
-
-fn bad(var: &str, value: &str) -> io::Error {
-    io::Error::other(format!("cannot parse {var}={value:?}"))
-}
-
-fn number<T: std::str::FromStr>(var: &str, value: &str, field: Option<&str>) -> io::Result<T> {
-    field
-        .and_then(|f| f.parse().ok())
-        .ok_or_else(|| bad(var, value))
-}
-
-/// Reads and clears what a previous master (or systemd) handed over.
-pub(crate) fn inherit() -> io::Result<Inherited> {
-    let mut got = Inherited::default();
-    if let Ok(list) = std::env::var(ENV_LISTENERS) {
-        for item in list.split(',').filter(|s| !s.is_empty()) {
-            let mut parts = item.split(':');
-            let fd: RawFd = number(ENV_LISTENERS, &list, parts.next())?;
-            let created = parts.next() == Some("1");
-            let activated = parts.next() == Some("1");
-            got.listeners
-                .push(Listener::adopt(sys::adopt_fd(fd)?, created, activated)?);
+impl<R: Responder> Master<R> {
+    /// USR2: checks the new binary, then re-executes it in place. Refused while a reload is
+    /// under way: the successor would adopt two generations and know which one is ready only
+    /// by waiting again.
+    pub(super) fn upgrade(&mut self) {
+        if self.generations.reloading() {
+            tracing::warn!(
+                "upgrade refused: a reload is still under way; send USR2 again once it is done"
+            );
+            return;
         }
-        if let Ok(board) = std::env::var(ENV_SCOREBOARD) {
-            let mut parts = board.split(':');
-            let fd: RawFd = number(ENV_SCOREBOARD, &board, parts.next())?;
-            let slots: usize = number(ENV_SCOREBOARD, &board, parts.next())?;
-            got.board = Some(Scoreboard::from_fd(sys::adopt_fd(fd)?, slots)?);
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let Some(program) = argv.first() else { return };
+        tracing::info!(program = %program.to_string_lossy(), "upgrade: checking the new binary");
+        if let Err(refusal) = check_new_binary(&argv) {
+            tracing::error!("upgrade refused: {refusal}; still running the old one");
+            return;
         }
-        if let Ok(workers) = std::env::var(ENV_WORKERS) {
-            for item in workers.split(',').filter(|s| !s.is_empty()) {
-                let mut p = item.split(':');
-                got.workers.push(AdoptedWorker {
-                    pid: Pid::from_raw(number(ENV_WORKERS, &workers, p.next())?),
-                    slot: number(ENV_WORKERS, &workers, p.next())?,
-                    generation: number(ENV_WORKERS, &workers, p.next())?,
-                    started: Duration::from_micros(number(ENV_WORKERS, &workers, p.next())?),
-                    channel: p.next().and_then(|c| c.parse().ok()),
-                });
-            }
-        }
-        if let Ok(g) = std::env::var(ENV_GENERATION) {
-            got.generation = number(ENV_GENERATION, &g, Some(&g))?;
-        }
-    } else if let Some(n) = systemd_fds() {
-        // "sd_listen_fds: file descriptors start at 3".
-        for fd in 3..3 + n {
-            got.listeners
-                .push(Listener::adopt(sys::adopt_fd(fd)?, false, true)?);
-        }
+        let workers: Vec<AdoptedWorker> = self
+            .workers
+            .iter()
+            .map(|(pid, w)| AdoptedWorker {
+                pid: *pid,
+                slot: w.slot,
+                generation: w.generation,
+                started: w.started,
+                channel: w.channel.as_ref().map(|c| c.as_raw_fd()),
+            })
+            .collect();
+        let channels: Vec<_> = self
+            .workers
+            .values()
+            .filter_map(|w| w.channel.as_ref())
+            .map(|c| c.as_fd())
+            .collect();
+        self.systemd.notifier.reloading(clock::now());
+        tracing::info!(
+            pid = std::process::id(),
+            workers = workers.len(),
+            "upgrade: re-executing in place; the running workers serve until the new ones are ready"
+        );
+        let err = exec_successor(
+            &argv,
+            &self.listeners,
+            &self.board,
+            &workers,
+            &channels,
+            self.generations.current,
+        );
+        tracing::error!(error = %err, "upgrade failed: cannot execute the new binary; still running the old one");
+        self.systemd.notifier.ready();
     }
-    for var in [
-        ENV_LISTENERS,
-        ENV_SCOREBOARD,
-        ENV_WORKERS,
-        ENV_GENERATION,
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "LISTEN_FDNAMES",
-    ] {
-        std::env::remove_var(var);
-    }
-    Ok(got)
 }
 
-/// Whether this process will inherit listening sockets (so `listen` may be empty).
-pub(crate) fn will_inherit() -> bool {
-    std::env::var_os(ENV_LISTENERS).is_some() || systemd_fds().is_some()
-}
-
-/// LISTEN_FDS, when LISTEN_PID names this process.
-fn systemd_fds() -> Option<i32> {
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
-    if pid != std::process::id() {
-        return None;
+/// Runs the binary on disk with this command line and `--check-config`, which loads the
+/// configuration and runs the application's setup. An empty listener list tells it sockets
+/// would be inherited, so `listen` may be empty as it may be for this master.
+fn check_new_binary(argv: &[OsString]) -> Result<(), String> {
+    let Some(program) = argv.first() else {
+        return Err("no argv[0] to check".into());
+    };
+    let out = Command::new(program)
+        .args(&argv[1..])
+        .arg("--check-config")
+        .env(inherit::ENV_LISTENERS, "")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run the new binary {program:?}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
     }
-    std::env::var("LISTEN_FDS").ok()?.parse().ok()
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Err(format!(
+        "the new binary failed its check ({}): {}",
+        out.status,
+        said.trim()
+    ))
 }
 
 fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
@@ -137,7 +113,7 @@ fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
 
 /// Re-executes `argv` in this process with everything handed over. Returns only on failure,
 /// with everything as it was.
-pub(crate) fn exec_successor(
+fn exec_successor(
     argv: &[OsString],
     listeners: &[Listener],
     board: &Scoreboard,
@@ -164,44 +140,25 @@ pub(crate) fn exec_successor(
         for fd in &fds {
             set_cloexec(*fd, false)?;
         }
-        let list: Vec<String> = listeners
+        let entries: Vec<ListenerEntry> = listeners
             .iter()
-            .map(|l| {
-                let fd = l.as_fd().as_raw_fd();
-                format!(
-                    "{fd}:{}:{}",
-                    u8::from(l.created_file()),
-                    u8::from(l.activated())
-                )
+            .map(|l| ListenerEntry {
+                fd: l.as_fd().as_raw_fd(),
+                created: l.created_file(),
+                activated: l.activated(),
             })
             .collect();
-        std::env::set_var(ENV_LISTENERS, list.join(","));
-        std::env::set_var(
-            ENV_SCOREBOARD,
-            format!("{}:{}", board.fd().as_raw_fd(), board.len()),
-        );
-        let workers: Vec<String> = workers
-            .iter()
-            .map(|w| {
-                let channel = w.channel.map_or("-".to_string(), |fd| fd.to_string());
-                format!(
-                    "{}:{}:{}:{}:{channel}",
-                    w.pid,
-                    w.slot,
-                    w.generation,
-                    w.started.as_micros()
-                )
-            })
-            .collect();
-        std::env::set_var(ENV_WORKERS, workers.join(","));
-        std::env::set_var(ENV_GENERATION, generation.to_string());
+        let board = (board.fd().as_raw_fd(), board.len());
+        for (var, value) in inherit::handover_env(&entries, board, workers, generation) {
+            std::env::set_var(var, value);
+        }
         Ok(nix::unistd::execvp(program, &args)?)
     })();
     // Only reached when something failed: put everything back.
     for fd in &fds {
         let _ = set_cloexec(*fd, true);
     }
-    for var in [ENV_LISTENERS, ENV_SCOREBOARD, ENV_WORKERS, ENV_GENERATION] {
+    for var in inherit::HANDOVER_VARS {
         std::env::remove_var(var);
     }
     match result {

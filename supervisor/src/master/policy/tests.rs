@@ -1,0 +1,342 @@
+//! Policy tests: every decision driven by a fake clock (`now` is a parameter).
+
+use super::*;
+
+const T: Duration = Duration::from_secs(1000);
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn w(pid: i32, state: WorkerState, since: Duration) -> WorkerView {
+    WorkerView {
+        pid,
+        state,
+        started: Duration::ZERO,
+        since,
+        requests: 0,
+        timeout_term_at: None,
+    }
+}
+
+fn idle(n: i32) -> Vec<WorkerView> {
+    (1..=n).map(|p| w(p, WorkerState::Idle, T)).collect()
+}
+
+fn cfg(mode: PoolMode) -> PoolConfig {
+    PoolConfig {
+        mode,
+        workers: 10,
+        start_workers: 3,
+        min_spare: 2,
+        max_spare: 4,
+        max_spawn_rate: 8,
+        idle_timeout: secs(10),
+    }
+}
+
+#[test]
+fn static_keeps_exactly_its_size() {
+    let mut pool = Pool::new(cfg(PoolMode::Static));
+    assert_eq!(pool.initial_workers(), 10);
+    assert_eq!(pool.tick(&idle(10), 0, T), PoolPlan::default());
+    assert_eq!(pool.tick(&idle(7), 0, T).spawn, 3, "the dead are replaced");
+    let mut shrunk = cfg(PoolMode::Static);
+    shrunk.workers = 8;
+    pool.set_config(shrunk);
+    let mut ws = idle(10);
+    ws[0].state = WorkerState::Busy;
+    assert_eq!(pool.tick(&ws, 0, T).stop.len(), 2);
+}
+
+#[test]
+fn dynamic_spawn_rate_doubles_and_resets() {
+    let mut c = cfg(PoolMode::Dynamic);
+    c.min_spare = 8;
+    c.workers = 40;
+    c.max_spawn_rate = 4;
+    let mut pool = Pool::new(c);
+    assert_eq!(pool.initial_workers(), 3);
+    let busy: Vec<_> = (1..=3).map(|p| w(p, WorkerState::Busy, T)).collect();
+    let rates: Vec<usize> = (0..4).map(|_| pool.tick(&busy, 0, T).spawn).collect();
+    assert_eq!(rates, [1, 2, 4, 4]);
+    assert_eq!(pool.tick(&idle(8), 0, T).spawn, 0);
+    assert_eq!(
+        pool.tick(&busy, 0, T).spawn,
+        1,
+        "rate reset once nothing was needed"
+    );
+}
+
+#[test]
+fn dynamic_stops_excess_idle_longest_idle_first_never_busy() {
+    let mut pool = Pool::new(cfg(PoolMode::Dynamic));
+    let mut ws: Vec<_> = (1..=7)
+        .map(|p| w(p, WorkerState::Idle, T + secs(p as u64)))
+        .collect();
+    ws.push(w(8, WorkerState::Busy, T));
+    ws.push(w(9, WorkerState::Starting, T));
+    let plan = pool.tick(&ws, 0, T + secs(100));
+    assert_eq!(
+        plan.stop,
+        vec![1, 2, 3],
+        "7 idle, max_spare 4: the 3 idle longest go"
+    );
+}
+
+#[test]
+fn dynamic_serves_a_burst_within_a_few_ticks_and_never_exceeds_the_maximum() {
+    let mut pool = Pool::new(cfg(PoolMode::Dynamic));
+    let mut ws: Vec<_> = (1..=3).map(|p| w(p, WorkerState::Busy, T)).collect();
+    let mut ticks = 0;
+    while ws.len() < 10 {
+        let plan = pool.tick(&ws, 20, T);
+        assert!(plan.spawn > 0);
+        // New workers are busy at once with the waiting requests.
+        for _ in 0..plan.spawn {
+            ws.push(w(ws.len() as i32 + 1, WorkerState::Busy, T));
+        }
+        assert!(ws.len() <= 10);
+        ticks += 1;
+    }
+    assert!(ticks <= 2, "grew to the maximum in {ticks} ticks");
+    let plan = pool.tick(&ws, 20, T);
+    assert_eq!(plan.spawn, 0);
+    assert_eq!(
+        plan.max_reached,
+        Some(MaxReached {
+            workers: 10,
+            waiting: 20
+        })
+    );
+    assert_eq!(pool.tick(&ws, 20, T).max_reached, None, "once per episode");
+    pool.tick(&ws, 0, T);
+    assert!(
+        pool.tick(&ws, 5, T).max_reached.is_some(),
+        "a new episode is reported again"
+    );
+}
+
+#[test]
+fn ondemand_starts_empty_spawns_on_waiting_and_reaps_idle() {
+    let mut pool = Pool::new(cfg(PoolMode::OnDemand));
+    assert_eq!(pool.initial_workers(), 0);
+    assert_eq!(pool.tick(&[], 0, T).spawn, 0);
+    assert_eq!(pool.tick(&[], 1, T).spawn, 1);
+    let starting = vec![w(1, WorkerState::Starting, T)];
+    assert_eq!(
+        pool.tick(&starting, 1, T).spawn,
+        0,
+        "a starting worker will take it"
+    );
+    let ws = vec![w(1, WorkerState::Idle, T)];
+    assert!(pool.tick(&ws, 0, T + secs(9)).stop.is_empty());
+    assert_eq!(pool.tick(&ws, 0, T + secs(10)).stop, vec![1]);
+}
+
+#[test]
+fn one_old_death_respawns_at_once() {
+    let mut r = Respawn::new();
+    assert_eq!(r.on_crash(secs(60), T), None);
+    assert_eq!(r.hold_until(T), None);
+}
+
+#[test]
+fn crash_loop_backs_off_exponentially_up_to_the_cap() {
+    let mut r = Respawn::new();
+    assert_eq!(
+        r.on_crash(Duration::from_millis(5), T),
+        None,
+        "the first young death is free"
+    );
+    let mut delays = Vec::new();
+    for _ in 0..12 {
+        delays.push(r.on_crash(Duration::from_millis(5), T).expect("backoff"));
+    }
+    assert_eq!(
+        &delays[..4],
+        &[100, 200, 400, 800].map(Duration::from_millis)
+    );
+    assert_eq!(*delays.last().expect("12 delays"), BACKOFF_MAX);
+    assert_eq!(r.hold_until(T), Some(T + BACKOFF_MAX));
+    r.on_healthy();
+    assert_eq!(r.hold_until(T), None);
+    assert_eq!(r.on_crash(Duration::from_millis(5), T), None);
+}
+
+#[test]
+fn crash_loop_spawns_stay_few() {
+    // Workers that die 1 ms after spawning, for 5 simulated seconds.
+    let mut r = Respawn::new();
+    let mut now = T;
+    let end = T + secs(5);
+    let mut spawns = 0;
+    while now < end {
+        if let Some(t) = r.hold_until(now) {
+            now = t;
+            continue;
+        }
+        spawns += 1;
+        now += Duration::from_millis(1);
+        r.on_crash(Duration::from_millis(1), now);
+    }
+    assert!(spawns < 20, "{spawns} spawns");
+}
+
+#[test]
+fn timeouts_term_once_then_kill_after_grace() {
+    let mut ws = vec![w(1, WorkerState::Busy, T), w(2, WorkerState::Idle, T)];
+    let grace = secs(2);
+    assert!(request_timeouts(&ws, secs(30), grace, T + secs(30)).is_empty());
+    assert_eq!(
+        request_timeouts(&ws, secs(30), grace, T + secs(31)),
+        vec![TimeoutAction::Term {
+            pid: 1,
+            elapsed: secs(31)
+        }]
+    );
+    ws[0].timeout_term_at = Some(T + secs(31));
+    assert!(request_timeouts(&ws, secs(30), grace, T + secs(32)).is_empty());
+    assert_eq!(
+        request_timeouts(&ws, secs(30), grace, T + secs(33)),
+        vec![TimeoutAction::Kill {
+            pid: 1,
+            elapsed: secs(33)
+        }]
+    );
+}
+
+#[test]
+fn slow_requests_are_reported_once_each() {
+    let mut log = SlowLog::default();
+    let ws = vec![w(1, WorkerState::Busy, T)];
+    assert!(log.check(&ws, secs(5), T + secs(5)).is_empty());
+    assert_eq!(log.check(&ws, secs(5), T + secs(6)), vec![(1, secs(6))]);
+    assert!(log.check(&ws, secs(5), T + secs(7)).is_empty());
+    let next = vec![w(1, WorkerState::Busy, T + secs(10))];
+    assert_eq!(log.check(&next, secs(5), T + secs(16)), vec![(1, secs(6))]);
+}
+
+#[test]
+fn grow_adds_one_until_half_the_scoreboard() {
+    let small = PoolConfig {
+        workers: 2,
+        ..cfg(PoolMode::Dynamic)
+    };
+    let grown = resize(&small, Resize::Grow, 8).expect("3 of 8 slots fits");
+    assert_eq!(grown.workers, 3);
+    let grown = resize(&grown, Resize::Grow, 8);
+    assert_eq!(
+        grown,
+        Err(BoardFull {
+            workers: 3,
+            slots: 8
+        }),
+        "4 workers would leave no room for a reload beside them"
+    );
+}
+
+#[test]
+fn grow_keeps_spare_and_start_counts() {
+    let grown = resize(&cfg(PoolMode::Dynamic), Resize::Grow, 256).expect("fits");
+    assert_eq!(
+        (
+            grown.workers,
+            grown.start_workers,
+            grown.min_spare,
+            grown.max_spare
+        ),
+        (11, 3, 2, 4)
+    );
+}
+
+#[test]
+fn shrink_clamps_spare_and_start_counts_and_stops_at_one() {
+    let mut pool = cfg(PoolMode::Dynamic);
+    let mut sizes = Vec::new();
+    for _ in 0..11 {
+        pool = resize(&pool, Resize::Shrink, 0).expect("shrinking never needs slots");
+        assert!(pool.min_spare <= pool.workers && pool.max_spare <= pool.workers);
+        assert!(pool.start_workers <= pool.workers);
+        sizes.push(pool.workers);
+    }
+    assert_eq!(sizes, [9, 8, 7, 6, 5, 4, 3, 2, 1, 1, 1]);
+    assert_eq!(
+        (pool.start_workers, pool.min_spare, pool.max_spare),
+        (1, 1, 1)
+    );
+    assert_eq!(pool.mode, PoolMode::Dynamic);
+    assert_eq!(pool.max_spawn_rate, 8, "what resizing does not touch stays");
+}
+
+#[test]
+fn healthy_once_a_running_worker_outlives_a_young_death() {
+    let started = |state, at| WorkerView {
+        started: at,
+        ..w(1, state, at)
+    };
+    let young = [started(WorkerState::Idle, T)];
+    assert!(!any_healthy(
+        &young,
+        T + YOUNG_DEATH - Duration::from_millis(1)
+    ));
+    assert!(any_healthy(&young, T + YOUNG_DEATH));
+    let stuck = [started(WorkerState::Starting, T)];
+    assert!(
+        !any_healthy(&stuck, T + secs(60)),
+        "a worker that never got past starting proves nothing"
+    );
+    assert!(any_healthy(&[started(WorkerState::Busy, T)], T + secs(2)));
+    assert!(!any_healthy(&[], T + secs(60)));
+}
+
+#[test]
+fn listeners_are_watched_only_when_a_pool_could_start_a_worker_for_a_connection() {
+    let busy = [w(1, WorkerState::Busy, T)];
+    let dynamic = cfg(PoolMode::Dynamic);
+    assert!(watch_listeners(&dynamic, &busy, 0));
+    assert!(watch_listeners(&cfg(PoolMode::OnDemand), &[], 0));
+    assert!(
+        !watch_listeners(&cfg(PoolMode::Static), &busy, 0),
+        "static is always full"
+    );
+    assert!(
+        !watch_listeners(&dynamic, &busy, 1),
+        "a worker is starting this tick"
+    );
+    for ready in [WorkerState::Idle, WorkerState::Starting] {
+        let ws = [w(1, WorkerState::Busy, T), w(2, ready, T)];
+        assert!(!watch_listeners(&dynamic, &ws, 0), "{ready:?} takes it");
+    }
+    let full: Vec<WorkerView> = (1..=10).map(|p| w(p, WorkerState::Busy, T)).collect();
+    assert!(!watch_listeners(&dynamic, &full, 0), "no room for one more");
+}
+
+#[test]
+fn a_reload_is_ready_when_the_pool_serves_and_late_after_reload_slow() {
+    let ws = [
+        w(1, WorkerState::Idle, T),
+        w(2, WorkerState::Busy, T),
+        w(3, WorkerState::Starting, T),
+        w(4, WorkerState::Draining, T),
+    ];
+    assert_eq!(ready_workers(&ws), 2);
+    assert_eq!(reload_progress(2, 2, T, T), ReloadProgress::Ready);
+    assert_eq!(
+        reload_progress(1, 2, T, T + secs(1)),
+        ReloadProgress::Waiting
+    );
+    assert_eq!(
+        reload_progress(1, 2, T, T + RELOAD_SLOW - Duration::from_millis(1)),
+        ReloadProgress::Waiting
+    );
+    assert_eq!(
+        reload_progress(1, 2, T, T + RELOAD_SLOW),
+        ReloadProgress::Late
+    );
+    assert_eq!(
+        reload_progress(0, 0, T, T + RELOAD_SLOW),
+        ReloadProgress::Ready,
+        "ondemand starts no worker: nothing to wait for"
+    );
+}
