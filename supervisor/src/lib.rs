@@ -68,8 +68,9 @@ mod worker;
 use std::fmt::Display;
 use std::sync::Arc;
 
-pub use app::request::{BodyReader, Request};
-pub use app::response::{status, text, with_type, Body, BodyWriter, Response};
+pub use app::body::{BodyReader, BodyWriter};
+pub use app::request::Request;
+pub use app::response::{status, text, with_type, Body, Response};
 pub use fcgi::Role;
 pub use http;
 
