@@ -9,10 +9,9 @@
 //! Body bytes go to the handler through a small bounded channel. While a chunk waits for room,
 //! the connection stops reading the socket, so a slow application slows the client instead of
 //! growing memory. Responses come back as encoded records; the tail of each (last STDOUT, empty
-//! STDOUT, END_REQUEST) is written in one write.
+//! STDOUT, END_REQUEST) is written in one write. The bodies are `connection/bodies.rs`.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +27,9 @@ use crate::app::request::Request;
 use crate::worker::output::send_in_runtime;
 use crate::worker::run::{Room, Waiting};
 use crate::worker::{Alive, Worker};
+use bodies::{Bodies, Closed};
+
+mod bodies;
 
 /// Bytes the read buffer starts with: a typical request (params and a small body) arrives in
 /// one read, and a full-size record in a few.
@@ -90,32 +92,20 @@ pub(crate) struct Rules {
     pub can_hand_over: bool,
 }
 
-/// A request's body streams still open.
-struct Streams {
-    id: u16,
-    stdin: Option<mpsc::Sender<Bytes>>,
-    data: Option<mpsc::Sender<Bytes>>,
-}
-
-/// A body chunk waiting for room in its request's channel; reading pauses meanwhile.
-struct Pending {
-    tx: mpsc::Sender<Bytes>,
-    chunk: Bytes,
-}
-
 /// One connection's state.
 pub(crate) struct Conn {
     rules: Rules,
     fcgi: ServerConnection,
     /// Bytes read and not yet decoded.
     buf: BytesMut,
-    streams: Vec<Streams>,
-    pending: Option<Pending>,
+    /// The request bodies being received.
+    bodies: Bodies,
     /// Encoded output not yet written. Writing never blocks reading: a client that sends a
     /// large body before it reads the response (libfcgi, our own client) must not deadlock us.
     outbox: VecDeque<Bytes>,
     /// Bytes in `outbox`.
     queued: usize,
+    /// The protocol or the drain says to close once the outbox is written.
     close_when_written: bool,
     /// The peer has sent everything it will.
     eof: bool,
@@ -137,8 +127,7 @@ impl Conn {
             rules,
             fcgi: ServerConnection::new(rules.limits),
             buf: BytesMut::with_capacity(READ_BUFFER),
-            streams: Vec::new(),
-            pending: None,
+            bodies: Bodies::new(&rules.limits),
             outbox: VecDeque::new(),
             queued: 0,
             close_when_written: false,
@@ -153,11 +142,11 @@ impl Conn {
     /// The next request among the complete records already read; body records on the way are
     /// fed to their requests. `None` once nothing more can be decoded now.
     pub(crate) fn next_request(&mut self) -> Result<Option<fcgi::server::Request>, fcgi::Error> {
-        while self.pending.is_none() && !self.close_when_written {
+        while !self.bodies.waiting() && !self.close_when_written {
             match self.fcgi.decode(&mut self.buf)? {
                 None => break,
                 Some(Event::Request(req)) => return Ok(Some(req)),
-                Some(event) => self.on_body_event(event),
+                Some(event) => self.bodies.on_event(event),
             }
         }
         Ok(None)
@@ -165,20 +154,7 @@ impl Conn {
 
     /// Opens the body streams of request `id`: its STDIN, and DATA for the Filter role.
     pub(crate) fn open_bodies(&mut self, id: u16, role: Role) -> (BodyReader, BodyReader) {
-        let chunks = body_chunks(&self.rules.limits);
-        let (stdin_tx, stdin_rx) = mpsc::channel(chunks);
-        let (data, data_tx) = if role == Role::Filter {
-            let (tx, rx) = mpsc::channel(chunks);
-            (BodyReader::new(rx), Some(tx))
-        } else {
-            (BodyReader::empty(), None)
-        };
-        self.streams.push(Streams {
-            id,
-            stdin: Some(stdin_tx),
-            data: data_tx,
-        });
-        (BodyReader::new(stdin_rx), data)
+        self.bodies.open(id, role)
     }
 
     /// The room reserved at accept, for the first request.
@@ -186,38 +162,14 @@ impl Conn {
         self.reserved.take()
     }
 
-    fn on_body_event(&mut self, event: Event) {
-        let pending = match event {
-            Event::Request(_) => None,
-            Event::Stdin { id, data } => feed(&mut self.streams, id, data, |s| &mut s.stdin),
-            Event::Data { id, data } => feed(&mut self.streams, id, data, |s| &mut s.data),
-            Event::StdinEnd { id } => {
-                close(&mut self.streams, id, |s| &mut s.stdin);
-                None
-            }
-            Event::DataEnd { id } => {
-                close(&mut self.streams, id, |s| &mut s.data);
-                None
-            }
-            Event::Abort { id } => {
-                // The handler sees its body end early; whatever it answers goes to a client
-                // that no longer waits, and END_REQUEST closes the request.
-                close(&mut self.streams, id, |s| &mut s.stdin);
-                close(&mut self.streams, id, |s| &mut s.data);
-                None
-            }
-        };
-        self.pending = pending;
-    }
-
     /// No request runs, nothing waits to be fed or written.
     pub(crate) fn idle(&self) -> bool {
-        self.fcgi.active() == 0 && self.pending.is_none() && self.outbox.is_empty()
+        self.fcgi.active() == 0 && !self.bodies.waiting() && self.outbox.is_empty()
     }
 
     /// The socket is read only while no body chunk waits and more input matters.
     pub(crate) fn may_read(&self) -> bool {
-        self.pending.is_none() && !self.eof && !self.close_when_written
+        !self.bodies.waiting() && !self.eof && !self.close_when_written
     }
 
     /// Output from requests is taken only while the outbox is below its high-water mark.
@@ -295,7 +247,7 @@ impl Conn {
                 }
                 self.eof = true;
                 // Bodies still open will never complete: their readers see the end.
-                self.streams.clear();
+                self.bodies.end_all();
                 Next::Continue
             }
             Ok(_) => Next::Continue,
@@ -305,10 +257,7 @@ impl Conn {
 
     /// The waiting body chunk's channel has room (or its reader is gone: the rest is drained).
     pub(crate) fn on_body_room(&mut self, room: Result<mpsc::OwnedPermit<Bytes>, Closed>) -> Next {
-        if let (Ok(permit), Some(pending)) = (room, self.pending.take()) {
-            permit.send(pending.chunk);
-        }
-        self.pending = None;
+        self.bodies.on_room(room);
         Next::Continue
     }
 
@@ -318,7 +267,7 @@ impl Conn {
             Out::Chunk(records) => records,
             Out::Last(id, mut tail) => {
                 self.idle_since = now;
-                self.streams.retain(|s| s.id != id);
+                self.bodies.end(id);
                 self.close_when_written |= self.fcgi.end_request(id, 0, &mut tail);
                 self.close_when_written |=
                     draining && self.fcgi.active() == 0 && !self.rules.can_hand_over;
@@ -351,14 +300,6 @@ impl Conn {
         self.drain_seen = true;
         Next::Continue
     }
-}
-
-/// The error of a body channel whose reader is gone.
-pub(crate) type Closed = mpsc::error::SendError<()>;
-
-/// Record-sized chunks of body one request buffers before the socket stops being read.
-fn body_chunks(limits: &fcgi::Limits) -> usize {
-    (limits.max_buffered_body / fcgi::record::MAX_CONTENT_LEN).max(1)
 }
 
 /// Serves one connection until the peer closes it, the protocol says to, or the worker drains;
@@ -400,7 +341,7 @@ where
             Next::Continue => tokio::select! {
                 written = write_front(&mut wr, &conn.outbox), if !conn.outbox.is_empty() => conn.on_written(written),
                 read = rd.read_buf(&mut conn.buf), if conn.may_read() => conn.on_read(read),
-                room = room_for(&conn.pending), if conn.pending.is_some() => conn.on_body_room(room),
+                room = conn.bodies.wait_for_room(), if conn.bodies.waiting() => conn.on_body_room(room),
                 Some(out) = out_rx.recv(), if conn.may_take_output() => {
                     conn.on_output(out, Instant::now(), *worker.drain.borrow())
                 }
@@ -491,51 +432,6 @@ async fn write_front<Wr: AsyncWrite + Unpin>(
     match outbox.front() {
         Some(front) => wr.write(front).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Waits for room for the pending chunk. Owns what it waits on, so the connection's state stays
-/// free for the handler of whichever branch wins.
-fn room_for(
-    pending: &Option<Pending>,
-) -> impl Future<Output = Result<mpsc::OwnedPermit<Bytes>, Closed>> + 'static {
-    let tx = pending.as_ref().map(|p| p.tx.clone());
-    async move {
-        match tx {
-            Some(tx) => tx.reserve_owned().await,
-            None => std::future::pending().await,
-        }
-    }
-}
-
-/// Feeds a body chunk to its request; returns it if it must wait for room.
-fn feed(
-    streams: &mut [Streams],
-    id: u16,
-    data: Bytes,
-    which: impl Fn(&mut Streams) -> &mut Option<mpsc::Sender<Bytes>>,
-) -> Option<Pending> {
-    let s = streams.iter_mut().find(|s| s.id == id)?;
-    let tx = which(s).as_ref()?;
-    match tx.try_send(data) {
-        Ok(()) => None,
-        Err(mpsc::error::TrySendError::Full(chunk)) => Some(Pending {
-            tx: tx.clone(),
-            chunk,
-        }),
-        // The handler is done with the body: what is left is drained, not an error.
-        Err(mpsc::error::TrySendError::Closed(_)) => None,
-    }
-}
-
-/// Ends one body stream of a request: its reader sees the end.
-fn close(
-    streams: &mut [Streams],
-    id: u16,
-    which: impl Fn(&mut Streams) -> &mut Option<mpsc::Sender<Bytes>>,
-) {
-    if let Some(s) = streams.iter_mut().find(|s| s.id == id) {
-        *which(s) = None;
     }
 }
 

@@ -1,6 +1,7 @@
 //! The connection's rules, without sockets and with time as a parameter: bytes "read" are put
 //! into the buffer as a read would, output is "written" by acknowledging it.
 
+use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
@@ -255,14 +256,14 @@ fn a_body_chunk_without_room_pauses_reading_until_the_handler_reads() {
     receive(&mut conn, &request(1, true, &body));
     let (_, mut reader) = take_request(&mut conn);
     // One chunk fits the channel, the next waits: the socket is not read meanwhile.
-    assert!(conn.pending.is_some());
+    assert!(conn.bodies.waiting());
     assert!(!conn.may_read());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
     let mut got = reader.next_chunk().expect("the first chunk").len();
-    while conn.pending.is_some() {
-        let room = runtime.block_on(room_for(&conn.pending));
+    while conn.bodies.waiting() {
+        let room = runtime.block_on(conn.bodies.wait_for_room());
         assert_eq!(conn.on_body_room(room), Next::Continue);
         assert!(conn.may_read());
         assert_eq!(
