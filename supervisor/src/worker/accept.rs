@@ -17,11 +17,13 @@ use crate::worker::connection;
 use crate::worker::run::Room;
 use crate::worker::{Alive, Worker};
 
+/// One inherited listener, registered with the runtime.
 enum Listening {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
 }
 
+/// A connection just accepted, of either kind.
 enum Accepted {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
