@@ -124,6 +124,12 @@ where
         // Take every complete record already buffered.
         while pending.is_none() && !close_when_written {
             let event = match conn.decode(&mut buf) {
+                Ok(Some(Event::Rejected { reason, .. })) => {
+                    // TODO(issue 12): answer 431 and keep the connection, instead of closing
+                    // it as a protocol error did before the core reported this per request.
+                    tracing::warn!(pid = std::process::id(), error = %reason, "closing {peer} connection");
+                    return None;
+                }
                 Ok(Some(event)) => event,
                 Ok(None) => break,
                 Err(e) => {
@@ -381,6 +387,8 @@ fn dispatch(
             close(streams, id, |s| &mut s.data);
             None
         }
+        // Closed in `serve` before it gets here (TODO(issue 12): answer 431).
+        Event::Rejected { .. } => None,
     }
 }
 
