@@ -139,13 +139,17 @@ impl Conn {
         }
     }
 
-    /// The next request among the complete records already read; body records on the way are
-    /// fed to their requests. `None` once nothing more can be decoded now.
-    pub(crate) fn next_request(&mut self) -> Result<Option<fcgi::server::Request>, fcgi::Error> {
+    /// The next request among the complete records already read, or one the protocol core
+    /// refused; body records on the way are fed to their requests. `None` once nothing more
+    /// can be decoded now.
+    pub(crate) fn next_request(&mut self) -> Result<Option<Arrived>, fcgi::Error> {
         while !self.bodies.waiting() && !self.close_when_written {
             match self.fcgi.decode(&mut self.buf)? {
                 None => break,
-                Some(Event::Request(req)) => return Ok(Some(req)),
+                Some(Event::Request(req)) => return Ok(Some(Arrived::Request(req))),
+                Some(Event::Rejected { id, reason }) => {
+                    return Ok(Some(Arrived::Rejected { id, reason }))
+                }
                 Some(event) => self.bodies.on_event(event),
             }
         }
@@ -328,7 +332,10 @@ where
     loop {
         loop {
             match conn.next_request() {
-                Ok(Some(req)) => start_request(&worker, &mut conn, req, &out_tx, &alive),
+                Ok(Some(Arrived::Request(req))) => {
+                    start_request(&worker, &mut conn, req, &out_tx, &alive)
+                }
+                Ok(Some(Arrived::Rejected { id, reason })) => reject(id, reason, &out_tx),
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(pid = std::process::id(), error = %e, "closing fastcgi peer connection");
@@ -369,6 +376,28 @@ where
             Next::HandOver => return Some((rd, wr)),
         }
     }
+}
+
+/// What the records read so far hold.
+pub(crate) enum Arrived {
+    /// A complete request, to run.
+    Request(fcgi::server::Request),
+    /// A request the protocol core refused (its params are over a limit); it is answered
+    /// here and its remaining records are discarded by the core.
+    Rejected {
+        /// The request.
+        id: u16,
+        /// Which limit.
+        reason: fcgi::server::Rejection,
+    },
+}
+
+/// Answers a refused request `431 Request Header Fields Too Large` (nginx passes the status to
+/// the client); the connection stays usable.
+fn reject(id: u16, reason: fcgi::server::Rejection, out: &mpsc::Sender<Out>) {
+    tracing::warn!(pid = std::process::id(), %reason, "request refused: answering 431");
+    let res = crate::app::response::status(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    send_in_runtime(out, crate::worker::output::encode(id, res, out));
 }
 
 /// Starts one request: the status page and the ping are answered here, from the scoreboard,

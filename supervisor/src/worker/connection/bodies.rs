@@ -70,7 +70,7 @@ impl Bodies {
     /// Acts on a body event (a request event is not one and changes nothing).
     pub(super) fn on_event(&mut self, event: Event) {
         self.pending = match event {
-            Event::Request(_) => None,
+            Event::Request(_) | Event::Rejected { .. } => None,
             Event::Stdin { id, data } => self.feed(id, data, |s| &mut s.stdin),
             Event::Data { id, data } => self.feed(id, data, |s| &mut s.data),
             Event::StdinEnd { id } => {
