@@ -11,6 +11,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+
 use crate::listener::ListenerSocket;
 use crate::scoreboard::SlotState;
 use crate::worker::connection;
@@ -27,6 +30,15 @@ enum Listening {
 enum Accepted {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+impl AsFd for Listening {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Listening::Tcp(l) => l.as_fd(),
+            Listening::Unix(l) => l.as_fd(),
+        }
+    }
 }
 
 impl Listening {
@@ -83,6 +95,8 @@ pub(crate) async fn accept_loop(sockets: Vec<ListenerSocket>, worker: Arc<Worker
     };
     let rooms = &worker.rooms;
     let mut turn = 0;
+    // The master was woken in this episode without room (see `wake_master`).
+    let mut woke = false;
     loop {
         // Normally a worker accepts only with room for the request. When the whole pool is
         // saturated it accepts anyway: the connection would only wait in the kernel's backlog,
@@ -96,9 +110,12 @@ pub(crate) async fn accept_loop(sockets: Vec<ListenerSocket>, worker: Arc<Worker
                     Some(room) => Some(room),
                     None => return,
                 },
-                () = pool_saturated(&worker) => None,
+                () = pool_saturated(&worker, &listeners, &mut woke) => None,
             },
         };
+        if room.is_some() {
+            woke = false;
+        }
         if *worker.drain.borrow() {
             return;
         }
@@ -134,12 +151,58 @@ pub(crate) async fn accept_loop(sockets: Vec<ListenerSocket>, worker: Arc<Worker
 /// How often a worker at its cap looks whether the whole pool is saturated.
 const SATURATION_CHECK: Duration = Duration::from_millis(20);
 
-/// Returns once no worker of the pool has room for a request.
-async fn pool_saturated(worker: &Worker) {
+/// Returns once no worker of the pool has room for a request. Meanwhile, wakes the master
+/// once if connections wait that no worker will take (`woke` remembers it).
+async fn pool_saturated(worker: &Worker, listeners: &[Listening], woke: &mut bool) {
     loop {
+        if !*woke && worker.settings.pool_grows {
+            *woke = wake_master(worker, listeners);
+        }
         tokio::time::sleep(SATURATION_CHECK).await;
         if worker.board.saturated() {
             return;
+        }
+    }
+}
+
+/// A worker at its cap in a pool that can grow: when a connection waits on a listener and no
+/// other worker is idle or starting, nothing will take it until the master starts a worker,
+/// and the master looks only at its tick. One `SIGURG` tells it now (`Intent::Wake`); once
+/// per episode without room, so the cost is a signal per saturation, never one per request.
+/// Returns whether this episode's wake is done: sent, or refused by the kernel (a worker
+/// running as another user than its master may not signal it), which retrying would not mend;
+/// the master's tick still comes.
+fn wake_master(worker: &Worker, listeners: &[Listening]) -> bool {
+    // Until its request has begun this worker's slot still says Idle, and the master, seeing
+    // a worker with room, would start none: look again at the next check.
+    let busy = worker.board.slot(worker.slot).state() == SlotState::Busy;
+    if !busy || worker.board.saturated() || worker.board.other_ready(worker.slot) {
+        return false;
+    }
+    let mut fds: Vec<PollFd<'_>> = listeners
+        .iter()
+        .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
+        .collect();
+    if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+        return false;
+    }
+    let master = nix::unistd::getppid();
+    // Parent 1: the master is gone, and PR_SET_PDEATHSIG ends this worker.
+    if master.as_raw() <= 1 {
+        return false;
+    }
+    match nix::sys::signal::kill(master, Signal::SIGURG) {
+        Ok(()) => {
+            tracing::debug!(
+                pid = std::process::id(),
+                master = master.as_raw(),
+                "at the cap with connections waiting: woke the master"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::debug!(pid = std::process::id(), error = %e, "cannot wake the master");
+            true
         }
     }
 }

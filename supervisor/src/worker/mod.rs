@@ -25,7 +25,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::clock;
-use crate::config::Config;
+use crate::config::{Config, PoolMode};
 use crate::listener::ListenerSocket;
 use crate::scoreboard::{Scoreboard, SlotState};
 use crate::Responder;
@@ -43,6 +43,9 @@ pub(crate) struct Settings {
     pub recycle: Recycle,
     pub status: status::Paths,
     pub access_log: bool,
+    /// The pool can grow (`pm` dynamic or ondemand): a worker at its cap that sees connections
+    /// waiting wakes the master (`accept::wake_master`), which starts workers for them.
+    pub pool_grows: bool,
 }
 
 impl Settings {
@@ -57,6 +60,7 @@ impl Settings {
                 ..fcgi::Limits::default()
             },
             access_log: cfg.access_log,
+            pool_grows: cfg.pool.mode != PoolMode::Static,
             status: status::Paths {
                 status: cfg.status_path.clone(),
                 ping: cfg.ping_path.clone(),
