@@ -141,7 +141,10 @@ impl Pool {
             }
         }
 
-        let at_max = total >= max && idle == 0 && waiting > 0;
+        // A starting worker is about to take what waits: a pool replacing its dead (a crash
+        // storm) is not out of workers, and saying so at every replacement would bury the
+        // line that matters.
+        let at_max = total >= max && idle + starting == 0 && waiting > 0;
         if at_max && !self.max_reported {
             plan.max_reached = Some(MaxReached {
                 workers: total,

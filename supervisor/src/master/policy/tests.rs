@@ -118,6 +118,20 @@ fn dynamic_serves_a_burst_within_a_few_ticks_and_never_exceeds_the_maximum() {
 }
 
 #[test]
+fn a_pool_replacing_a_worker_is_not_at_its_maximum() {
+    let mut pool = Pool::new(cfg(PoolMode::Static));
+    let mut ws: Vec<_> = (1..=10).map(|p| w(p, WorkerState::Busy, T)).collect();
+    ws[0].state = WorkerState::Starting;
+    assert_eq!(
+        pool.tick(&ws, 3, T).max_reached,
+        None,
+        "the new worker takes one"
+    );
+    ws[0].state = WorkerState::Busy;
+    assert!(pool.tick(&ws, 3, T).max_reached.is_some());
+}
+
+#[test]
 fn waiting_requests_with_no_worker_to_take_them_start_one_worker_each_at_once() {
     // Start 1, max 8: the one worker busy, 5 more requests waiting.
     let mut c = cfg(PoolMode::Dynamic);
