@@ -223,8 +223,8 @@ impl Death {
 /// - a worker that never became ready (its slot never left Starting: the process setup or
 ///   `init_worker` failed, the program exits at once) counts, however long it took to fail;
 /// - a worker that became ready and died younger than [`YOUNG_DEATH`] without taking a single
-///   request counts too: something in the worker itself (a background thread, a bad library
-///   load) kills each one right after it starts, and replacing those at full speed would spin
+///   request counts too: something in the worker itself (a background thread, a watchdog)
+///   kills each one right after it starts, and replacing those at full speed would spin
 ///   forever;
 /// - a worker that took a request, or lived past [`YOUNG_DEATH`], and then died (a crash in a
 ///   request, a kill, an OOM) does not count: it is replaced at once, so a client that crashes
@@ -232,9 +232,10 @@ impl Death {
 ///   a crash loop, since that worker proved that workers start and serve.
 ///
 /// The first counted death is free, since one worker failing to start is not yet a loop; from
-/// the second on, spawning is held back. The loop also ends when a
-/// running worker proves healthy ([`any_healthy`]). Readiness alone does not end it: a worker
-/// that dies young right after becoming ready would reset the loop it belongs to each time.
+/// the second on, spawning is held back. The loop also ends when a running worker proves
+/// healthy ([`any_healthy`]: ready, and it took a request or lived past [`YOUNG_DEATH`]).
+/// Readiness alone does not end it: a worker that dies young right after becoming ready would
+/// reset the loop it belongs to each time, and spin.
 #[derive(Debug, Clone, Default)]
 pub struct Respawn {
     counted: u32,
