@@ -647,6 +647,7 @@ fn request_timed_out(worker: &Worker, conn: &mut Conn) {
                 "with what it had sent"
             }
         );
+        worker.timed_out.store(true, Ordering::Release);
         worker.drain.send_replace(true);
     }
 }

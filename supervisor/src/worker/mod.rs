@@ -137,6 +137,9 @@ pub(crate) struct Worker {
     pub rss_measured: AtomicU64,
     /// The connections open, for `max_connections` and the descriptor limit.
     pub conns: accept::Conns,
+    /// A request passed `request_timeout`: its thread is stuck, and the slot keeps showing it
+    /// busy while the worker drains, so the master's timeout replaces the worker as always.
+    pub timed_out: AtomicBool,
 }
 
 impl Worker {
@@ -180,6 +183,7 @@ impl Worker {
                 recycle_now: AtomicBool::new(false),
                 rss_measured: AtomicU64::new(0),
                 conns: accept::Conns::default(),
+                timed_out: AtomicBool::new(false),
                 settings,
             }
         });
@@ -322,7 +326,9 @@ async fn until_drained(worker: Arc<Worker>, listeners: Vec<ListenerSocket>) -> s
     slot.set_state(SlotState::Idle, clock::now());
 
     wait_for_drain(drain).await?;
-    slot.set_state(SlotState::Draining, clock::now());
+    if !worker.timed_out.load(std::sync::atomic::Ordering::Acquire) {
+        slot.set_state(SlotState::Draining, clock::now());
+    }
     worker.drain.send_replace(true);
     accepting.abort();
     drop(accepting);
