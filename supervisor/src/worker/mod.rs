@@ -5,7 +5,8 @@
 //! The rest: `accept` (taking and handing over connections), `connection` (one FastCGI
 //! connection), `rooms` (the cap on requests in flight and the queue), `run` (running a request,
 //! handler threads, recycling), `output` (a response as records), `inline` (requests on the
-//! I/O thread), `status` (the status page).
+//! I/O thread), `status` (the status page), `episode` (limits hit by peers, logged once per
+//! episode).
 
 mod accept;
 mod connection;
