@@ -439,7 +439,8 @@ impl Conn {
     /// whether the running request is past `request_timeout`, counted from when it started.
     pub(crate) fn on_request_timer(&self, now: Instant, clock: Duration) -> Timer {
         let (Some(running), Some(timeout)) = (&self.running, self.rules.request_timeout) else {
-            return Timer::Until(now + Duration::from_secs(3600));
+            // Disarmed (see `request_timer_armed`): the deadline is not looked at.
+            return Timer::Until(now);
         };
         let started = running.started.load(Ordering::Acquire);
         if started == 0 {
