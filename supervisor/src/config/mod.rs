@@ -16,8 +16,8 @@ use std::time::Duration;
 
 pub use parse::ListenAddr;
 use parse::{account_id, parse_duration, parse_mode, parse_size, Account};
-pub use raw::Cli;
 use raw::*;
+pub use raw::{Cli, FD_RESERVE};
 
 /// How the pool is sized, like PHP-FPM's `pm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -97,6 +97,11 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     /// Requests one worker runs at once.
     pub max_requests_in_flight: NonZeroUsize,
+    /// Time a connection has to send a complete request.
+    pub request_read_timeout: Duration,
+    /// Connections one worker serves at once; `None`: its open-file limit minus
+    /// [`raw::FD_RESERVE`], decided in the worker.
+    pub max_connections: Option<NonZeroUsize>,
     /// Pid file.
     pub pid_file: Option<PathBuf>,
     /// Log format.
@@ -224,6 +229,8 @@ impl Config {
             slow_request_timeout: timeouts.slow_request,
             shutdown_timeout: timeouts.shutdown,
             keepalive_timeout: timeouts.keepalive,
+            request_read_timeout: timeouts.request_read,
+            max_connections: recycling.max_connections,
             pid_file: logging.pid_file,
             log_format: logging.format,
             log_file: logging.file,
@@ -353,9 +360,11 @@ struct Recycling {
     max_requests_jitter: u64,
     max_rss: Option<u64>,
     max_requests_in_flight: NonZeroUsize,
+    max_connections: Option<NonZeroUsize>,
 }
 
-/// `max_requests`, `max_requests_jitter`, `max_rss` and `max_requests_in_flight`.
+/// `max_requests`, `max_requests_jitter`, `max_rss`, `max_requests_in_flight` and
+/// `max_connections`.
 fn recycling(raw: &Cli) -> Result<Recycling, ConfigError> {
     let max_requests = raw.max_requests.unwrap_or(DEFAULT_MAX_REQUESTS);
     let in_flight = raw
@@ -369,6 +378,12 @@ fn recycling(raw: &Cli) -> Result<Recycling, ConfigError> {
         max_rss: parsed("max_rss", raw.max_rss.as_deref(), parse_size)?,
         max_requests_in_flight: NonZeroUsize::new(in_flight)
             .ok_or_else(|| bad("max_requests_in_flight", in_flight, "at least 1"))?,
+        max_connections: match raw.max_connections {
+            None => None,
+            Some(n) => {
+                Some(NonZeroUsize::new(n).ok_or_else(|| bad("max_connections", n, "at least 1"))?)
+            }
+        },
     })
 }
 
@@ -379,10 +394,11 @@ struct Timeouts {
     slow_request: Option<Duration>,
     shutdown: Duration,
     keepalive: Duration,
+    request_read: Duration,
 }
 
 /// `request_timeout`, `request_timeout_grace`, `slow_request_timeout`, `shutdown_timeout`,
-/// `keepalive_timeout`.
+/// `keepalive_timeout`, `request_read_timeout`.
 fn timeouts(raw: &Cli) -> Result<Timeouts, ConfigError> {
     let duration =
         |key: &'static str, v: &Option<String>| parsed(key, v.as_deref(), parse_duration);
@@ -395,6 +411,12 @@ fn timeouts(raw: &Cli) -> Result<Timeouts, ConfigError> {
             .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
         keepalive: duration("keepalive_timeout", &raw.keepalive_timeout)?
             .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT),
+        request_read: match duration("request_read_timeout", &raw.request_read_timeout)? {
+            Some(d) if d.is_zero() => {
+                return Err(bad("request_read_timeout", "0", "a positive duration"))
+            }
+            d => d.unwrap_or(DEFAULT_REQUEST_READ_TIMEOUT),
+        },
     })
 }
 

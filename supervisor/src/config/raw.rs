@@ -51,6 +51,15 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle kept-alive connection bound: above nginx's 60 s `keepalive_timeout`, so nginx closes an
 /// idle upstream connection first and never writes to one we just closed.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+/// How long a connection may take to send a complete request (from accept for a new one,
+/// from its first byte for a kept-alive one) before it is closed: nginx writes a request
+/// within microseconds of connecting, and 10 s still covers a frontend stalled by a slow
+/// client's headers (nginx reads the whole header block before it connects upstream).
+pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Descriptors a worker keeps for itself when `max_connections` is derived from its open-file
+/// limit: the listeners, the runtime's epoll and wake-up fds, the scoreboard, the log, the
+/// master's channel, and files the application opens.
+pub const FD_RESERVE: usize = 64;
 /// Requests one worker runs at once: 1, the classic prefork model (one request per process).
 pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT: usize = 1;
 /// Log format: `text`, for people reading a terminal; `json` is for collectors.
@@ -136,6 +145,12 @@ pub struct Cli {
     /// Requests one worker runs at once.
     #[arg(long, value_name = "N")]
     pub max_requests_in_flight: Option<usize>,
+    /// Close a connection that takes longer than this to send a complete request.
+    #[arg(long, value_name = "DUR")]
+    pub request_read_timeout: Option<String>,
+    /// Connections one worker serves at once (FCGI_MAX_CONNS); more wait in the listen queue.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
     /// Write the master's pid here.
     #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
@@ -223,6 +238,8 @@ impl Cli {
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout),
             keepalive_timeout: self.keepalive_timeout.or(file.keepalive_timeout),
             max_requests_in_flight: self.max_requests_in_flight.or(file.max_requests_in_flight),
+            request_read_timeout: self.request_read_timeout.or(file.request_read_timeout),
+            max_connections: self.max_connections.or(file.max_connections),
             pid_file: self.pid_file.or(file.pid_file),
             log_format: self.log_format.or(file.log_format),
             log_file: self.log_file.or(file.log_file),
@@ -274,6 +291,11 @@ pub fn defaults() -> Vec<(&'static str, String)> {
             "max_requests_in_flight",
             DEFAULT_MAX_REQUESTS_IN_FLIGHT.to_string(),
         ),
+        (
+            "request_read_timeout",
+            show_duration(DEFAULT_REQUEST_READ_TIMEOUT),
+        ),
+        ("max_connections", format!("open-file limit - {FD_RESERVE}")),
         ("log_format", DEFAULT_LOG_FORMAT.to_string()),
         ("ping_response", DEFAULT_PING_RESPONSE.to_string()),
         ("pool_name", DEFAULT_POOL_NAME.to_string()),
@@ -321,6 +343,8 @@ mod tests {
         ("shutdown_timeout", r#""7s""#, &["7s"]),
         ("keepalive_timeout", r#""7s""#, &["7s"]),
         ("max_requests_in_flight", "7", &["7"]),
+        ("request_read_timeout", r#""7s""#, &["7s"]),
+        ("max_connections", "7", &["7"]),
         ("pid_file", r#""/tmp/a.pid""#, &["/tmp/a.pid"]),
         ("log_format", r#""json""#, &["json"]),
         ("log_file", r#""/tmp/a.log""#, &["/tmp/a.log"]),

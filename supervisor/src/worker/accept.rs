@@ -3,11 +3,18 @@
 //! this worker drains or stays busy with a long request.
 //!
 //! The loop accepts only while the worker has room for another request (`max_requests_in_flight`),
-//! so the kernel hands new connections to a worker with room. Kept-alive connections that sit
-//! idle cost nothing but a file descriptor.
+//! so the kernel hands new connections to a worker with room: that is how the pool balances.
+//! The room is reserved for the new connection only for [`connection::FIRST_REQUEST_GRACE`];
+//! a connection that has not sent a complete request by then gives it back and waits without
+//! one, so silent or half-sent connections cannot keep the worker from accepting. Kept-alive
+//! connections that sit idle cost nothing but a file descriptor.
+//!
+//! The loop also stops at `max_connections` (what `FCGI_MAX_CONNS` advertises) and, when
+//! accept fails for want of a descriptor, until one of this worker's connections closes; either
+//! way the kernel's queue holds the rest for the other workers, and one line per episode says so.
 
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +24,7 @@ use nix::sys::signal::Signal;
 use crate::listener::ListenerSocket;
 use crate::scoreboard::SlotState;
 use crate::worker::connection;
+use crate::worker::episode::EPISODES;
 use crate::worker::run::Room;
 use crate::worker::{Alive, Worker};
 
@@ -97,7 +105,24 @@ pub(crate) async fn accept_loop(sockets: Vec<ListenerSocket>, worker: Arc<Worker
     let mut turn = 0;
     // The master was woken in this episode without room (see `wake_master`).
     let mut woke = false;
+    let max_conns = worker.settings.limits.max_conns;
     loop {
+        let open = worker.conns.open();
+        if open >= max_conns {
+            EPISODES.conn_cap.hit(
+                || {
+                    tracing::warn!(
+                        pid = std::process::id(),
+                        open,
+                        max_connections = max_conns,
+                        "at max_connections: not accepting until a connection closes; the listen queue holds new ones for other workers"
+                    )
+                },
+                |times| tracing::info!(pid = std::process::id(), times, "max_connections episode over"),
+            );
+            worker.conns.until_fewer_than(max_conns, FD_RETRY).await;
+            continue;
+        }
         // Normally a worker accepts only with room for the request. When the whole pool is
         // saturated it accepts anyway: the connection would only wait in the kernel's backlog,
         // and a status or ping request on it is answered at once (see `status.rs`).
@@ -139,9 +164,26 @@ pub(crate) async fn accept_loop(sockets: Vec<ListenerSocket>, worker: Arc<Worker
         match accepted {
             Ok(Accepted::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                spawn_tcp(stream, &worker, room, &alive);
+                spawn_tcp_as(stream, &worker, room, true, &alive);
             }
-            Ok(Accepted::Unix(stream)) => spawn_unix(stream, &worker, room, &alive),
+            Ok(Accepted::Unix(stream)) => spawn_unix_as(stream, &worker, room, true, &alive),
+            Err(e) if is_fd_limit(&e) => {
+                drop(room);
+                let open = worker.conns.open();
+                EPISODES.fds.hit(
+                    || {
+                        tracing::warn!(
+                            pid = std::process::id(),
+                            open,
+                            limit = open_file_limit(),
+                            error = %e,
+                            "at the open-file limit: not accepting until a connection closes; raise LimitNOFILE (ulimit -n) or lower max_connections"
+                        )
+                    },
+                    |times| tracing::info!(pid = std::process::id(), times, "open-file limit episode over"),
+                );
+                worker.conns.until_fewer_than(open, FD_RETRY).await;
+            }
             Err(e) if is_transient(&e) => backoff().await,
             Err(e) => return fail(&worker, e),
         }
@@ -207,28 +249,53 @@ fn wake_master(worker: &Worker, listeners: &[Listening]) -> bool {
     }
 }
 
-/// Serves a TCP connection; if the worker drains while it is idle, hands it over.
+/// Serves a TCP connection handed over by another worker (kept alive, so not held to
+/// `request_read_timeout` until its next request begins).
 fn spawn_tcp(
     stream: tokio::net::TcpStream,
     worker: &Arc<Worker>,
     room: Option<Room>,
     alive: &Alive,
 ) {
-    let (rd, wr) = stream.into_split();
-    spawn_serve(rd, wr, worker, room, alive, |rd, wr| {
-        Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
-    });
+    spawn_tcp_as(stream, worker, room, false, alive)
 }
 
-/// Serves a unix connection; if the worker drains while it is idle, hands it over.
+/// Serves a unix connection handed over by another worker; see [`spawn_tcp`].
 fn spawn_unix(
     stream: tokio::net::UnixStream,
     worker: &Arc<Worker>,
     room: Option<Room>,
     alive: &Alive,
 ) {
+    spawn_unix_as(stream, worker, room, false, alive)
+}
+
+/// Serves a TCP connection, `fresh` when just accepted; if the worker drains while it is idle,
+/// hands it over.
+fn spawn_tcp_as(
+    stream: tokio::net::TcpStream,
+    worker: &Arc<Worker>,
+    room: Option<Room>,
+    fresh: bool,
+    alive: &Alive,
+) {
     let (rd, wr) = stream.into_split();
-    spawn_serve(rd, wr, worker, room, alive, |rd, wr| {
+    spawn_serve(rd, wr, worker, room, fresh, alive, |rd, wr| {
+        Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
+    });
+}
+
+/// Serves a unix connection, `fresh` when just accepted; if the worker drains while it is idle,
+/// hands it over.
+fn spawn_unix_as(
+    stream: tokio::net::UnixStream,
+    worker: &Arc<Worker>,
+    room: Option<Room>,
+    fresh: bool,
+    alive: &Alive,
+) {
+    let (rd, wr) = stream.into_split();
+    spawn_serve(rd, wr, worker, room, fresh, alive, |rd, wr| {
         Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
     });
 }
@@ -240,6 +307,7 @@ fn spawn_serve<Rd, Wr>(
     wr: Wr,
     worker: &Arc<Worker>,
     room: Option<Room>,
+    fresh: bool,
     alive: &Alive,
     reunite: impl FnOnce(Rd, Wr) -> Option<std::os::fd::OwnedFd> + Send + 'static,
 ) where
@@ -247,13 +315,83 @@ fn spawn_serve<Rd, Wr>(
     Wr: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (worker, alive) = (Arc::clone(worker), alive.clone());
+    // Counted before the task runs, so the accept loop's next look at the cap sees it.
+    let open = OpenConn::new(&worker);
     tokio::spawn(async move {
-        if let Some((rd, wr)) = connection::serve(rd, wr, Arc::clone(&worker), room, alive).await {
+        let served = connection::serve(rd, wr, Arc::clone(&worker), room, fresh, alive).await;
+        if let Some((rd, wr)) = served {
             if let Some(fd) = reunite(rd, wr) {
                 hand_over(&worker, fd.as_fd());
             }
         }
+        drop(open);
     });
+}
+
+/// The connections a worker has open, and a wake-up when one closes.
+#[derive(Debug, Default)]
+pub(crate) struct Conns {
+    open: AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+impl Conns {
+    /// Connections open now.
+    pub(crate) fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Returns once fewer than `n` connections are open, or after `at_most` (the descriptors
+    /// may be held by something other than connections, which closes without telling us).
+    async fn until_fewer_than(&self, n: usize, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, async {
+            loop {
+                let closed = self.closed.notified();
+                tokio::pin!(closed);
+                // Registered before the count is read, so a close in between is not missed.
+                closed.as_mut().enable();
+                if self.open() < n {
+                    return;
+                }
+                closed.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// One open connection, counted in [`Conns`] while it lives.
+struct OpenConn(Arc<Worker>);
+
+impl OpenConn {
+    fn new(worker: &Arc<Worker>) -> OpenConn {
+        worker.conns.open.fetch_add(1, Ordering::AcqRel);
+        OpenConn(Arc::clone(worker))
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.conns.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.conns.closed.notify_waiters();
+    }
+}
+
+/// How long the accept loop waits at a connection limit for one of its connections to close
+/// before it looks again: the descriptors may be the application's, which close unseen, and
+/// one retry a second costs nothing (no spin) while barely delaying the recovery.
+const FD_RETRY: Duration = Duration::from_secs(1);
+
+/// Accept failed for want of a descriptor (the process's or the system's).
+fn is_fd_limit(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// This process's soft RLIMIT_NOFILE, for the log line (0 if it cannot be read).
+fn open_file_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(0)
 }
 
 /// Passes an idle connection to the master, which gives it to a worker that stays. If that
@@ -314,8 +452,8 @@ fn fail(worker: &Worker, e: std::io::Error) {
     worker.drain.send_replace(true);
 }
 
-/// Per-connection accept failures (a peer that reset first, fd exhaustion) must not stop the
-/// worker; on resource exhaustion it pauses briefly instead of spinning.
+/// Per-connection accept failures (a peer that reset first, memory exhaustion) must not stop
+/// the worker; on resource exhaustion it pauses briefly instead of spinning.
 async fn backoff() {
     tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
@@ -329,10 +467,7 @@ fn is_transient(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
-    ) || matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
+    ) || matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// How long a worker must stay busy before its idle kept-alive connections move to a worker

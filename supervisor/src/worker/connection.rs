@@ -10,8 +10,20 @@
 //! the connection stops reading the socket, so a slow application slows the client instead of
 //! growing memory. Responses come back as encoded records; the tail of each (last STDOUT, empty
 //! STDOUT, END_REQUEST) is written in one write. The bodies are `connection/bodies.rs`.
+//!
+//! What a connection holds while it has not sent a complete request: no room (after
+//! [`FIRST_REQUEST_GRACE`]), a read buffer of at most one record plus a read (64 KiB + 255
+//! padding + [`READ_RESERVE`]), and the params being gathered, bounded by the fcgi
+//! `max_params_bytes`. It is closed `request_read_timeout` after accept, or after the first
+//! byte of a request on a kept-alive connection.
+//!
+//! A request past `request_timeout` is answered here, not by killing the worker under the
+//! client: `504` if nothing of its response went out, else END_REQUEST after what did; the
+//! connection then closes (the stuck handler may still write under that request id) and the
+//! worker drains, to be replaced by the master.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +36,7 @@ use tokio::time::Instant;
 
 use crate::app::body::{BodyReader, Out};
 use crate::app::request::Request;
+use crate::worker::episode::EPISODES;
 use crate::worker::output::send_in_runtime;
 use crate::worker::run::{Room, Waiting};
 use crate::worker::{Alive, Worker};
@@ -49,9 +62,13 @@ const OUT_CHANNEL: usize = 8;
 const OUTBOX_HIGH_WATER: usize = 256 * 1024;
 
 /// How long the room reserved at accept waits for the connection's first request before it is
-/// given back: nginx sends its request at once, a client that sends nothing must not keep a
-/// worker from accepting.
-const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(2);
+/// given back and the connection waits without one. nginx writes its request right after the
+/// connect completes, so on loopback or a LAN it is here within microseconds; 5 ms covers a
+/// frontend descheduled for a few time slices. A connection that sends nothing (or part of a
+/// request) costs the accept loop at most this long, so 200 of them cost a worker 1 s of
+/// accepting at worst, spread over the pool; the request that arrives later still runs, taking
+/// a room like any request on a kept-alive connection.
+pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(5);
 
 /// How long a finished connection keeps draining input its client still sends before it is
 /// closed anyway.
@@ -88,6 +105,10 @@ pub(crate) enum Keepalive {
 pub(crate) struct Rules {
     pub limits: fcgi::Limits,
     pub keepalive_timeout: Duration,
+    /// Time to send a complete request, from accept or from the request's first byte.
+    pub request_read_timeout: Duration,
+    /// A request running longer is answered 504 here.
+    pub request_timeout: Option<Duration>,
     /// The worker has a channel to the master, so idle connections can move to another worker.
     pub can_hand_over: bool,
 }
@@ -119,6 +140,41 @@ pub(crate) struct Conn {
     quiet_until: Option<Instant>,
     /// When the last answer was queued: the keep-alive timeout counts from there.
     idle_since: Instant,
+    /// When the reserved room goes back if no request has taken it.
+    grace_until: Instant,
+    /// Accepted here and no request has arrived yet: held to `request_read_timeout` from accept.
+    fresh: bool,
+    /// When the request being read must be complete; `None` while none is being read.
+    read_deadline: Option<Instant>,
+    /// Requests delivered (run, rejected or answered from the scoreboard) and not yet answered.
+    in_flight: usize,
+    /// The request running in the application, for `request_timeout`. One at most: the core
+    /// refuses a second concurrent request on a connection (`max_requests_per_conn` 1).
+    running: Option<Running>,
+    /// A request timed out: what its handler still sends is discarded, and the connection
+    /// closes once the answer is written.
+    timed_out: bool,
+}
+
+/// A request running in the application, as its connection watches it for `request_timeout`.
+pub(crate) struct Running {
+    id: u16,
+    /// When it got its room and started, in microseconds of [`crate::clock::now`]; 0 while it
+    /// waits for room (a queued request has not started, and its worker is not stuck).
+    started: Arc<AtomicU64>,
+    method: String,
+    uri: String,
+    /// Part of its response went out: the status is sent, so a timeout cannot answer 504.
+    sent: bool,
+}
+
+/// What a request timer found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Timer {
+    /// The bound is reached.
+    Expired,
+    /// Not yet: fire again then.
+    Until(Instant),
 }
 
 impl Conn {
@@ -136,7 +192,27 @@ impl Conn {
             drain_seen: false,
             quiet_until: None,
             idle_since: now,
+            grace_until: now + FIRST_REQUEST_GRACE,
+            fresh: false,
+            read_deadline: None,
+            in_flight: 0,
+            running: None,
+            timed_out: false,
         }
+    }
+
+    /// A connection just accepted at `now`: it has `request_read_timeout` to send a request.
+    pub(crate) fn accepted(mut self, now: Instant) -> Conn {
+        self.fresh = true;
+        self.read_deadline = Some(now + self.rules.request_read_timeout);
+        self
+    }
+
+    /// A request delivered to be answered: no longer reading one.
+    fn arrived(&mut self) {
+        self.in_flight += 1;
+        self.fresh = false;
+        self.read_deadline = None;
     }
 
     /// The next request among the complete records already read, or one the protocol core
@@ -146,9 +222,13 @@ impl Conn {
         while !self.bodies.waiting() && !self.close_when_written {
             match self.fcgi.decode(&mut self.buf)? {
                 None => break,
-                Some(Event::Request(req)) => return Ok(Some(Arrived::Request(req))),
+                Some(Event::Request(req)) => {
+                    self.arrived();
+                    return Ok(Some(Arrived::Request(req)));
+                }
                 Some(Event::Rejected { id, reason }) => {
-                    return Ok(Some(Arrived::Rejected { id, reason }))
+                    self.arrived();
+                    return Ok(Some(Arrived::Rejected { id, reason }));
                 }
                 Some(event) => self.bodies.on_event(event),
             }
@@ -205,6 +285,15 @@ impl Conn {
         let idle = self.idle();
         if idle && (self.eof || self.fcgi.wants_close()) {
             return Next::Close;
+        }
+        // Reading a request (bytes of one, or params begun) with none in flight: the read
+        // timeout counts from its first byte; a fresh connection's counts from accept.
+        let reading =
+            self.in_flight == 0 && (self.fresh || !self.buf.is_empty() || self.fcgi.active() > 0);
+        match (reading, self.read_deadline) {
+            (true, None) => self.read_deadline = Some(now + self.rules.request_read_timeout),
+            (false, Some(_)) => self.read_deadline = None,
+            _ => {}
         }
         // A connection accepted with room reserved gets its first request served, drain or not.
         let drained = draining && self.reserved.is_none();
@@ -267,10 +356,23 @@ impl Conn {
 
     /// Output from one of the connection's requests.
     pub(crate) fn on_output(&mut self, out: Out, now: Instant, draining: bool) -> Next {
+        if self.timed_out {
+            // Answered at the timeout; the stuck handler's late output goes nowhere.
+            return Next::Continue;
+        }
         let bytes = match out {
-            Out::Chunk(records) => records,
+            Out::Chunk(records) => {
+                if let Some(running) = &mut self.running {
+                    running.sent = true;
+                }
+                records
+            }
             Out::Last(id, mut tail) => {
                 self.idle_since = now;
+                self.in_flight = self.in_flight.saturating_sub(1);
+                if self.running.as_ref().is_some_and(|r| r.id == id) {
+                    self.running = None;
+                }
                 self.bodies.end(id);
                 self.close_when_written |= self.fcgi.end_request(id, 0, &mut tail);
                 self.close_when_written |=
@@ -293,10 +395,93 @@ impl Conn {
         }
     }
 
-    /// No request came in [`FIRST_REQUEST_WAIT`]: the reserved room goes back to the worker.
-    pub(crate) fn on_first_request_wait(&mut self) -> Next {
-        self.reserved = None;
-        Next::Continue
+    /// Whether the read timer matters: a reserved room to give back, or a request being read.
+    pub(crate) fn read_timer_armed(&self) -> bool {
+        self.reserved.is_some() || self.read_deadline.is_some()
+    }
+
+    /// The read timer fired: past [`FIRST_REQUEST_GRACE`] the reserved room goes back to the
+    /// worker; past the read deadline the connection is to close.
+    pub(crate) fn on_read_timer(&mut self, now: Instant) -> Timer {
+        if self.reserved.is_some() && now >= self.grace_until {
+            self.reserved = None;
+        }
+        match self.read_deadline {
+            Some(deadline) if now >= deadline => Timer::Expired,
+            deadline => {
+                let grace = self.reserved.as_ref().map(|_| self.grace_until);
+                let next = match (grace, deadline) {
+                    (Some(g), Some(d)) => g.min(d),
+                    (g, d) => g.or(d).unwrap_or(now),
+                };
+                Timer::Until(next)
+            }
+        }
+    }
+
+    /// Watches request `id`, started (once it has its room) at the time `started` holds.
+    pub(crate) fn track(&mut self, id: u16, started: Arc<AtomicU64>, method: String, uri: String) {
+        self.running = Some(Running {
+            id,
+            started,
+            method,
+            uri,
+            sent: false,
+        });
+    }
+
+    /// Whether the request timer matters: a request runs and `request_timeout` is set.
+    pub(crate) fn request_timer_armed(&self) -> bool {
+        self.running.is_some() && self.rules.request_timeout.is_some()
+    }
+
+    /// The request timer fired at `now` (`clock` is [`crate::clock::now`] at the same moment):
+    /// whether the running request is past `request_timeout`, counted from when it started.
+    pub(crate) fn on_request_timer(&self, now: Instant, clock: Duration) -> Timer {
+        let (Some(running), Some(timeout)) = (&self.running, self.rules.request_timeout) else {
+            // Disarmed (see `request_timer_armed`): the deadline is not looked at.
+            return Timer::Until(now);
+        };
+        let started = running.started.load(Ordering::Acquire);
+        if started == 0 {
+            // Still waiting for room: it cannot time out before a full timeout from now.
+            return Timer::Until(now + timeout);
+        }
+        let elapsed = clock.saturating_sub(Duration::from_micros(started));
+        if elapsed >= timeout {
+            Timer::Expired
+        } else {
+            Timer::Until(now + (timeout - elapsed))
+        }
+    }
+
+    /// Answers the running request at its timeout: `504` if nothing of it went out, else the
+    /// end of what did; then the connection closes once that is written. Returns the request's
+    /// method and URI, and whether it was answered 504, for the log.
+    pub(crate) fn time_out(&mut self, now: Instant) -> Option<(String, String, bool)> {
+        let running = self.running.take()?;
+        let id = running.id;
+        let mut tail = if running.sent {
+            let mut tail = BytesMut::new();
+            fcgi::response::ResponseWriter::new(id).finish(&mut tail);
+            tail
+        } else {
+            let res = crate::app::response::status(http::StatusCode::GATEWAY_TIMEOUT);
+            // A buffered response: encoded whole, nothing sent on the channel.
+            let (unused, _) = mpsc::channel(1);
+            match crate::worker::output::encode(id, res, &unused) {
+                Out::Last(_, tail) => tail,
+                Out::Chunk(_) => BytesMut::new(),
+            }
+        };
+        self.idle_since = now;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.bodies.end(id);
+        self.fcgi.end_request(id, 0, &mut tail);
+        self.queue(tail.freeze());
+        self.timed_out = true;
+        self.close_when_written = true;
+        Some((running.method, running.uri, !running.sent))
     }
 
     /// The worker started draining; the next [`Conn::decide`] acts on it.
@@ -313,22 +498,33 @@ pub(crate) async fn serve<Rd, Wr>(
     mut wr: Wr,
     worker: Arc<Worker>,
     reserved: Option<Room>,
+    fresh: bool,
     alive: Alive,
 ) -> Option<(Rd, Wr)>
 where
     Rd: AsyncRead + Unpin,
     Wr: AsyncWrite + Unpin,
 {
-    let mut conn = Conn::new(worker.rules(), reserved, Instant::now());
+    let now = Instant::now();
+    let mut conn = Conn::new(worker.rules(), reserved, now);
+    if fresh {
+        conn = conn.accepted(now);
+    }
     let (out_tx, mut out_rx) = mpsc::channel::<Out>(OUT_CHANNEL);
     // Futures that live as long as the connection: built and registered once, not on every
     // turn of the loop. Draining only ever goes from false to true, so one wait is enough.
     let mut drain = worker.drain.subscribe();
     let drain_starts = drain.changed();
     let migrate = worker.migrate.notified();
-    let give_back = tokio::time::sleep(FIRST_REQUEST_WAIT);
+    let read_timer = tokio::time::sleep(if conn.reserved.is_some() {
+        FIRST_REQUEST_GRACE
+    } else {
+        worker.settings.request_read_timeout
+    });
+    let request_timer =
+        tokio::time::sleep(worker.settings.request_timeout.unwrap_or(Duration::ZERO));
     let keepalive = tokio::time::sleep(worker.settings.keepalive_timeout);
-    tokio::pin!(drain_starts, migrate, give_back, keepalive);
+    tokio::pin!(drain_starts, migrate, read_timer, request_timer, keepalive);
     loop {
         loop {
             match conn.next_request() {
@@ -359,7 +555,23 @@ where
                         Next::Continue
                     }
                 },
-                () = &mut give_back, if conn.reserved.is_some() => conn.on_first_request_wait(),
+                () = &mut read_timer, if conn.read_timer_armed() => match conn.on_read_timer(Instant::now()) {
+                    Timer::Expired => {
+                        read_timed_out(worker.settings.request_read_timeout);
+                        Next::Close
+                    }
+                    Timer::Until(deadline) => {
+                        read_timer.as_mut().reset(deadline);
+                        Next::Continue
+                    }
+                },
+                () = &mut request_timer, if conn.request_timer_armed() => {
+                    match conn.on_request_timer(Instant::now(), crate::clock::now()) {
+                        Timer::Expired => request_timed_out(&worker, &mut conn),
+                        Timer::Until(deadline) => request_timer.as_mut().reset(deadline),
+                    }
+                    Next::Continue
+                }
                 _ = &mut drain_starts, if conn.idle() && !conn.drain_seen => conn.on_drain_started(),
                 () = sleep_until_opt(conn.quiet_until), if conn.idle() && conn.quiet_until.is_some() => Next::Close,
                 () = &mut migrate, if conn.may_migrate() => Next::HandOver,
@@ -392,10 +604,74 @@ pub(crate) enum Arrived {
     },
 }
 
+/// A connection closed for not sending a complete request in time: counted, logged once per
+/// episode.
+fn read_timed_out(timeout: Duration) {
+    EPISODES.read_timeout.hit(
+        || {
+            tracing::warn!(
+                pid = std::process::id(),
+                timeout_ms = timeout.as_millis() as u64,
+                "closing connections that sent no complete request within request_read_timeout (counted until quiet)"
+            )
+        },
+        |connections| {
+            tracing::info!(
+                pid = std::process::id(),
+                connections,
+                "connections closed without a complete request: episode over"
+            )
+        },
+    );
+}
+
+/// The running request passed `request_timeout`: it is answered now, and the worker, which has
+/// a stuck thread, drains so the master replaces it.
+fn request_timed_out(worker: &Worker, conn: &mut Conn) {
+    let elapsed = conn
+        .running
+        .as_ref()
+        .map(|r| Duration::from_micros(r.started.load(Ordering::Acquire)))
+        .map(|started| crate::clock::now().saturating_sub(started))
+        .unwrap_or_default();
+    if let Some((method, uri, answered_504)) = conn.time_out(Instant::now()) {
+        tracing::error!(
+            pid = std::process::id(),
+            method,
+            uri,
+            elapsed_ms = elapsed.as_millis() as u64,
+            status = if answered_504 { 504 } else { 0 },
+            "request past request_timeout: answered {}; worker draining to be replaced",
+            if answered_504 {
+                "504"
+            } else {
+                "with what it had sent"
+            }
+        );
+        worker.timed_out.store(true, Ordering::Release);
+        worker.drain.send_replace(true);
+    }
+}
+
 /// Answers a refused request `431 Request Header Fields Too Large` (nginx passes the status to
-/// the client); the connection stays usable.
+/// the client); the connection stays usable. Logged once per episode.
 fn reject(id: u16, reason: fcgi::server::Rejection, out: &mpsc::Sender<Out>) {
-    tracing::warn!(pid = std::process::id(), %reason, "request refused: answering 431");
+    EPISODES.rejected.hit(
+        || {
+            tracing::warn!(
+                pid = std::process::id(),
+                %reason,
+                "request params over the limit: answering 431 (counted until quiet)"
+            )
+        },
+        |requests| {
+            tracing::info!(
+                pid = std::process::id(),
+                requests,
+                "requests answered 431: episode over"
+            )
+        },
+    );
     let res = crate::app::response::status(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     send_in_runtime(out, crate::worker::output::encode(id, res, out));
 }
@@ -421,16 +697,28 @@ fn start_request(
         return;
     }
     let (body, data) = conn.open_bodies(req.id, req.role);
+    let request = Request {
+        role: req.role,
+        params: req.params,
+        body,
+        data,
+    };
+    let started = Arc::new(AtomicU64::new(0));
+    if worker.settings.request_timeout.is_some() {
+        let method = request.method().to_string();
+        conn.track(
+            req.id,
+            Arc::clone(&started),
+            method,
+            request.uri().to_string(),
+        );
+    }
     let waiting = Waiting {
         id: req.id,
-        request: Request {
-            role: req.role,
-            params: req.params,
-            body,
-            data,
-        },
+        request,
         out: out.clone(),
         alive: alive.clone(),
+        started,
     };
     worker.rooms.start_or_wait(waiting, conn.take_reserved());
 }

@@ -5,10 +5,12 @@
 //! The rest: `accept` (taking and handing over connections), `connection` (one FastCGI
 //! connection), `rooms` (the cap on requests in flight and the queue), `run` (running a request,
 //! handler threads, recycling), `output` (a response as records), `inline` (requests on the
-//! I/O thread), `status` (the status page).
+//! I/O thread), `status` (the status page), `episode` (limits hit by peers, logged once per
+//! episode).
 
 mod accept;
 mod connection;
+mod episode;
 mod inline;
 mod output;
 mod rooms;
@@ -39,6 +41,10 @@ pub(crate) struct Settings {
     pub slot: usize,
     pub max_in_flight: usize,
     pub keepalive_timeout: Duration,
+    /// Time a connection has to send a complete request.
+    pub request_read_timeout: Duration,
+    /// A request running longer is answered 504 by its connection, and the worker drains.
+    pub request_timeout: Option<Duration>,
     pub limits: fcgi::Limits,
     pub recycle: Recycle,
     pub status: status::Paths,
@@ -55,8 +61,14 @@ impl Settings {
             slot,
             max_in_flight: cfg.max_requests_in_flight.get(),
             keepalive_timeout: cfg.keepalive_timeout,
+            request_read_timeout: cfg.request_read_timeout,
+            request_timeout: cfg.request_timeout,
             limits: fcgi::Limits {
                 max_reqs: cfg.max_requests_in_flight.get(),
+                max_conns: max_connections(cfg.max_connections),
+                // One request per connection: a second concurrent one is refused by the core
+                // with CANT_MPX_CONN, and GET_VALUES says FCGI_MPXS_CONNS 0.
+                max_requests_per_conn: fcgi::DEFAULT_MAX_REQUESTS_PER_CONN,
                 ..fcgi::Limits::default()
             },
             access_log: cfg.access_log,
@@ -79,6 +91,19 @@ impl Settings {
             },
         }
     }
+}
+
+/// `max_connections` as configured, else this process's open-file limit minus
+/// [`crate::config::FD_RESERVE`] (at least 1): what `FCGI_MAX_CONNS` says and the accept
+/// loop enforces.
+fn max_connections(configured: Option<std::num::NonZeroUsize>) -> usize {
+    if let Some(n) = configured {
+        return n.get();
+    }
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX))
+        .unwrap_or(fcgi::DEFAULT_MAX_CONNS);
+    soft.saturating_sub(crate::config::FD_RESERVE).max(1)
 }
 
 /// What every part of a worker shares: its settings, the application, its scoreboard slot, the
@@ -115,6 +140,11 @@ pub(crate) struct Worker {
     pub recycle_now: AtomicBool,
     /// When RSS was last measured (microseconds of the shared clock).
     pub rss_measured: AtomicU64,
+    /// The connections open, for `max_connections` and the descriptor limit.
+    pub conns: accept::Conns,
+    /// A request passed `request_timeout`: its thread is stuck, and the slot keeps showing it
+    /// busy while the worker drains, so the master's timeout replaces the worker as always.
+    pub timed_out: AtomicBool,
 }
 
 impl Worker {
@@ -157,6 +187,8 @@ impl Worker {
                 busy_check: AtomicBool::new(false),
                 recycle_now: AtomicBool::new(false),
                 rss_measured: AtomicU64::new(0),
+                conns: accept::Conns::default(),
+                timed_out: AtomicBool::new(false),
                 settings,
             }
         });
@@ -168,6 +200,8 @@ impl Worker {
         connection::Rules {
             limits: self.settings.limits,
             keepalive_timeout: self.settings.keepalive_timeout,
+            request_read_timeout: self.settings.request_read_timeout,
+            request_timeout: self.settings.request_timeout,
             can_hand_over: self.handover.is_some(),
         }
     }
@@ -297,7 +331,9 @@ async fn until_drained(worker: Arc<Worker>, listeners: Vec<ListenerSocket>) -> s
     slot.set_state(SlotState::Idle, clock::now());
 
     wait_for_drain(drain).await?;
-    slot.set_state(SlotState::Draining, clock::now());
+    if !worker.timed_out.load(std::sync::atomic::Ordering::Acquire) {
+        slot.set_state(SlotState::Draining, clock::now());
+    }
     worker.drain.send_replace(true);
     accepting.abort();
     drop(accepting);

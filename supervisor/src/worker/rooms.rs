@@ -5,7 +5,9 @@
 //!
 //! The accept loop takes a room before accepting (so the kernel hands connections to a worker
 //! with room) and parks it while it waits; a request on a connection already open takes that
-//! parked room first, since it is already here.
+//! parked room first, since it is already here. The connection accepted keeps the room only
+//! for a few milliseconds (`connection::FIRST_REQUEST_GRACE`): a room is earned by a complete
+//! request, not by an open connection.
 //!
 //! Free rooms, the parked one and the queue are counted under one lock, so a room cannot slip
 //! past a waiting request: a request queues only while no room is free, and a room is freed

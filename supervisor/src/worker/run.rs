@@ -32,6 +32,8 @@ pub(crate) struct Waiting {
     pub out: mpsc::Sender<Out>,
     /// The worker lives on while a request of it runs, even if its connection has closed.
     pub alive: Alive,
+    /// Set to [`clock::now`] in microseconds when it starts: its connection times it out.
+    pub started: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Waiting {
@@ -151,11 +153,18 @@ pub(crate) fn respond(worker: &Worker, job: Job) -> Answered {
                 mut request,
                 out,
                 alive,
+                started: started_at,
             },
         room,
     } = job;
     let slot = worker.board.slot(worker.slot);
     let started = clock::now();
+    started_at.store(
+        u64::try_from(started.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1),
+        Ordering::Release,
+    );
     slot.begin_request(
         request.method().as_str(),
         request.uri(),

@@ -10,13 +10,18 @@ use fcgi::Params;
 
 use super::*;
 use crate::worker::rooms::Rooms;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const KEEPALIVE: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn rules(can_hand_over: bool) -> Rules {
     Rules {
         limits: fcgi::Limits::default(),
         keepalive_timeout: KEEPALIVE,
+        request_read_timeout: READ_TIMEOUT,
+        request_timeout: Some(REQUEST_TIMEOUT),
         can_hand_over,
     }
 }
@@ -159,7 +164,7 @@ fn a_busy_migrate_notification_moves_only_an_idle_connection() {
         !conn.may_migrate(),
         "its first request is still to come, in its room"
     );
-    conn.on_first_request_wait();
+    conn.on_read_timer(now + FIRST_REQUEST_GRACE);
     assert!(conn.may_migrate());
     receive(&mut conn, &request(1, true, b"body"));
     let (id, _body) = take_request(&mut conn);
@@ -202,18 +207,157 @@ fn a_finished_connection_whose_client_still_sends_lingers() {
 }
 
 #[test]
-fn the_first_request_wait_gives_the_reserved_room_back() {
+fn the_first_request_grace_gives_the_reserved_room_back() {
     let rooms = rooms(1);
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), now);
+    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), now).accepted(now);
     let mut cx = Context::from_waker(Waker::noop());
     let mut acquire = pin!(rooms.acquire());
     assert!(
         acquire.as_mut().poll(&mut cx).is_pending(),
         "the connection holds the room"
     );
-    assert_eq!(conn.on_first_request_wait(), Next::Continue);
+    assert_eq!(
+        conn.on_read_timer(now + FIRST_REQUEST_GRACE / 2),
+        Timer::Until(now + FIRST_REQUEST_GRACE),
+        "within the grace the room stays"
+    );
+    assert!(acquire.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(
+        conn.on_read_timer(now + FIRST_REQUEST_GRACE),
+        Timer::Until(now + READ_TIMEOUT),
+        "the room goes back; the read deadline is next"
+    );
     assert!(matches!(acquire.poll(&mut cx), Poll::Ready(Some(_))));
+}
+
+#[test]
+fn a_connection_that_never_completes_a_request_is_closed_at_the_read_timeout() {
+    let now = Instant::now();
+    let mut silent = Conn::new(rules(true), None, now).accepted(now);
+    assert_eq!(silent.decide(now, false), Next::Continue);
+    assert!(
+        silent.read_timer_armed(),
+        "a fresh connection is timed from accept"
+    );
+    assert_eq!(silent.on_read_timer(now + READ_TIMEOUT), Timer::Expired);
+
+    let mut partial = Conn::new(rules(true), None, now).accepted(now);
+    receive(&mut partial, &request(1, true, b"")[..3]);
+    assert!(partial
+        .next_request()
+        .expect("well-formed so far")
+        .is_none());
+    let later = now + READ_TIMEOUT / 2;
+    assert_eq!(partial.decide(later, false), Next::Continue);
+    assert_eq!(
+        partial.on_read_timer(later),
+        Timer::Until(now + READ_TIMEOUT),
+        "three bytes do not restart the clock of a fresh connection"
+    );
+    assert_eq!(partial.on_read_timer(now + READ_TIMEOUT), Timer::Expired);
+}
+
+#[test]
+fn a_kept_alive_connection_is_timed_from_the_first_byte_of_its_next_request() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, now).accepted(now);
+    serve_one(&mut conn, true, now, false);
+    assert_eq!(conn.decide(now, false), Next::Continue);
+    assert!(
+        !conn.read_timer_armed(),
+        "idle and kept alive: the keep-alive timeout governs it"
+    );
+    let first_byte = now + KEEPALIVE / 2;
+    receive(&mut conn, &request(1, true, b"")[..5]);
+    assert!(conn.next_request().expect("well-formed so far").is_none());
+    assert_eq!(conn.decide(first_byte, false), Next::Continue);
+    assert_eq!(
+        conn.on_read_timer(first_byte),
+        Timer::Until(first_byte + READ_TIMEOUT)
+    );
+    // The rest arrives: the request runs, and no read deadline is left to close it.
+    receive(&mut conn, &request(1, true, b"")[5..]);
+    let _ = take_request(&mut conn);
+    assert_eq!(conn.decide(first_byte, false), Next::Continue);
+    assert!(!conn.read_timer_armed());
+}
+
+/// A running request, tracked as `start_request` does; returns what its run would set.
+fn run_tracked(conn: &mut Conn) -> (u16, BodyReader, Arc<AtomicU64>) {
+    receive(conn, &request(1, true, b""));
+    let (id, body) = take_request(conn);
+    let started = Arc::new(AtomicU64::new(0));
+    conn.track(id, Arc::clone(&started), "GET".into(), "/sleep".into());
+    (id, body, started)
+}
+
+/// The records queued for the client, decoded as request `id`'s answer.
+fn answered(conn: &mut Conn, id: u16) -> fcgi::client::Response {
+    let mut wire = BytesMut::new();
+    for chunk in &conn.outbox {
+        wire.extend_from_slice(chunk);
+    }
+    let mut answer = fcgi::client::Response::default();
+    assert!(
+        fcgi::client::read_response(&mut wire, id, &mut answer).expect("well-formed"),
+        "the answer is complete, END_REQUEST included"
+    );
+    answer
+}
+
+#[test]
+fn a_request_past_its_timeout_is_answered_504_and_its_late_output_dropped() {
+    let now = Instant::now();
+    let clock = Duration::from_secs(100);
+    let mut conn = Conn::new(rules(true), None, now);
+    let (id, _body, started) = run_tracked(&mut conn);
+    assert!(conn.request_timer_armed());
+    assert_eq!(
+        conn.on_request_timer(now, clock),
+        Timer::Until(now + REQUEST_TIMEOUT),
+        "waiting for room, it has not started"
+    );
+    started.store(clock.as_micros() as u64, Ordering::Release);
+    let half = REQUEST_TIMEOUT / 2;
+    assert_eq!(
+        conn.on_request_timer(now + half, clock + half),
+        Timer::Until(now + REQUEST_TIMEOUT)
+    );
+    assert_eq!(
+        conn.on_request_timer(now + REQUEST_TIMEOUT, clock + REQUEST_TIMEOUT),
+        Timer::Expired
+    );
+    let (method, uri, was_504) = conn.time_out(now + REQUEST_TIMEOUT).expect("it ran");
+    assert_eq!(
+        (method.as_str(), uri.as_str(), was_504),
+        ("GET", "/sleep", true)
+    );
+    assert_eq!(answered(&mut conn, id).status(), 504);
+    let queued = conn.queued;
+    answer(&mut conn, id, now, false);
+    assert_eq!(conn.queued, queued, "the stuck handler's answer is dropped");
+    write_all(&mut conn);
+    assert_eq!(
+        conn.decide(now, false),
+        Next::Close,
+        "it closes: the handler may still write under that id"
+    );
+}
+
+#[test]
+fn a_request_that_had_sent_part_of_its_answer_ends_with_what_it_sent() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, now);
+    let (id, _body, started) = run_tracked(&mut conn);
+    started.store(1, Ordering::Release);
+    let mut head = BytesMut::new();
+    fcgi::response::ResponseWriter::new(id).stdout(b"Status: 200\r\n\r\npart", &mut head);
+    conn.on_output(Out::Chunk(head.freeze()), now, false);
+    let (_, _, was_504) = conn.time_out(now).expect("it ran");
+    assert!(!was_504);
+    let answer = answered(&mut conn, id);
+    assert_eq!((answer.status(), answer.body()), (200, &b"part"[..]));
 }
 
 #[test]
