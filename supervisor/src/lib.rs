@@ -34,6 +34,7 @@
 //! - `app/`: what the application sees: [`Request`], [`Response`], [`Body`], and the body
 //!   streams. No runtime, no scoreboard.
 //! - `config/`: the operator's surface, each key declared once, validated once.
+//! - `status_command`: `<binary> status`, a FastCGI client that prints a running pool's page.
 //! - Shared leaves: `scoreboard` (the shared-memory table), `listener` (bind or adopt),
 //!   `passing` (SCM_RIGHTS), `logging`, `clock`, and `sys`, the only module with `unsafe`.
 //!
@@ -64,6 +65,7 @@ mod logging;
 mod master;
 mod passing;
 mod scoreboard;
+mod status_command;
 mod sys;
 mod worker;
 
