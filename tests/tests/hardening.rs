@@ -209,12 +209,14 @@ fn a_worker_that_cannot_switch_fails_its_start_and_the_master_backs_off() {
         .filter(|l| l.contains("worker failed"))
         .collect();
     assert!(failures.len() >= 2, "{log}");
+    let nobody = account_for("nobody");
+    let why = format!(
+        "cannot switch to user nobody (uid {}, gid {}): setresuid: EPERM",
+        nobody.uids[0], nobody.gids[0]
+    );
     for line in &failures {
         assert!(
-            line.contains("pid=")
-                && line.contains(
-                    "cannot switch to user nobody (uid 65534, gid 65534): setresuid: EPERM"
-                ),
+            line.contains("pid=") && line.contains(&why),
             "one line with the pid, the user and the errno: {line}"
         );
     }
