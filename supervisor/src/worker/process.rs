@@ -82,9 +82,16 @@ fn set_limit(resource: Resource, key: &str, value: u64) -> io::Result<()> {
             Ok((_, hard)) => hard.to_string(),
             Err(_) => "unknown".to_string(),
         };
+        // The kernel's ceiling for open files, even for root.
+        let ceiling = match resource {
+            Resource::RLIMIT_NOFILE => std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .map(|n| format!(", and no one above fs.nr_open = {}", n.trim()))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
         io::Error::other(format!(
-            "cannot set {key} = {shown}: setrlimit: {e} (the hard limit is {hard}; only root \
-             may raise it, and the open-file limit never above fs.nr_open)"
+            "cannot set {key} = {shown}: setrlimit: {e} (the hard limit is {hard}: only root \
+             may raise it{ceiling})"
         ))
     })
 }
