@@ -74,7 +74,13 @@ pub const DEFAULT_CLEAR_ENV: bool = false;
 /// file (the same names, in snake_case).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Parser, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[command(version, about = "A prefork FastCGI application server", long_about = None)]
+#[command(
+    version,
+    about = "A prefork FastCGI application server",
+    long_about = None,
+    after_help = "`status` as the first argument prints a running pool's status page instead \
+                  (see `status --help`)."
+)]
 pub struct Cli {
     /// TOML configuration file; flags override its keys.
     #[arg(long, value_name = "FILE")]
