@@ -2,7 +2,9 @@
 
 use std::fmt;
 
-/// Everything a peer can get wrong. Each one closes the connection; none panics.
+/// Everything a peer can get wrong that leaves the connection unusable. Each one closes the
+/// connection; none panics. A well-framed request that breaks a limit is not an error: it is
+/// refused or rejected on its own (see [`crate::server`]) and the connection carries on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Error {
     /// The record header's version byte is not `FCGI_VERSION_1`.
@@ -39,17 +41,9 @@ pub enum Error {
         /// The request id.
         id: u16,
     },
-    /// More requests open on one connection than the limit allows, even counting rejected ones.
-    TooManyRequests {
-        /// The limit.
-        limit: usize,
-    },
-    /// The PARAMS stream of one request is longer than the limit.
-    ParamsTooLarge {
-        /// The limit in bytes.
-        limit: usize,
-    },
-    /// The PARAMS stream holds more name-value pairs than the limit.
+    /// A name-value stream holds more pairs than the limit: a GET_VALUES query, or what
+    /// [`crate::Params::decode`] returns to its own caller. A request's PARAMS over the limit
+    /// is [`crate::server::Event::Rejected`] instead.
     TooManyParams {
         /// The limit in pairs.
         limit: usize,
@@ -106,10 +100,6 @@ impl fmt::Display for Error {
                     "BEGIN_REQUEST for request id {id}, which is still active"
                 )
             }
-            Error::TooManyRequests { limit } => {
-                write!(f, "more than {limit} requests open on one connection")
-            }
-            Error::ParamsTooLarge { limit } => write!(f, "params exceed {limit} bytes"),
             Error::TooManyParams { limit } => write!(f, "params exceed {limit} name-value pairs"),
             Error::TruncatedParams => {
                 write!(f, "name-value pair runs past the end of the params stream")

@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`record`]: the 8-byte header, record types, the zero-copy decoder and the encoders.
 //! - [`params`]: name-value pairs (1- and 4-byte lengths, binary-safe, duplicates kept).
-//! - [`server`]: request assembly for the application side: records in, [`server::Event`]s out.
+//! - [`server`]: request assembly for the application side: records in, [`server::Event`]s out,
+//!   control records (GET_VALUES answers, refusals) queued for the shell to write.
 //! - [`response`]: encoding a response (STDOUT/STDERR records, END_REQUEST) into one buffer.
 //! - [`client`]: the web server's side: encode a request, decode a response.
 //! - `io` (feature `tokio`): a thin tokio shell: an async client for tests, health checks and load generation.
@@ -11,6 +12,16 @@
 //!
 //! The core does no I/O and reads no clock: decoders take `&mut BytesMut` and return
 //! `Ok(None)` when they need more bytes; encoders write into a `BufMut`.
+//!
+//! # No peer can wedge a connection
+//! - A connection runs one request at a time unless [`Limits::max_requests_per_conn`] says
+//!   more: GET_VALUES answers `FCGI_MPXS_CONNS` 0, and a second concurrent BEGIN_REQUEST is
+//!   refused by the core with `FCGI_CANT_MPX_CONN` while the first goes on.
+//! - A request whose PARAMS break a limit becomes [`server::Event::Rejected`]: the shell answers
+//!   it (for HTTP, with 431), the rest of it is dropped unread, and the connection serves the
+//!   next request.
+//! - Only a byte stream that cannot be trusted any more is an [`Error`], and closes the
+//!   connection.
 //!
 //! ```
 //! use bytes::BytesMut;

@@ -3,9 +3,43 @@
 //! [`ServerConnection::handle`] takes one record and yields at most one [`Event`]; the PARAMS
 //! stream is gathered (it is small and bounded) and delivered whole with the request, while STDIN
 //! and DATA are passed on record by record, so a body is never required to be buffered.
-//! Management replies (GET_VALUES_RESULT, UNKNOWN_TYPE) and rejections (END_REQUEST with
-//! UNKNOWN_ROLE or CANT_MPX_CONN) queue in an output buffer the shell drains with
-//! [`ServerConnection::take_output`].
+//! Management replies (GET_VALUES_RESULT, UNKNOWN_TYPE) and refusals the core makes itself
+//! (END_REQUEST with UNKNOWN_ROLE, CANT_MPX_CONN or OVERLOADED) queue in an output buffer the
+//! shell drains with [`ServerConnection::take_output`] and writes before anything else.
+//!
+//! # What the shell does with each event
+//! | event | the shell |
+//! |---|---|
+//! | [`Event::Request`] | runs the request, then writes its STDOUT and [`ServerConnection::end_request`] |
+//! | [`Event::Stdin`], [`Event::Data`] | passes the bytes to the running request |
+//! | [`Event::StdinEnd`], [`Event::DataEnd`] | ends that stream for the request |
+//! | [`Event::Abort`] | ends the request's streams early; it still answers with `end_request` |
+//! | [`Event::Rejected`] | answers at once without running anything (for HTTP: `Status: 431`), then `end_request` |
+//!
+//! Two words are kept apart: a *refused* request is answered by the core itself at
+//! BEGIN_REQUEST, and the shell never hears of it; a *rejected* one is reported to the shell,
+//! which answers it.
+//!
+//! A rejected request never reaches the application, but it is still the shell's to answer:
+//! it counts in [`ServerConnection::active`] until `end_request`, and what the client still
+//! sends for it is dropped unread, so it costs no memory while the answer is written. The
+//! connection stays usable for the next request.
+//!
+//! # Multiplexing
+//! A connection runs at most [`Limits::max_requests_per_conn`] requests at once; the default,
+//! 1, means it does not multiplex. A BEGIN_REQUEST beyond that is refused here with END_REQUEST
+//! (`FCGI_CANT_MPX_CONN` when the cap is 1, `FCGI_OVERLOADED` above), its later records are
+//! drained, and the requests already open and the connection carry on: the shell never sees
+//! it. GET_VALUES answers `FCGI_MPXS_CONNS` accordingly, so a client that asks first is told
+//! the truth.
+//!
+//! # Errors
+//! [`ServerConnection::decode`] returns an [`Error`] only when the byte stream itself cannot be
+//! trusted any more (a bad version or record length, a record for a request that never began,
+//! a stream after its end): the shell closes the connection. Everything a well-framed request
+//! can get wrong is answered per request instead.
+
+use std::fmt;
 
 use bytes::{Bytes, BytesMut};
 
@@ -18,7 +52,7 @@ use crate::{Error, Limits};
 pub struct Request {
     /// The request id, unique among this connection's active requests.
     pub id: u16,
-    /// The role asked for (never [`Role::Unknown`]: those are rejected here).
+    /// The role asked for (never [`Role::Unknown`]: those are refused here).
     pub role: Role,
     /// Whether the client asked to keep the connection open after this request.
     pub keep_conn: bool,
@@ -60,7 +94,50 @@ pub enum Event {
         /// The request id.
         id: u16,
     },
+    /// A request that began but will not be delivered: its PARAMS broke a limit. Emitted once,
+    /// instead of [`Event::Request`]; no other event follows for this id. The shell answers it
+    /// (STDOUT, then [`ServerConnection::end_request`]) without running the application.
+    Rejected {
+        /// The request id.
+        id: u16,
+        /// Which limit it broke.
+        reason: Rejection,
+    },
 }
+
+/// Why a request was rejected. Both are HTTP's `431 Request Header Fields Too Large`: the
+/// PARAMS stream carries the client's header fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The PARAMS stream is longer than [`Limits::max_params_bytes`].
+    ParamsTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The PARAMS stream holds more name-value pairs than [`Limits::max_params`].
+    TooManyParams {
+        /// The limit in pairs.
+        limit: usize,
+    },
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Rejection::ParamsTooLarge { limit } => write!(f, "params exceed {limit} bytes"),
+            Rejection::TooManyParams { limit } => {
+                write!(f, "params exceed {limit} name-value pairs")
+            }
+        }
+    }
+}
+
+/// Answered requests a connection remembers until the client ends their STDIN, so records
+/// already on their way are drained instead of being errors. 64 covers a client that sends a
+/// few dozen BEGIN_REQUESTs before their streams; each costs a few dozen bytes. Beyond it the
+/// oldest is forgotten: its late records then close the connection as records for an unknown
+/// request, a cost only a client that ignores END_REQUEST pays.
+const MAX_DRAINING: usize = 64;
 
 #[derive(Debug)]
 enum Phase {
@@ -68,10 +145,19 @@ enum Phase {
     Params(BytesMut),
     /// Params delivered; the application is running the request.
     Running { stdin_done: bool, data_done: bool },
-    /// END_REQUEST is sent; what the client still sends of the body is drained, not an error.
+    /// [`Event::Rejected`] went out; the shell owes the answer. The client's records for it are
+    /// dropped unread.
+    Rejected { stdin_done: bool },
+    /// END_REQUEST is sent, by the shell or by the core when it refused the request at BEGIN;
+    /// what the client still sends of it is drained, not an error.
     Finished,
-    /// Refused at BEGIN; its streams are drained until STDIN ends.
-    Rejected,
+}
+
+impl Phase {
+    /// Whether the request still needs its END_REQUEST.
+    fn is_active(&self) -> bool {
+        !matches!(self, Phase::Finished)
+    }
 }
 
 #[derive(Debug)]
@@ -86,6 +172,7 @@ struct Slot {
 #[derive(Debug)]
 pub struct ServerConnection {
     limits: Limits,
+    /// In BEGIN_REQUEST order, so the oldest answered one is the first forgotten.
     slots: Vec<Slot>,
     out: BytesMut,
     close_after_idle: bool,
@@ -156,32 +243,25 @@ impl ServerConnection {
         let (role, keep_conn) = record::parse_begin_request(&rec)?;
         let id = rec.request_id;
         if let Some(i) = self.position(id) {
-            match self.slots[i].phase {
-                // The client may reuse an id once END_REQUEST went out, even before we saw the
-                // end of the old body.
-                Phase::Finished | Phase::Rejected => {
-                    self.slots.swap_remove(i);
-                }
-                _ => return Err(Error::DuplicateRequest { id }),
+            if self.slots[i].phase.is_active() {
+                return Err(Error::DuplicateRequest { id });
             }
+            // The client may reuse an id once END_REQUEST went out, even before we saw the end
+            // of the old body.
+            self.slots.remove(i);
         }
-        // Rejected and finished-but-draining slots count too, so the table stays bounded.
-        let table_limit = self.limits.max_requests_per_conn.saturating_mul(2).max(2);
-        if self.slots.len() >= table_limit {
-            return Err(Error::TooManyRequests { limit: table_limit });
-        }
-        let running = self
-            .slots
-            .iter()
-            .filter(|s| matches!(s.phase, Phase::Params(_) | Phase::Running { .. }))
-            .count();
         let refusal = if matches!(role, Role::Unknown(_)) {
             Some(ProtocolStatus::UnknownRole)
-        } else if running >= self.limits.max_requests_per_conn {
-            Some(if self.limits.max_requests_per_conn == 1 {
-                ProtocolStatus::CantMpxConn
-            } else {
+        } else if self.active() >= self.limits.max_requests_per_conn {
+            Some(if self.limits.multiplexes() {
+                // "FCGI_OVERLOADED: rejecting a new request. This happens when the application
+                // runs out of some resource": here, the room for requests on this connection.
                 ProtocolStatus::Overloaded
+            } else {
+                // "FCGI_CANT_MPX_CONN: rejecting a new request. This happens when a Web server
+                // sends concurrent requests over one connection to an application that is
+                // designed to process one request at a time per connection."
+                ProtocolStatus::CantMpxConn
             })
         } else {
             None
@@ -189,7 +269,7 @@ impl ServerConnection {
         let phase = match refusal {
             Some(status) => {
                 record::encode_end_request(id, 0, status, &mut self.out);
-                Phase::Rejected
+                Phase::Finished
             }
             None => Phase::Params(BytesMut::new()),
         };
@@ -199,6 +279,7 @@ impl ServerConnection {
             keep_conn,
             phase,
         });
+        self.forget_oldest_finished();
         Ok(None)
     }
 
@@ -211,87 +292,69 @@ impl ServerConnection {
             }
             return Err(Error::UnknownRequest { id });
         };
-        let max_params_bytes = self.limits.max_params_bytes;
-        let max_params = self.limits.max_params;
-        let slot = &mut self.slots[i];
         let t = rec.record_type;
         if t == kind::ABORT_REQUEST {
             record::expect_len(&rec, 0)?;
         }
-        match (&mut slot.phase, t) {
-            (Phase::Finished | Phase::Rejected, _) => {
-                if t == kind::STDIN && rec.content.is_empty() {
-                    self.slots.swap_remove(i);
+        let end_of_stdin = t == kind::STDIN && rec.content.is_empty();
+        let slot = &mut self.slots[i];
+        match &mut slot.phase {
+            Phase::Finished => {
+                if end_of_stdin {
+                    self.slots.remove(i);
                 }
                 Ok(None)
             }
-            (Phase::Params(_), kind::ABORT_REQUEST) => {
+            Phase::Rejected { stdin_done } => {
+                // Dropped unread, however much comes: the answer does not depend on it. An
+                // abort changes nothing either: the shell's answer is already on its way.
+                *stdin_done |= end_of_stdin;
+                Ok(None)
+            }
+            Phase::Params(_) if t == kind::ABORT_REQUEST => {
                 // Nothing was handed to the application yet: end it here.
                 record::encode_end_request(id, 0, ProtocolStatus::RequestComplete, &mut self.out);
                 slot.phase = Phase::Finished;
+                self.forget_oldest_finished();
                 Ok(None)
             }
-            (Phase::Params(buf), kind::PARAMS) => {
-                if rec.content.is_empty() {
-                    let raw = std::mem::take(buf).freeze();
-                    let params = Params::decode(raw, max_params)?;
-                    slot.phase = Phase::Running {
-                        stdin_done: false,
-                        data_done: slot.role != Role::Filter,
-                    };
-                    return Ok(Some(Event::Request(Request {
-                        id,
-                        role: slot.role,
-                        keep_conn: slot.keep_conn,
-                        params,
-                    })));
+            Phase::Params(buf) if t == kind::PARAMS => {
+                match gather(buf, rec.content, &self.limits)? {
+                    Gathered::More => Ok(None),
+                    Gathered::Whole(params) => {
+                        slot.phase = Phase::Running {
+                            stdin_done: false,
+                            data_done: slot.role != Role::Filter,
+                        };
+                        Ok(Some(Event::Request(Request {
+                            id,
+                            role: slot.role,
+                            keep_conn: slot.keep_conn,
+                            params,
+                        })))
+                    }
+                    Gathered::Over(reason) => {
+                        // Dropping the buffer is what keeps a rejected request from costing
+                        // memory, however much more it sends.
+                        slot.phase = Phase::Rejected { stdin_done: false };
+                        Ok(Some(Event::Rejected { id, reason }))
+                    }
                 }
-                if buf.len() + rec.content.len() > max_params_bytes {
-                    return Err(Error::ParamsTooLarge {
-                        limit: max_params_bytes,
-                    });
-                }
-                buf.extend_from_slice(&rec.content);
-                Ok(None)
             }
-            (Phase::Params(_), _) => Err(Error::StdinBeforeParams { id }),
-            (Phase::Running { .. }, kind::PARAMS) => {
-                Err(Error::StreamAfterEnd { record_type: t, id })
-            }
-            (Phase::Running { .. }, kind::ABORT_REQUEST) => Ok(Some(Event::Abort { id })),
-            (Phase::Running { stdin_done, .. }, kind::STDIN) => {
-                if *stdin_done {
-                    return Err(Error::StreamAfterEnd { record_type: t, id });
-                }
-                if rec.content.is_empty() {
-                    *stdin_done = true;
-                    return Ok(Some(Event::StdinEnd { id }));
-                }
-                Ok(Some(Event::Stdin {
-                    id,
-                    data: rec.content,
-                }))
-            }
-            (Phase::Running { data_done, .. }, _) => {
-                // DATA: only the Filter role has this stream; for others it counts as ended.
-                if *data_done {
-                    return Err(Error::StreamAfterEnd { record_type: t, id });
-                }
-                if rec.content.is_empty() {
-                    *data_done = true;
-                    return Ok(Some(Event::DataEnd { id }));
-                }
-                Ok(Some(Event::Data {
-                    id,
-                    data: rec.content,
-                }))
-            }
+            Phase::Params(_) => Err(Error::StdinBeforeParams { id }),
+            Phase::Running {
+                stdin_done,
+                data_done,
+            } => running(id, stdin_done, data_done, rec),
         }
     }
 
     /// Writes END_REQUEST for `id` into `dst` and forgets the request once its body has been
     /// read. Returns true when the connection should close after this write: the client did not
     /// set `FCGI_KEEP_CONN` and no other request is open.
+    ///
+    /// Call it once for every [`Event::Request`] and every [`Event::Rejected`], after that
+    /// request's STDOUT.
     pub fn end_request(&mut self, id: u16, app_status: u32, dst: &mut BytesMut) -> bool {
         record::encode_end_request(id, app_status, ProtocolStatus::RequestComplete, dst);
         if let Some(i) = self.position(id) {
@@ -300,27 +363,26 @@ impl ServerConnection {
                 Phase::Running {
                     stdin_done: true,
                     ..
-                }
+                } | Phase::Rejected { stdin_done: true }
             );
             if !self.slots[i].keep_conn {
                 // "If zero, the application closes the connection after responding."
                 self.close_after_idle = true;
             }
             if done {
-                self.slots.swap_remove(i);
+                self.slots.remove(i);
             } else {
                 self.slots[i].phase = Phase::Finished;
+                self.forget_oldest_finished();
             }
         }
         self.close_after_idle && self.active() == 0
     }
 
-    /// Requests the application is running or about to run (not finished, not rejected).
+    /// Requests that still need their END_REQUEST from the shell: gathering params, running,
+    /// or rejected and not yet answered. Never more than [`Limits::max_requests_per_conn`].
     pub fn active(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| matches!(s.phase, Phase::Params(_) | Phase::Running { .. }))
-            .count()
+        self.slots.iter().filter(|s| s.phase.is_active()).count()
     }
 
     /// True while the client still has input to send: a request's params or body are not
@@ -332,6 +394,19 @@ impl ServerConnection {
     /// True when a request without `FCGI_KEEP_CONN` has ended: close once nothing is active.
     pub fn wants_close(&self) -> bool {
         self.close_after_idle
+    }
+
+    /// Bytes allocated for PARAMS streams still being gathered: at most twice
+    /// [`Limits::max_params_bytes`] per active request (the buffer grows by doubling), and
+    /// nothing for a rejected one however much it sends.
+    pub fn buffered_params(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|s| match &s.phase {
+                Phase::Params(buf) => buf.capacity(),
+                _ => 0,
+            })
+            .sum()
     }
 
     /// Control records queued by the protocol itself, to be written before anything else.
@@ -352,14 +427,34 @@ impl ServerConnection {
         self.slots.iter().position(|s| s.id == id)
     }
 
+    /// Keeps at most [`MAX_DRAINING`] answered requests; called after each one is answered.
+    fn forget_oldest_finished(&mut self) {
+        let finished = self.slots.iter().filter(|s| !s.phase.is_active()).count();
+        if finished > MAX_DRAINING {
+            if let Some(i) = self.slots.iter().position(|s| !s.phase.is_active()) {
+                self.slots.remove(i);
+            }
+        }
+    }
+
     fn answer_get_values(&mut self, content: Bytes) -> Result<(), Error> {
         let asked = Params::decode(content, self.limits.max_params)?;
         let mut body = Vec::new();
         for (name, _) in asked.iter() {
             let value = match name {
+                // "FCGI_MAX_CONNS: The maximum number of concurrent transport connections this
+                // application will accept."
                 b"FCGI_MAX_CONNS" => self.limits.max_conns,
-                b"FCGI_MAX_REQS" => self.limits.max_reqs,
-                b"FCGI_MPXS_CONNS" => usize::from(self.limits.max_requests_per_conn > 1),
+                // "FCGI_MAX_REQS: The maximum number of concurrent requests this application
+                // will accept": the process's cap, or fewer if its connections cannot hold it.
+                b"FCGI_MAX_REQS" => self.limits.max_reqs.min(
+                    self.limits
+                        .max_conns
+                        .saturating_mul(self.limits.max_requests_per_conn),
+                ),
+                // "FCGI_MPXS_CONNS: "0" if this application does not multiplex connections
+                // (i.e. handle concurrent requests over each connection), "1" otherwise."
+                b"FCGI_MPXS_CONNS" => usize::from(self.limits.multiplexes()),
                 // "The application ... ignores unknown names."
                 _ => continue,
             };
@@ -375,6 +470,77 @@ impl ServerConnection {
             &mut self.out,
         );
         Ok(())
+    }
+}
+
+/// What one PARAMS record did to a request gathering them.
+enum Gathered {
+    /// Buffered; the stream goes on.
+    More,
+    /// The stream ended and decoded.
+    Whole(Params),
+    /// The stream broke a limit.
+    Over(Rejection),
+}
+
+/// Adds one PARAMS record to `buf`, checking the limits before anything is buffered.
+fn gather(buf: &mut BytesMut, content: Bytes, limits: &Limits) -> Result<Gathered, Error> {
+    if content.is_empty() {
+        return match Params::decode(std::mem::take(buf).freeze(), limits.max_params) {
+            Ok(params) => Ok(Gathered::Whole(params)),
+            Err(Error::TooManyParams { limit }) => {
+                Ok(Gathered::Over(Rejection::TooManyParams { limit }))
+            }
+            Err(e) => Err(e),
+        };
+    }
+    if buf.len() + content.len() > limits.max_params_bytes {
+        return Ok(Gathered::Over(Rejection::ParamsTooLarge {
+            limit: limits.max_params_bytes,
+        }));
+    }
+    buf.extend_from_slice(&content);
+    Ok(Gathered::More)
+}
+
+/// One STDIN, DATA, PARAMS or ABORT record for request `id`, which the application is running.
+fn running(
+    id: u16,
+    stdin_done: &mut bool,
+    data_done: &mut bool,
+    rec: Record,
+) -> Result<Option<Event>, Error> {
+    let t = rec.record_type;
+    match t {
+        kind::ABORT_REQUEST => Ok(Some(Event::Abort { id })),
+        kind::PARAMS => Err(Error::StreamAfterEnd { record_type: t, id }),
+        kind::STDIN => {
+            if *stdin_done {
+                return Err(Error::StreamAfterEnd { record_type: t, id });
+            }
+            if rec.content.is_empty() {
+                *stdin_done = true;
+                return Ok(Some(Event::StdinEnd { id }));
+            }
+            Ok(Some(Event::Stdin {
+                id,
+                data: rec.content,
+            }))
+        }
+        _ => {
+            // DATA: only the Filter role has this stream; for others it counts as ended.
+            if *data_done {
+                return Err(Error::StreamAfterEnd { record_type: t, id });
+            }
+            if rec.content.is_empty() {
+                *data_done = true;
+                return Ok(Some(Event::DataEnd { id }));
+            }
+            Ok(Some(Event::Data {
+                id,
+                data: rec.content,
+            }))
+        }
     }
 }
 
@@ -499,18 +665,77 @@ mod tests {
         assert_eq!(req.params.get("B"), Some(&b"\xff\x00"[..]));
     }
 
+    /// GET_VALUES for the three names the specification defines, and one it does not.
+    const GET_VALUES: &[u8] = b"\x01\x09\x00\x00\x00\x36\x02\x00\
+        \x0e\x00FCGI_MAX_CONNS\x0d\x00FCGI_MAX_REQS\x0f\x00FCGI_MPXS_CONNS\x04\x00NOPE\x00\x00";
+
+    fn get_values(limits: Limits) -> Bytes {
+        let mut conn = ServerConnection::new(limits);
+        assert_eq!(conn.decode(&mut BytesMut::from(GET_VALUES)), Ok(None));
+        conn.take_output().expect("an answer")
+    }
+
     #[test]
-    fn get_values_between_params_records_is_answered_with_the_limits() {
+    fn get_values_without_multiplexing_says_so() {
+        // 51 bytes of pairs, padded to 56; unknown names are left out.
+        let answer = get_values(Limits {
+            max_conns: 7,
+            max_reqs: 3,
+            ..Limits::default()
+        });
+        assert_eq!(
+            &answer[..],
+            b"\x01\x0a\x00\x00\x00\x33\x05\x00\
+              \x0e\x01FCGI_MAX_CONNS7\x0d\x01FCGI_MAX_REQS3\x0f\x01FCGI_MPXS_CONNS0\
+              \x00\x00\x00\x00\x00"
+        );
+        // MAX_REQS is the process's cap, unless its connections cannot hold that many.
+        let answer = get_values(Limits {
+            max_conns: 2,
+            max_reqs: 5,
+            ..Limits::default()
+        });
+        let mut answer = BytesMut::from(&answer[..]);
+        let rec = record::decode(&mut answer).expect("valid").expect("whole");
+        let values = Params::decode(rec.content, 10).expect("pairs");
+        assert_eq!(values.get_str("FCGI_MAX_CONNS"), Some("2"));
+        assert_eq!(values.get_str("FCGI_MAX_REQS"), Some("2"));
+        assert_eq!(values.get_str("FCGI_MPXS_CONNS"), Some("0"));
+        // The defaults: one request at a time, not multiplexed.
+        let mut answer = BytesMut::from(&get_values(Limits::default())[..]);
+        let rec = record::decode(&mut answer).expect("valid").expect("whole");
+        let values = Params::decode(rec.content, 10).expect("pairs");
+        assert_eq!(values.get_str("FCGI_MAX_CONNS"), Some("1024"));
+        assert_eq!(values.get_str("FCGI_MAX_REQS"), Some("1"));
+        assert_eq!(values.get_str("FCGI_MPXS_CONNS"), Some("0"));
+    }
+
+    #[test]
+    fn get_values_with_multiplexing_says_so() {
+        let answer = get_values(Limits {
+            max_requests_per_conn: crate::MULTIPLEXED_REQUESTS_PER_CONN,
+            max_conns: 7,
+            max_reqs: 30,
+            ..Limits::default()
+        });
+        assert_eq!(
+            &answer[..],
+            b"\x01\x0a\x00\x00\x00\x34\x04\x00\
+              \x0e\x01FCGI_MAX_CONNS7\x0d\x02FCGI_MAX_REQS30\x0f\x01FCGI_MPXS_CONNS1\
+              \x00\x00\x00\x00"
+        );
+    }
+
+    #[test]
+    fn get_values_between_params_records_is_answered() {
         let mut wire = BytesMut::new();
         begin(1, Role::Responder, true, &mut wire);
         encode(kind::PARAMS, 1, b"\x01\x01ab", &mut wire);
-        wire.extend_from_slice(
-            b"\x01\x09\x00\x00\x00\x36\x02\x00\x0e\x00FCGI_MAX_CONNS\x0d\x00FCGI_MAX_REQS\x0f\x00FCGI_MPXS_CONNS\x04\x00NOPE\x00\x00",
-        );
+        wire.extend_from_slice(GET_VALUES);
         encode_end_of_stream(kind::PARAMS, 1, &mut wire);
         let mut conn = ServerConnection::new(limits());
         let events = all(&mut conn, &mut wire).expect("valid");
-        assert!(matches!(&events[0], Event::Request(r) if r.params.get_str("a") == Some("b")));
+        assert!(matches!(&events[..], [Event::Request(r)] if r.params.get_str("a") == Some("b")));
         let mut out = BytesMut::from(&conn.take_output().expect("an answer")[..]);
         let rec = record::decode(&mut out).expect("valid").expect("whole");
         assert_eq!(
@@ -521,7 +746,6 @@ mod tests {
         assert_eq!(values.get_str("FCGI_MAX_CONNS"), Some("7"));
         assert_eq!(values.get_str("FCGI_MAX_REQS"), Some("3"));
         assert_eq!(values.get_str("FCGI_MPXS_CONNS"), Some("1"));
-        assert_eq!(values.len(), 3, "unknown names are left out");
     }
 
     #[test]
@@ -576,20 +800,13 @@ mod tests {
             &refusal[..],
             b"\x01\x03\x00\x03\x00\x08\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00"
         );
+    }
 
-        let mut one = ServerConnection::new(Limits {
-            max_requests_per_conn: 1,
-            ..limits()
-        });
-        let mut wire = BytesMut::new();
-        begin(1, Role::Responder, true, &mut wire);
-        begin(2, Role::Responder, true, &mut wire);
-        all(&mut one, &mut wire).expect("valid");
-        assert_eq!(
-            one.take_output().expect("refusal")[12],
-            1,
-            "FCGI_CANT_MPX_CONN"
-        );
+    /// CANT_MPX_CONN (protocolStatus 1) for request `id`.
+    fn cant_mpx(id: u8) -> [u8; 16] {
+        let mut rec = *b"\x01\x03\x00\x00\x00\x08\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00";
+        rec[3] = id;
+        rec
     }
 
     #[test]
@@ -741,32 +958,6 @@ mod tests {
     }
 
     #[test]
-    fn params_limits() {
-        let small = Limits {
-            max_params_bytes: 10,
-            max_params: 2,
-            ..limits()
-        };
-        let mut conn = ServerConnection::new(small);
-        let mut wire = BytesMut::new();
-        begin(1, Role::Responder, true, &mut wire);
-        encode(kind::PARAMS, 1, &[1u8; 11], &mut wire);
-        assert_eq!(
-            all(&mut conn, &mut wire),
-            Err(Error::ParamsTooLarge { limit: 10 })
-        );
-
-        let mut conn = ServerConnection::new(small);
-        let mut wire = BytesMut::new();
-        begin(1, Role::Responder, true, &mut wire);
-        params(1, &[("a", ""), ("b", ""), ("c", "")], &mut wire);
-        assert_eq!(
-            all(&mut conn, &mut wire),
-            Err(Error::TooManyParams { limit: 2 })
-        );
-    }
-
-    #[test]
     fn truncated_input_at_eof() {
         let mut conn = ServerConnection::new(limits());
         let mut wire = BytesMut::from(&b"\x01\x05\x00\x01\x00\x10\x00\x00abc"[..]);
@@ -778,18 +969,289 @@ mod tests {
     }
 
     #[test]
-    fn too_many_open_requests_even_refused_ones() {
-        let mut conn = ServerConnection::new(Limits {
-            max_requests_per_conn: 1,
-            ..limits()
-        });
+    fn a_second_request_while_one_is_active_is_refused_and_the_first_goes_on() {
+        let mut conn = ServerConnection::new(Limits::default());
+        // BEGIN 1 (keep), PARAMS 1 {A: GET!}; then BEGIN 2 (keep), its PARAMS and body.
+        let mut wire = BytesMut::from(
+            &b"\x01\x01\x00\x01\x00\x08\x00\x00\x00\x01\x01\x00\x00\x00\x00\x00\
+               \x01\x04\x00\x01\x00\x07\x01\x00\x01\x04AGET!\x00\
+               \x01\x04\x00\x01\x00\x00\x00\x00\
+               \x01\x01\x00\x02\x00\x08\x00\x00\x00\x01\x01\x00\x00\x00\x00\x00\
+               \x01\x04\x00\x02\x00\x07\x01\x00\x01\x04BPUT!\x00\
+               \x01\x04\x00\x02\x00\x00\x00\x00\
+               \x01\x05\x00\x02\x00\x02\x06\x00no\x00\x00\x00\x00\x00\x00\
+               \x01\x05\x00\x02\x00\x00\x00\x00\
+               \x01\x05\x00\x01\x00\x02\x06\x00hi\x00\x00\x00\x00\x00\x00\
+               \x01\x05\x00\x01\x00\x00\x00\x00"[..],
+        );
+        let events = all(&mut conn, &mut wire).expect("the connection stays usable");
+        let [Event::Request(req), stdin, end] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!((req.id, req.params.get_str("A")), (1, Some("GET!")));
+        assert_eq!(
+            (stdin, end),
+            (
+                &Event::Stdin {
+                    id: 1,
+                    data: Bytes::from_static(b"hi")
+                },
+                &Event::StdinEnd { id: 1 }
+            )
+        );
+        assert_eq!(&conn.take_output().expect("refusal")[..], &cant_mpx(2));
+        assert_eq!(conn.active(), 1);
+        // The refused request's records were drained to its end: nothing of it is left.
+        assert!(!conn.end_request(1, 0, &mut BytesMut::new()), "keep_conn");
+        assert!(!conn.expects_input());
+
+        // Once the first has ended, the next request is taken.
+        let mut wire = BytesMut::from(
+            &b"\x01\x01\x00\x03\x00\x08\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\
+               \x01\x04\x00\x03\x00\x00\x00\x00\
+               \x01\x05\x00\x03\x00\x00\x00\x00"[..],
+        );
+        let events = all(&mut conn, &mut wire).expect("valid");
+        assert!(matches!(&events[..], [Event::Request(r), Event::StdinEnd { id: 3 }] if r.id == 3));
+        assert_eq!(conn.take_output(), None, "nothing refused");
+        assert!(
+            conn.end_request(3, 0, &mut BytesMut::new()),
+            "no keep_conn: close"
+        );
+    }
+
+    fn interleaved_three(conn: &mut ServerConnection) -> Vec<Event> {
         let mut wire = BytesMut::new();
         for id in 1..=3 {
             begin(id, Role::Responder, true, &mut wire);
         }
+        for id in [2, 1, 3] {
+            params(id, &[("N", &id.to_string())], &mut wire);
+        }
+        for id in [3, 1, 2] {
+            encode(kind::STDIN, id, b"body", &mut wire);
+        }
+        for id in [2, 3, 1] {
+            encode_end_of_stream(kind::STDIN, id, &mut wire);
+        }
+        all(conn, &mut wire).expect("the connection stays usable")
+    }
+
+    #[test]
+    fn three_interleaved_requests_without_multiplexing_run_one() {
+        let mut conn = ServerConnection::new(Limits::default());
+        let events = interleaved_three(&mut conn);
+        let [Event::Request(req), Event::Stdin { id: 1, .. }, Event::StdinEnd { id: 1 }] =
+            &events[..]
+        else {
+            panic!("{events:?}")
+        };
+        assert_eq!(req.params.get_str("N"), Some("1"));
+        assert_eq!(
+            &conn.take_output().expect("refusals")[..],
+            &[cant_mpx(2), cant_mpx(3)].concat()[..]
+        );
+        assert_eq!(conn.active(), 1);
+        assert!(!conn.end_request(1, 0, &mut BytesMut::new()));
+        assert_eq!((conn.active(), conn.expects_input()), (0, false));
+    }
+
+    #[test]
+    fn three_interleaved_requests_with_multiplexing_run_all() {
+        let mut conn = ServerConnection::new(Limits {
+            max_requests_per_conn: crate::MULTIPLEXED_REQUESTS_PER_CONN,
+            ..Limits::default()
+        });
+        let events = interleaved_three(&mut conn);
+        let order: Vec<(u16, &str)> = events
+            .iter()
+            .map(|e| match e {
+                Event::Request(r) => (r.id, "request"),
+                Event::Stdin { id, .. } => (*id, "stdin"),
+                Event::StdinEnd { id } => (*id, "end"),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (2, "request"),
+                (1, "request"),
+                (3, "request"),
+                (3, "stdin"),
+                (1, "stdin"),
+                (2, "stdin"),
+                (2, "end"),
+                (3, "end"),
+                (1, "end")
+            ]
+        );
+        assert_eq!(conn.take_output(), None);
+        assert_eq!(conn.active(), 3);
+    }
+
+    #[test]
+    fn answered_requests_are_remembered_within_a_bound() {
+        // A client that opens many requests on a connection that takes one at a time, and
+        // never sends their streams: each is refused, and the connection stays usable.
+        let mut conn = ServerConnection::new(Limits::default());
+        let mut wire = BytesMut::new();
+        for id in 1..=200 {
+            begin(id, Role::Responder, true, &mut wire);
+        }
+        assert_eq!(all(&mut conn, &mut wire), Ok(vec![]));
+        assert_eq!(conn.take_output().map(|o| o.len()), Some(199 * 16));
+        assert_eq!(conn.slots.len(), 1 + MAX_DRAINING);
+        // The latest refused ones still drain; the oldest are forgotten, and a record for one
+        // of them is one for an unknown request.
+        encode(kind::PARAMS, 200, b"late", &mut wire);
+        params(1, &[], &mut wire);
+        assert!(
+            matches!(&all(&mut conn, &mut wire).expect("valid")[..], [Event::Request(r)] if r.id == 1)
+        );
+        encode(kind::PARAMS, 2, b"late", &mut wire);
         assert_eq!(
             all(&mut conn, &mut wire),
-            Err(Error::TooManyRequests { limit: 2 })
+            Err(Error::UnknownRequest { id: 2 })
+        );
+    }
+
+    fn small() -> Limits {
+        Limits {
+            max_params_bytes: 10,
+            max_params: 2,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn params_over_the_limit_reject_the_request_and_keep_the_connection() {
+        let mut conn = ServerConnection::new(small());
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, true, &mut wire);
+        encode(kind::PARAMS, 1, &[1u8; 6], &mut wire);
+        encode(kind::PARAMS, 1, &[1u8; 5], &mut wire);
+        let rejected = Event::Rejected {
+            id: 1,
+            reason: Rejection::ParamsTooLarge { limit: 10 },
+        };
+        assert_eq!(all(&mut conn, &mut wire), Ok(vec![rejected]));
+        assert_eq!((conn.active(), conn.buffered_params()), (1, 0));
+        // The rest of its params and its body are dropped, an abort too: the answer is owed.
+        encode(kind::PARAMS, 1, &[1u8; 300], &mut wire);
+        encode_end_of_stream(kind::PARAMS, 1, &mut wire);
+        encode(kind::STDIN, 1, b"body", &mut wire);
+        encode(kind::ABORT_REQUEST, 1, b"", &mut wire);
+        encode_end_of_stream(kind::STDIN, 1, &mut wire);
+        assert_eq!(all(&mut conn, &mut wire), Ok(vec![]));
+        assert_eq!(conn.take_output(), None, "the core does not answer it");
+        assert_eq!(conn.active(), 1);
+        // The shell answers it like any request.
+        let mut out = BytesMut::new();
+        assert!(!conn.end_request(1, 0, &mut out), "keep_conn");
+        assert_eq!(
+            &out[..],
+            b"\x01\x03\x00\x01\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+        );
+        assert_eq!((conn.active(), conn.expects_input()), (0, false));
+        // And the next request on the connection is served.
+        begin(2, Role::Responder, false, &mut wire);
+        params(2, &[("A", "b")], &mut wire);
+        let events = all(&mut conn, &mut wire).expect("valid");
+        assert!(matches!(&events[..], [Event::Request(r)] if r.params.get_str("A") == Some("b")));
+    }
+
+    #[test]
+    fn a_rejected_request_answered_at_once_drains_the_rest() {
+        // What the worker does: answer on the Rejected event, before the client is done.
+        let mut conn = ServerConnection::new(small());
+        let mut wire = BytesMut::new();
+        begin(1, Role::Filter, false, &mut wire);
+        params(1, &[("a", ""), ("b", ""), ("c", "")], &mut wire);
+        let rejected = Event::Rejected {
+            id: 1,
+            reason: Rejection::TooManyParams { limit: 2 },
+        };
+        assert_eq!(all(&mut conn, &mut wire), Ok(vec![rejected]));
+        assert!(conn.end_request(1, 0, &mut BytesMut::new()), "no keep_conn");
+        assert!(conn.expects_input(), "its body is still coming");
+        encode(kind::STDIN, 1, b"body", &mut wire);
+        encode(kind::DATA, 1, b"data", &mut wire);
+        encode_end_of_stream(kind::STDIN, 1, &mut wire);
+        assert_eq!(all(&mut conn, &mut wire), Ok(vec![]));
+        assert!(!conn.expects_input());
+    }
+
+    #[test]
+    fn params_exactly_at_the_limits_are_accepted() {
+        // Two pairs of 2 + 1 + 2 bytes: 10 bytes, the limit, in two records.
+        let mut raw = BytesMut::new();
+        params::encode_pair(b"a", b"12", &mut raw);
+        params::encode_pair(b"b", b"34", &mut raw);
+        assert_eq!(raw.len(), 10);
+        let mut conn = ServerConnection::new(small());
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, true, &mut wire);
+        encode(kind::PARAMS, 1, &raw[..4], &mut wire);
+        encode(kind::PARAMS, 1, &raw[4..], &mut wire);
+        encode_end_of_stream(kind::PARAMS, 1, &mut wire);
+        let events = all(&mut conn, &mut wire).expect("valid");
+        assert!(matches!(&events[..], [Event::Request(r)] if r.params.len() == 2));
+
+        // One byte more is over.
+        let mut conn = ServerConnection::new(small());
+        begin(1, Role::Responder, true, &mut wire);
+        encode(kind::PARAMS, 1, &raw, &mut wire);
+        encode(kind::PARAMS, 1, b"c", &mut wire);
+        assert_eq!(
+            all(&mut conn, &mut wire),
+            Ok(vec![Event::Rejected {
+                id: 1,
+                reason: Rejection::ParamsTooLarge { limit: 10 }
+            }])
+        );
+    }
+
+    #[test]
+    fn ten_megabytes_of_params_are_dropped_not_buffered() {
+        let limits = Limits::default();
+        let mut conn = ServerConnection::new(limits);
+        let mut wire = BytesMut::new();
+        begin(1, Role::Responder, true, &mut wire);
+        let chunk = vec![b'x'; record::MAX_ALIGNED_CONTENT_LEN];
+        let mut events = all(&mut conn, &mut wire).expect("valid");
+        let mut sent = 0;
+        let mut most_held = 0;
+        while sent < 10 << 20 {
+            // Fed one record at a time, as reads would: the input buffer never holds them.
+            encode(kind::PARAMS, 1, &chunk, &mut wire);
+            sent += chunk.len();
+            events.extend(all(&mut conn, &mut wire).expect("valid"));
+            assert!(wire.is_empty());
+            most_held = most_held.max(conn.buffered_params());
+        }
+        assert!(
+            most_held <= 2 * limits.max_params_bytes,
+            "held {most_held} bytes"
+        );
+        assert_eq!(conn.buffered_params(), 0, "dropped once rejected");
+        assert_eq!(
+            events,
+            [Event::Rejected {
+                id: 1,
+                reason: Rejection::ParamsTooLarge {
+                    limit: limits.max_params_bytes
+                }
+            }]
+        );
+        encode_end_of_stream(kind::PARAMS, 1, &mut wire);
+        encode_end_of_stream(kind::STDIN, 1, &mut wire);
+        assert_eq!(all(&mut conn, &mut wire), Ok(vec![]));
+        assert!(!conn.end_request(1, 0, &mut BytesMut::new()));
+        begin(2, Role::Responder, true, &mut wire);
+        params(2, &[("A", "b")], &mut wire);
+        assert!(
+            matches!(&all(&mut conn, &mut wire).expect("valid")[..], [Event::Request(r)] if r.id == 2)
         );
     }
 }

@@ -6,7 +6,7 @@ use fcgi::client::{self, ClientEvent};
 use fcgi::params::{decode_length, encode_length, encode_pair, Params, MAX_PAIR_LEN};
 use fcgi::record::{self, kind, MAX_CONTENT_LEN};
 use fcgi::response::ResponseWriter;
-use fcgi::server::{Event, ServerConnection};
+use fcgi::server::{Event, Rejection, ServerConnection};
 use fcgi::{Limits, ProtocolStatus, Role};
 use proptest::prelude::*;
 
@@ -208,6 +208,82 @@ proptest! {
         prop_assert_eq!(response.app_status, app_status);
         prop_assert_eq!(response.protocol_status, Some(ProtocolStatus::RequestComplete));
         prop_assert!(out.is_empty(), "nothing after END_REQUEST");
+    }
+}
+
+/// What a worker sees of `wire` fed in `splits`-sized reads, answering every request (delivered
+/// or rejected) as soon as it is known, on a connection that takes one at a time.
+fn answered(wire: &[u8], splits: &[usize], limits: Limits) -> (Vec<Event>, usize) {
+    let mut conn = ServerConnection::new(limits);
+    let mut buf = BytesMut::new();
+    let mut seen = Vec::new();
+    let mut most_held = 0;
+    let mut cuts = splits.iter().cycle();
+    let mut pos = 0;
+    while pos < wire.len() {
+        let n = (*cuts.next().unwrap_or(&1)).clamp(1, wire.len() - pos);
+        buf.extend_from_slice(&wire[pos..pos + n]);
+        pos += n;
+        while let Some(e) = conn
+            .decode(&mut buf)
+            .expect("no error: limits reject, not close")
+        {
+            match &e {
+                Event::Request(r) => conn.end_request(r.id, 0, &mut BytesMut::new()),
+                Event::Rejected { id, .. } => conn.end_request(*id, 0, &mut BytesMut::new()),
+                _ => false,
+            };
+            seen.push(e);
+            most_held = most_held.max(conn.buffered_params());
+        }
+        assert_eq!(
+            conn.take_output(),
+            None,
+            "nothing refused: one request at a time"
+        );
+    }
+    conn.handle_eof(&buf).expect("nothing left over");
+    assert!(!conn.expects_input(), "every request drained to its end");
+    (seen, most_held)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn params_over_a_limit_reject_their_request_and_the_next_is_served(
+        pairs in proptest::collection::vec(pair(), 0..12),
+        stdin in proptest::collection::vec(any::<u8>(), 0..3000),
+        max_params_bytes in prop_oneof![0usize..12_000, Just(0usize)],
+        max_params in 0usize..14,
+        splits in proptest::collection::vec(1usize..9000, 1..20),
+    ) {
+        let limits = Limits { max_params_bytes, max_params, ..Limits::default() };
+        let params = Params::from_pairs(pairs.iter().map(|(n, v)| (n.clone(), v.clone())));
+        let mut wire = BytesMut::new();
+        client::encode_request(1, Role::Responder, true, &params, &stdin, &mut wire);
+        client::encode_request(2, Role::Responder, false, &Params::default(), b"", &mut wire);
+        let (events, most_held) = answered(&wire, &splits, limits);
+        // Over by bytes is seen first, in the middle of the stream; by pairs only at its end.
+        let expected = if params.encoded_len() > max_params_bytes {
+            Some(Rejection::ParamsTooLarge { limit: max_params_bytes })
+        } else if pairs.len() > max_params {
+            Some(Rejection::TooManyParams { limit: max_params })
+        } else {
+            None
+        };
+        match (expected, &events[0]) {
+            (None, Event::Request(r)) => prop_assert_eq!(r.params.len(), pairs.len()),
+            (Some(reason), Event::Rejected { id: 1, reason: got }) => {
+                prop_assert_eq!(*got, reason);
+                // Nothing of a rejected request follows its rejection.
+                prop_assert!(matches!(&events[1], Event::Request(r) if r.id == 2));
+            }
+            (expected, got) => prop_assert!(false, "expected {expected:?}, got {got:?}"),
+        }
+        prop_assert!(most_held <= 2 * max_params_bytes.max(1));
+        // Answered at once, so their bodies were drained, not delivered.
+        prop_assert!(matches!(events.last(), Some(Event::Request(r)) if r.id == 2));
     }
 }
 

@@ -76,8 +76,9 @@ pub mod __fork_checks;
 
 use std::fmt::Display;
 
-pub use app::request::{BodyReader, Request};
-pub use app::response::{status, text, with_type, Body, BodyWriter, Response};
+pub use app::body::{BodyReader, BodyWriter};
+pub use app::request::Request;
+pub use app::response::{status, text, with_type, Body, Response};
 pub use fcgi::Role;
 pub use http;
 

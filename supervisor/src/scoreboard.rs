@@ -267,6 +267,14 @@ impl Scoreboard {
         (0..self.slots).any(|i| i != slot && self.slot(i).state() == SlotState::Idle)
     }
 
+    /// True when some worker other than the one in `slot` has room for a request or is about
+    /// to (idle or starting): a connection waiting in the kernel will be taken.
+    pub fn other_ready(&self, slot: usize) -> bool {
+        (0..self.slots).any(|i| {
+            i != slot && matches!(self.slot(i).state(), SlotState::Idle | SlotState::Starting)
+        })
+    }
+
     /// Requests accepted by every worker since the table was made ("accepted conn").
     pub fn accepted(&self) -> u64 {
         self.mem.words()[H_ACCEPTED].load(Ordering::Relaxed)

@@ -1,11 +1,16 @@
 //! What the application sees of a request: the CGI variables, HTTP-shaped accessors over them,
-//! and the body as a blocking reader fed by the worker's I/O thread.
+//! and its body (a [`BodyReader`], see `body.rs`).
 
 use std::io::{self, Read};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use fcgi::{Params, Role};
-use tokio::sync::mpsc;
+
+use crate::app::body::BodyReader;
+
+/// The most `body_bytes` reserves up front from `CONTENT_LENGTH`: the header is the client's
+/// word, and a large claim must not allocate before a byte of the body has arrived.
+const BODY_PREALLOC_MAX: u64 = 1 << 20;
 
 /// One request, as the web server passed it.
 #[derive(Debug)]
@@ -127,7 +132,8 @@ impl Request {
 
     /// Reads the whole body into memory (for small bodies; prefer [`Request::body`]).
     pub fn body_bytes(&mut self) -> io::Result<Vec<u8>> {
-        let mut v = Vec::with_capacity(self.content_length().unwrap_or(0).min(1 << 20) as usize);
+        let mut v =
+            Vec::with_capacity(self.content_length().unwrap_or(0).min(BODY_PREALLOC_MAX) as usize);
         self.body.read_to_end(&mut v)?;
         Ok(v)
     }
@@ -155,75 +161,6 @@ fn header_var(name: &str) -> String {
         }
     }));
     var
-}
-
-/// A stream of body bytes arriving from the worker's I/O thread; `read` blocks until bytes
-/// arrive. Reading stops the flow nowhere else: the I/O thread stops reading the socket when
-/// this reader falls behind, so memory stays bounded.
-#[derive(Debug)]
-pub struct BodyReader {
-    rx: Option<mpsc::Receiver<Bytes>>,
-    chunk: Bytes,
-}
-
-impl BodyReader {
-    pub(crate) fn new(rx: mpsc::Receiver<Bytes>) -> Self {
-        BodyReader {
-            rx: Some(rx),
-            chunk: Bytes::new(),
-        }
-    }
-
-    pub(crate) fn empty() -> Self {
-        BodyReader {
-            rx: None,
-            chunk: Bytes::new(),
-        }
-    }
-
-    /// A reader over bytes already in memory (for tests of responders).
-    pub fn from_bytes(bytes: impl Into<Bytes>) -> Self {
-        BodyReader {
-            rx: None,
-            chunk: bytes.into(),
-        }
-    }
-
-    /// The next chunk as it arrived, without copying; `None` at the end of the body.
-    pub fn next_chunk(&mut self) -> Option<Bytes> {
-        if !self.chunk.is_empty() {
-            return Some(std::mem::take(&mut self.chunk));
-        }
-        recv(self.rx.as_mut()?)
-    }
-}
-
-/// The next chunk, waiting for it if it has not arrived; the I/O thread running this request
-/// hands the event loop over first (see `inline.rs`).
-fn recv(rx: &mut mpsc::Receiver<Bytes>) -> Option<Bytes> {
-    match rx.try_recv() {
-        Ok(chunk) => Some(chunk),
-        Err(mpsc::error::TryRecvError::Disconnected) => None,
-        Err(mpsc::error::TryRecvError::Empty) => {
-            crate::worker::inline::will_block();
-            rx.blocking_recv()
-        }
-    }
-}
-
-impl Read for BodyReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.rx.as_mut().and_then(recv) {
-                Some(chunk) => self.chunk = chunk,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len());
-        buf[..n].copy_from_slice(&self.chunk[..n]);
-        self.chunk.advance(n);
-        Ok(n)
-    }
 }
 
 impl Request {

@@ -27,12 +27,16 @@ pub(super) struct Policies {
 impl Policies {
     /// Following `cfg`, with the figures the scoreboard holds (an upgrade's) or fresh ones.
     pub(super) fn new(cfg: PoolConfig, board: &Scoreboard, now: Duration) -> Policies {
+        let pool = Pool::new(cfg);
+        // Until the first pass decides: an ondemand pool starts with no worker, so the first
+        // connection must wake the master, even within the first tick.
+        let watch_listeners = policy::watch_listeners(pool.config(), &[], pool.initial_workers());
         Policies {
-            pool: Pool::new(cfg),
+            pool,
             respawn: Respawn::new(),
             slow: SlowLog::default(),
             stats: inherited_stats(board, now),
-            watch_listeners: false,
+            watch_listeners,
         }
     }
 }

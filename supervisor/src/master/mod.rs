@@ -31,7 +31,7 @@ use nix::unistd::Pid;
 use crate::clock;
 use crate::config::{Cli, Config};
 use crate::listener::Listener;
-use crate::scoreboard::Scoreboard;
+use crate::scoreboard::{Scoreboard, SlotState};
 use crate::sys::{self, Fork};
 use crate::{worker, Responder};
 use forward::Forwarding;
@@ -315,7 +315,8 @@ impl<R: Responder> Master<R> {
             }
             Intent::Reload => self.reload(),
             Intent::Upgrade => self.upgrade(),
-            Intent::Reap => {}
+            // The loop reaps, and maintains the pool (spawning for what waits), right after.
+            Intent::Reap | Intent::Wake => {}
         }
     }
 
@@ -391,20 +392,41 @@ impl<R: Responder> Master<R> {
             );
             return;
         }
-        tracing::warn!(
-            pid = pid.as_raw(),
-            generation = w.generation,
-            cause,
-            lifetime_ms = lifetime.as_millis() as u64,
-            requests = snap.requests,
-            "worker died unexpectedly"
-        );
+        let in_flight = snap.in_flight > 0 || snap.state == SlotState::Busy;
+        if in_flight {
+            // The request it cost: what the operator looks for first.
+            tracing::warn!(
+                pid = pid.as_raw(),
+                generation = w.generation,
+                cause,
+                lifetime_ms = lifetime.as_millis() as u64,
+                requests = snap.requests,
+                method = snap.method,
+                uri = snap.uri,
+                "worker died unexpectedly"
+            );
+        } else {
+            tracing::warn!(
+                pid = pid.as_raw(),
+                generation = w.generation,
+                cause,
+                lifetime_ms = lifetime.as_millis() as u64,
+                requests = snap.requests,
+                "worker died unexpectedly"
+            );
+        }
         self.policies.stats.respawns += 1;
-        if let Some(delay) = self.policies.respawn.on_crash(lifetime, now) {
+        let served = in_flight || snap.requests > 0;
+        let death = policy::Death {
+            lifetime,
+            ready: served || !matches!(snap.state, SlotState::Starting | SlotState::Free),
+            served,
+        };
+        if let Some(delay) = self.policies.respawn.on_crash(death, now) {
             self.policies.stats.backoffs += 1;
             tracing::warn!(
                 delay_ms = delay.as_millis() as u64,
-                "workers keep dying young: delaying respawn (crash-loop backoff)"
+                "workers keep dying before they serve: delaying respawn (crash-loop backoff)"
             );
         }
     }

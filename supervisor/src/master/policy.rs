@@ -97,7 +97,8 @@ impl Pool {
     }
 
     /// One maintenance tick over the current generation's workers (draining ones excluded),
-    /// with `waiting` connections queued in the kernel.
+    /// with `waiting` connections or requests waiting for a worker (in the kernel's queues or
+    /// held by a saturated worker).
     pub fn tick(&mut self, workers: &[WorkerView], waiting: usize, now: Duration) -> PoolPlan {
         let total = workers.len();
         let max = self.cfg.workers;
@@ -122,20 +123,13 @@ impl Pool {
                 } else {
                     self.rate = 1;
                 }
-                // Requests already waiting are demand, not a guess: serve them in one tick.
-                if waiting > 0 && spare == 0 {
-                    plan.spawn = plan
-                        .spawn
-                        .max(waiting.min(self.cfg.max_spawn_rate).min(room));
-                }
+                plan.spawn = plan.spawn.max(self.for_waiting(waiting, spare, room));
                 if idle > self.cfg.max_spare {
                     plan.stop = longest_idle(workers, idle - self.cfg.max_spare);
                 }
             }
             PoolMode::OnDemand => {
-                if waiting > 0 && idle + starting == 0 {
-                    plan.spawn = waiting.min(self.cfg.max_spawn_rate).min(room);
-                }
+                plan.spawn = self.for_waiting(waiting, idle + starting, room);
                 let expired: Vec<&WorkerView> = workers
                     .iter()
                     .filter(|w| {
@@ -147,7 +141,10 @@ impl Pool {
             }
         }
 
-        let at_max = total >= max && idle == 0 && waiting > 0;
+        // A starting worker is about to take what waits: a pool replacing its dead (a crash
+        // storm) is not out of workers, and saying so at every replacement would bury the
+        // line that matters.
+        let at_max = total >= max && idle + starting == 0 && waiting > 0;
         if at_max && !self.max_reported {
             plan.max_reached = Some(MaxReached {
                 workers: total,
@@ -156,6 +153,18 @@ impl Pool {
         }
         self.max_reported = at_max;
         plan
+    }
+
+    /// Workers to start for `waiting` requests or connections: when none of the workers is
+    /// idle or starting (`spare`), nothing already running will take them, so one worker each,
+    /// all in this pass rather than at the doubling rate, up to `max_spawn_rate` and the `room`
+    /// left below the maximum. Waiting beside a spare worker is the instant before that worker
+    /// accepts, not demand: spawning for it would overshoot on every busy tick.
+    fn for_waiting(&self, waiting: usize, spare: usize, room: usize) -> usize {
+        if spare > 0 {
+            return 0;
+        }
+        waiting.min(self.cfg.max_spawn_rate).min(room)
     }
 }
 
@@ -178,20 +187,58 @@ fn longest_idle_of(mut idle: Vec<&WorkerView>, n: usize) -> Vec<i32> {
     idle.into_iter().take(n).map(|w| w.pid).collect()
 }
 
-/// A worker that dies younger than this counts towards a crash loop: it cannot have served
-/// for long, so replacing it at full speed would only spin.
+/// A worker that became ready and dies younger than this without taking a request counts
+/// towards a crash loop (see [`Respawn`]); one that lived this long proved it can run.
 pub const YOUNG_DEATH: Duration = Duration::from_secs(1);
-/// The first delay of a crash loop, doubled on each further young death.
+/// The first delay of a crash loop, doubled on each further counted death.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
 /// The longest delay between respawns, like systemd's and Kubernetes' caps: long enough to stop
 /// the spinning, short enough that a fixed dependency is picked up soon.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Respawn with crash-loop backoff: a worker that dies is replaced at once, but when workers
-/// keep dying young the replacements wait, twice as long each time, up to [`BACKOFF_MAX`].
+/// How far a worker that died unexpectedly had got, read from its slot when it was reaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Death {
+    /// From its spawn to its reaping.
+    pub lifetime: Duration,
+    /// Its slot left Starting: it was set up and accepting.
+    pub ready: bool,
+    /// It took a request: finished one, or had one in flight when it died.
+    pub served: bool,
+}
+
+impl Death {
+    /// Whether this death says that workers cannot start, rather than that one worker met an
+    /// accident (see [`Respawn`]).
+    pub fn counts(&self) -> bool {
+        !self.ready || (!self.served && self.lifetime < YOUNG_DEATH)
+    }
+}
+
+/// Respawn with crash-loop backoff. A dead worker is replaced at once unless deaths show that
+/// workers cannot start; then the replacements wait, twice as long each time, from
+/// [`BACKOFF_START`] up to [`BACKOFF_MAX`].
+///
+/// Which deaths count ([`Death::counts`]):
+/// - a worker that never became ready (its slot never left Starting: the process setup or
+///   `init_worker` failed, the program exits at once) counts, however long it took to fail;
+/// - a worker that became ready and died younger than [`YOUNG_DEATH`] without taking a single
+///   request counts too: something in the worker itself (a background thread, a watchdog)
+///   kills each one right after it starts, and replacing those at full speed would spin
+///   forever;
+/// - a worker that took a request, or lived past [`YOUNG_DEATH`], and then died (a crash in a
+///   request, a kill, an OOM) does not count: it is replaced at once, so a client that crashes
+///   a worker with every request costs one worker at a time, never the pool. Such a death ends
+///   a crash loop, since that worker proved that workers start and serve.
+///
+/// The first counted death is free, since one worker failing to start is not yet a loop; from
+/// the second on, spawning is held back. The loop also ends when a running worker proves
+/// healthy ([`any_healthy`]: ready, and it took a request or lived past [`YOUNG_DEATH`]).
+/// Readiness alone does not end it: a worker that dies young right after becoming ready would
+/// reset the loop it belongs to each time, and spin.
 #[derive(Debug, Clone, Default)]
 pub struct Respawn {
-    young_deaths: u32,
+    counted: u32,
     delay: Duration,
     hold_until: Option<Duration>,
 }
@@ -202,15 +249,15 @@ impl Respawn {
         Respawn::default()
     }
 
-    /// Records an unexpected exit after `lifetime`. Returns the delay when this exit starts or
-    /// lengthens a backoff (to be logged), `None` otherwise.
-    pub fn on_crash(&mut self, lifetime: Duration, now: Duration) -> Option<Duration> {
-        if lifetime >= YOUNG_DEATH {
-            // One old worker dying is an accident, not a loop: replace it at once.
+    /// Records an unexpected exit. Returns the delay when this exit starts or lengthens a
+    /// backoff (to be logged), `None` when the replacement may start at once.
+    pub fn on_crash(&mut self, death: Death, now: Duration) -> Option<Duration> {
+        if !death.counts() {
+            self.on_healthy();
             return None;
         }
-        self.young_deaths += 1;
-        if self.young_deaths < 2 {
+        self.counted += 1;
+        if self.counted < 2 {
             return None;
         }
         self.delay = if self.delay.is_zero() {
@@ -222,9 +269,9 @@ impl Respawn {
         Some(self.delay)
     }
 
-    /// A worker is up and has lived past [`YOUNG_DEATH`]: the loop, if any, is over.
+    /// A worker proved healthy: the loop, if any, is over.
     pub fn on_healthy(&mut self) {
-        self.young_deaths = 0;
+        self.counted = 0;
         self.delay = Duration::ZERO;
         self.hold_until = None;
     }
@@ -362,12 +409,15 @@ pub fn resize(cfg: &PoolConfig, resize: Resize, slots: usize) -> Result<PoolConf
     Ok(cfg)
 }
 
-/// Whether some current worker is up (past starting) and has lived past [`YOUNG_DEATH`]: then
-/// a crash loop, if any, is over ([`Respawn::on_healthy`]).
+/// Whether some current worker is up (past starting) and has taken a request or lived past
+/// [`YOUNG_DEATH`]: then a crash loop, if any, is over ([`Respawn::on_healthy`]).
 pub fn any_healthy(current: &[WorkerView], now: Duration) -> bool {
-    current
-        .iter()
-        .any(|v| v.state != WorkerState::Starting && now.saturating_sub(v.started) >= YOUNG_DEATH)
+    current.iter().any(|v| {
+        v.state != WorkerState::Starting
+            && (v.requests > 0
+                || v.state == WorkerState::Busy
+                || now.saturating_sub(v.started) >= YOUNG_DEATH)
+    })
 }
 
 /// Whether the master should wake on a connection arriving rather than on its tick: a pool

@@ -9,6 +9,11 @@
 //! | USR1          | reopen log files                                                       |
 //! | TTIN / TTOU   | one worker more / one fewer                                            |
 //! | CHLD          | reap exited workers                                                    |
+//! | URG           | a worker has requests waiting: look at the pool now (sent by workers)  |
+//!
+//! URG is otherwise sent only for TCP urgent data, to the owner a socket names with
+//! `F_SETOWN`, which the master never sets; so it is free for workers to wake their master
+//! with, and an operator who sends it by hand costs one maintenance pass.
 
 use nix::sys::signal::{SigSet, Signal};
 
@@ -31,6 +36,9 @@ pub enum Intent {
     Shrink,
     /// A child exited.
     Reap,
+    /// A worker at its cap sees connections waiting while the pool could grow: look at the
+    /// pool now rather than at the next tick.
+    Wake,
 }
 
 /// The signals the master handles; blocked and read synchronously from a signalfd.
@@ -46,6 +54,7 @@ pub fn handled() -> SigSet {
         Signal::SIGTTIN,
         Signal::SIGTTOU,
         Signal::SIGCHLD,
+        Signal::SIGURG,
     ] {
         set.add(sig);
     }
@@ -64,6 +73,7 @@ pub fn intent(sig: Signal, stopping: bool) -> Option<Intent> {
         Signal::SIGTTIN => Intent::Grow,
         Signal::SIGTTOU => Intent::Shrink,
         Signal::SIGCHLD => Intent::Reap,
+        Signal::SIGURG => Intent::Wake,
         _ => return None,
     })
 }
@@ -77,6 +87,15 @@ mod tests {
         assert_eq!(intent(Signal::SIGINT, false), Some(Intent::Stop));
         assert_eq!(intent(Signal::SIGINT, true), Some(Intent::StopNow));
         assert_eq!(intent(Signal::SIGTERM, true), Some(Intent::Stop));
+    }
+
+    #[test]
+    fn a_worker_wakes_its_master_with_urg() {
+        assert!(
+            handled().contains(Signal::SIGURG),
+            "blocked, so read from the signalfd"
+        );
+        assert_eq!(intent(Signal::SIGURG, false), Some(Intent::Wake));
     }
 
     #[test]

@@ -78,10 +78,11 @@ thread_local! {
     static RUNNING: RefCell<Option<Arc<Wake>>> = const { RefCell::new(None) };
 }
 
-/// Called by request and response streams before they block on the I/O task: if this is the
+/// Called by request and response streams before they block on the I/O task (installed as
+/// their hook by [`Inline::new`]): if this is the
 /// I/O thread running a request, the standby thread must drive the event loop at once, or the
 /// wait would never end.
-pub(crate) fn will_block() {
+fn will_block() {
     RUNNING.with(|running| {
         if let Some(wake) = running.borrow().as_ref() {
             wake.urgent.store(true, SeqCst);
@@ -95,7 +96,9 @@ fn micros(d: Duration) -> u64 {
 }
 
 impl<T> Inline<T> {
+    /// The worker's runner; installs [`will_block`] as the body streams' hook.
     pub(crate) fn new() -> Arc<Inline<T>> {
+        crate::app::body::set_before_block(will_block);
         Self::with_takeover_after(TAKEOVER_AFTER)
     }
 

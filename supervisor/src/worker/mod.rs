@@ -1,34 +1,37 @@
 //! A worker process: forked by the master, it builds its own current-thread tokio runtime,
 //! accepts on every inherited listener, and serves connections until told to drain.
 //!
-//! It accepts only while it has room for another request (`max_requests_in_flight`), so the
-//! kernel hands new connections to a worker with room. Kept-alive connections that sit idle
-//! cost nothing but a file descriptor.
+//! This file sets the process up, builds the one [`Worker`] every part shares, and drains.
+//! The rest: `accept` (taking and handing over connections), `connection` (one FastCGI
+//! connection), `rooms` (the cap on requests in flight and the queue), `run` (running a request,
+//! handler threads, recycling), `output` (a response as records), `inline` (requests on the
+//! I/O thread), `status` (the status page).
 
-pub(crate) mod connection;
-pub(crate) mod inline;
-pub(crate) mod rooms;
-pub(crate) mod run;
-pub(crate) mod status;
+mod accept;
+mod connection;
+mod inline;
+mod output;
+mod rooms;
+mod run;
+mod status;
 
 use std::os::fd::AsFd;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::clock;
-use crate::config::Config;
+use crate::config::{Config, PoolMode};
 use crate::listener::ListenerSocket;
 use crate::scoreboard::{Scoreboard, SlotState};
 use crate::Responder;
-use connection::Context;
 use inline::Inline;
-use rooms::Room;
-use run::{Recycle, Shared};
+use rooms::Rooms;
+use run::{Job, Recycle, Waiting};
 
 /// Everything a worker needs to know, decided by the master before the fork.
 #[derive(Debug, Clone)]
@@ -38,8 +41,11 @@ pub(crate) struct Settings {
     pub keepalive_timeout: Duration,
     pub limits: fcgi::Limits,
     pub recycle: Recycle,
-    pub status: crate::worker::status::Paths,
+    pub status: status::Paths,
     pub access_log: bool,
+    /// The pool can grow (`pm` dynamic or ondemand): a worker at its cap that sees connections
+    /// waiting wakes the master (`accept::wake_master`), which starts workers for them.
+    pub pool_grows: bool,
 }
 
 impl Settings {
@@ -54,6 +60,7 @@ impl Settings {
                 ..fcgi::Limits::default()
             },
             access_log: cfg.access_log,
+            pool_grows: cfg.pool.mode != PoolMode::Static,
             status: status::Paths {
                 status: cfg.status_path.clone(),
                 ping: cfg.ping_path.clone(),
@@ -71,6 +78,113 @@ impl Settings {
                 max_rss: cfg.max_rss,
             },
         }
+    }
+}
+
+/// What every part of a worker shares: its settings, the application, its scoreboard slot, the
+/// room for requests, the two ways a request runs, and the drain. Built once, after the fork.
+pub(crate) struct Worker {
+    pub settings: Settings,
+    pub app: Arc<dyn Responder>,
+    pub board: Arc<Scoreboard>,
+    /// This worker's slot in the scoreboard.
+    pub slot: usize,
+    /// `max_requests_in_flight`, as the scoreboard counts it.
+    pub cap: u32,
+    /// Room for requests: at most `max_requests_in_flight` at once (see `rooms.rs`).
+    pub rooms: Arc<Rooms<Waiting>>,
+    /// The handler threads' queue.
+    pub jobs: std_mpsc::Sender<Job>,
+    /// The I/O thread, which runs a request itself when it is free (see `inline.rs`).
+    pub inline: Arc<Inline<Job>>,
+    /// True once the worker drains: idle connections close or move, busy ones finish first.
+    /// Anything that must stop the worker (a signal, a recycling limit, an accept loop that
+    /// cannot go on) sets it.
+    pub drain: watch::Sender<bool>,
+    /// The worker's runtime, for tasks started from handler threads.
+    pub runtime: tokio::runtime::Handle,
+    /// The socketpair to the master, for handing connections over when draining and
+    /// receiving those of other workers.
+    pub handover: Option<Arc<tokio::net::UnixStream>>,
+    /// Tells idle kept-alive connections to move to a worker with room: this one has been busy
+    /// a while (see `accept::BUSY_MIGRATE_AFTER`).
+    pub migrate: Notify,
+    /// Whether a busy check is already scheduled.
+    pub busy_check: AtomicBool,
+    /// Set by a handler thread when the worker reached a recycling limit.
+    pub recycle_now: AtomicBool,
+    /// When RSS was last measured (microseconds of the shared clock).
+    pub rss_measured: AtomicU64,
+}
+
+impl Worker {
+    /// The worker, and the receiving end of its handler threads' queue.
+    fn new(
+        settings: Settings,
+        app: Arc<dyn Responder>,
+        board: Arc<Scoreboard>,
+        runtime: tokio::runtime::Handle,
+        handover: Option<Arc<tokio::net::UnixStream>>,
+    ) -> (Arc<Worker>, std_mpsc::Receiver<Job>) {
+        let (jobs, jobs_rx) = std_mpsc::channel();
+        let cap = settings.max_in_flight.max(1);
+        let slot = settings.slot;
+        let counter = Arc::clone(&board);
+        let worker = Arc::new_cyclic(|me: &std::sync::Weak<Worker>| {
+            let me = me.clone();
+            let rooms = Rooms::new(
+                cap,
+                Box::new(move |delta| counter.slot(slot).add_held(delta)),
+                Box::new(move |waiting: Waiting, room: run::Room| {
+                    if let Some(worker) = me.upgrade() {
+                        run::start(&worker, waiting.with(room));
+                        accept::schedule_busy_check(&worker);
+                    }
+                }),
+            );
+            Worker {
+                app,
+                board,
+                slot,
+                cap: u32::try_from(cap).unwrap_or(u32::MAX),
+                rooms,
+                jobs,
+                inline: Inline::new(),
+                drain: watch::Sender::new(false),
+                runtime,
+                handover,
+                migrate: Notify::new(),
+                busy_check: AtomicBool::new(false),
+                recycle_now: AtomicBool::new(false),
+                rss_measured: AtomicU64::new(0),
+                settings,
+            }
+        });
+        (worker, jobs_rx)
+    }
+
+    /// The rules its connections follow.
+    fn rules(&self) -> connection::Rules {
+        connection::Rules {
+            limits: self.settings.limits,
+            keepalive_timeout: self.settings.keepalive_timeout,
+            can_hand_over: self.handover.is_some(),
+        }
+    }
+}
+
+/// Held by every connection and every request of the worker: once the last is dropped the
+/// drain is complete (completion is "all senders dropped").
+#[derive(Clone)]
+pub(crate) struct Alive {
+    _done: mpsc::Sender<()>,
+}
+
+impl Alive {
+    /// The first token, and what resolves once it and every clone are gone.
+    fn new() -> (Alive, mpsc::Receiver<()>) {
+        let (done, all_gone) = mpsc::channel(1);
+        (Alive { _done: done }, all_gone)
     }
 }
 
@@ -99,11 +213,54 @@ fn serve<R: Responder>(
     settings: Settings,
     channel: Option<std::os::unix::net::UnixStream>,
 ) -> std::io::Result<()> {
+    if !set_up_process()? {
+        return Ok(());
+    }
+    if let Err(why) = app.init_worker() {
+        return Err(std::io::Error::other(format!("worker init failed: {why}")));
+    }
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+    );
+    let handover = match channel {
+        Some(c) => {
+            c.set_nonblocking(true)?;
+            let _inside = runtime.enter();
+            Some(Arc::new(tokio::net::UnixStream::from_std(c)?))
+        }
+        None => None,
+    };
+    let cap = settings.max_in_flight.max(1);
+    let (worker, jobs) = Worker::new(settings, app, board, runtime.handle().clone(), handover);
+    run::spawn_handlers(cap, jobs, &worker)?;
+    {
+        let (inline, runtime) = (Arc::clone(&worker.inline), Arc::clone(&runtime));
+        std::thread::Builder::new()
+            .name("standby".into())
+            .spawn(move || inline.standby(&runtime))?;
+    }
+    let main = runtime.spawn(until_drained(Arc::clone(&worker), listeners));
+    // This thread drives the event loop and runs the requests offered to it (see `inline.rs`).
+    match worker.inline.drive(
+        &runtime,
+        main,
+        |job| run::respond(&worker, job),
+        |answered| deliver(answered, &worker),
+    ) {
+        Ok(result) => result,
+        Err(e) => Err(std::io::Error::other(format!("worker task: {e}"))),
+    }
+}
+
+/// What the worker process needs before anything else; false if the master is already gone.
+fn set_up_process() -> std::io::Result<bool> {
     // If the master dies by any means, so do we: no orphans holding the socket.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
     if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
         // The master died between fork and prctl.
-        return Ok(());
+        return Ok(false);
     }
     // One log line per panic, with its place; the handler adds which request it cost.
     std::panic::set_hook(Box::new(|info| {
@@ -121,107 +278,48 @@ fn serve<R: Responder>(
     }));
     // The master blocks signals to read them synchronously; a worker takes them normally.
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    Ok(true)
+}
 
-    if let Err(why) = app.init_worker() {
-        return Err(std::io::Error::other(format!("worker init failed: {why}")));
-    }
-    let runtime = Arc::new(
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-    );
-    let (drain_tx, drain_rx) = watch::channel(false);
-    let cap = settings.max_in_flight.max(1);
-    let shared = Arc::new(Shared {
-        app,
-        board: Arc::clone(&board),
-        slot: settings.slot,
-        cap: cap as u32,
-        recycle: settings.recycle,
-        recycle_now: AtomicBool::new(false),
-        rss_measured: std::sync::atomic::AtomicU64::new(0),
-        access_log: settings.access_log,
-        wake: drain_tx.clone(),
-    });
-    let jobs = run::start(cap, Arc::clone(&shared))?;
-    let inline = Inline::new();
-    {
-        let (inline, runtime) = (Arc::clone(&inline), Arc::clone(&runtime));
-        std::thread::Builder::new()
-            .name("standby".into())
-            .spawn(move || inline.standby(&runtime))?;
-    }
-    let offer = Arc::clone(&inline);
-    let main = runtime.spawn(async move {
-        let handover = match channel {
-            Some(c) => {
-                c.set_nonblocking(true)?;
-                Some(Arc::new(tokio::net::UnixStream::from_std(c)?))
-            }
-            None => None,
-        };
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
-        let ctx = Arc::new(Context {
-            limits: settings.limits,
-            keepalive_timeout: settings.keepalive_timeout,
-            jobs,
-            inline: offer,
-            rooms: rooms::Rooms::new(cap),
-            draining: drain_rx.clone(),
-            stop: drain_tx.clone(),
-            wanted: tokio::sync::Notify::new(),
-            runtime: tokio::runtime::Handle::current(),
-            migrate: tokio::sync::Notify::new(),
-            busy_check: AtomicBool::new(false),
-            handover: handover.clone(),
-            status: settings.status.clone(),
-            board: Arc::clone(&board),
-            slot: settings.slot,
-            _done: done_tx,
-        });
-        let accepting = tokio::spawn(accept_loop(listeners, Arc::clone(&ctx)));
-        tokio::spawn(receive_passed(Arc::clone(&ctx)));
-        let slot = board.slot(settings.slot);
-        slot.set_pid(std::process::id() as i32);
-        slot.set_state(SlotState::Idle, clock::now());
+/// The worker's main task: accept and serve until a reason to drain, then wait until every
+/// connection and request has finished.
+async fn until_drained(worker: Arc<Worker>, listeners: Vec<ListenerSocket>) -> std::io::Result<()> {
+    let drain = worker.drain.subscribe();
+    let (alive, mut all_gone) = Alive::new();
+    let accepting = tokio::spawn(accept::accept_loop(
+        listeners,
+        Arc::clone(&worker),
+        alive.clone(),
+    ));
+    tokio::spawn(accept::receive_passed(Arc::clone(&worker), alive));
+    let slot = worker.board.slot(worker.slot);
+    slot.set_pid(std::process::id() as i32);
+    slot.set_state(SlotState::Idle, clock::now());
 
-        wait_for_drain(drain_rx).await?;
-        slot.set_state(SlotState::Draining, clock::now());
-        drain_tx.send_replace(true);
-        accepting.abort();
-        drop(accepting);
-        // Every connection holds the context; when the last one has finished its requests and
-        // closed, the `done` sender inside it is dropped and this returns.
-        drop(ctx);
-        let _ = done_rx.recv().await;
-        // Connections the master passed while this worker was starting to drain go back to it
-        // rather than die with this process.
-        if let Some(channel) = &handover {
-            while let Ok(passed) = crate::passing::recv(channel.as_fd()) {
-                if let Some(fd) = passed {
-                    let _ = crate::passing::send(channel.as_fd(), fd.as_fd());
-                }
+    wait_for_drain(drain).await?;
+    slot.set_state(SlotState::Draining, clock::now());
+    worker.drain.send_replace(true);
+    accepting.abort();
+    drop(accepting);
+    // Every connection and request holds an `Alive`: when the last has finished, this returns.
+    let _ = all_gone.recv().await;
+    // Connections the master passed while this worker was starting to drain go back to it
+    // rather than die with this process.
+    if let Some(channel) = &worker.handover {
+        while let Ok(passed) = crate::passing::recv(channel.as_fd()) {
+            if let Some(fd) = passed {
+                let _ = crate::passing::send(channel.as_fd(), fd.as_fd());
             }
         }
-        Ok::<(), std::io::Error>(())
-    });
-    // This thread drives the event loop and runs the requests offered to it (see `inline.rs`).
-    match inline.drive(
-        &runtime,
-        main,
-        |job| run::respond(&shared, job),
-        |answered| deliver(answered, &shared),
-    ) {
-        Ok(result) => result,
-        Err(e) => Err(std::io::Error::other(format!("worker task: {e}"))),
     }
+    Ok(())
 }
 
 /// Passes a response run on this thread to its connection, from inside the runtime.
-fn deliver<R>(answered: run::Answered, shared: &Shared<R>) {
+fn deliver(answered: run::Answered, worker: &Worker) {
     let run::Answered { out, tail, finish } = answered;
-    crate::app::response::send_in_runtime(&out, tail);
-    finish.finish(shared);
+    output::send_in_runtime(&out, tail);
+    finish.finish(worker);
 }
 
 /// Waits for a reason to drain: SIGTERM or SIGQUIT from the master, or a recycling limit.
@@ -245,238 +343,4 @@ async fn wait_for_drain(mut drain: watch::Receiver<bool>) -> std::io::Result<()>
             changed = drain.changed() => if changed.is_err() { return Ok(()) },
         }
     }
-}
-
-enum Listening {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
-}
-
-enum Accepted {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
-}
-
-impl Listening {
-    fn new(socket: ListenerSocket) -> std::io::Result<Listening> {
-        Ok(match socket {
-            ListenerSocket::Tcp(l) => {
-                l.set_nonblocking(true)?;
-                Listening::Tcp(tokio::net::TcpListener::from_std(l)?)
-            }
-            ListenerSocket::Unix(l) => {
-                l.set_nonblocking(true)?;
-                Listening::Unix(tokio::net::UnixListener::from_std(l)?)
-            }
-        })
-    }
-
-    fn poll_accept(
-        &self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<Accepted>> {
-        match self {
-            Listening::Tcp(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Tcp(s)),
-            Listening::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Unix(s)),
-        }
-    }
-}
-
-/// The next connection on any listener, starting the scan at a rotating index so a busy
-/// listener cannot starve the others.
-async fn accept_any(listeners: &[Listening], turn: &mut usize) -> std::io::Result<Accepted> {
-    std::future::poll_fn(|cx| {
-        let n = listeners.len();
-        for i in 0..n {
-            let l = &listeners[(*turn + i) % n];
-            if let std::task::Poll::Ready(result) = l.poll_accept(cx) {
-                *turn = (*turn + i + 1) % n;
-                return std::task::Poll::Ready(result);
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
-}
-
-/// Accepts connections, on every listener, while the worker has room for another request.
-async fn accept_loop(sockets: Vec<ListenerSocket>, ctx: Arc<Context>) {
-    let listeners = match sockets
-        .into_iter()
-        .map(Listening::new)
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(l) => l,
-        Err(e) => return fail(&ctx, e),
-    };
-    let mut turn = 0;
-    loop {
-        // Normally a worker accepts only with room for the request. When the whole pool is
-        // saturated it accepts anyway: the connection would only wait in the kernel's backlog,
-        // and a status or ping request on it is answered at once (see `status.rs`).
-        let room = match rooms::unpark(&ctx) {
-            // Still parked from the last turn: a wake-up that was not about the room.
-            Some(room) => Some(room),
-            None => tokio::select! {
-                biased;
-                room = rooms::acquire(&ctx) => match room {
-                    Some(room) => Some(room),
-                    None => return,
-                },
-                () = pool_saturated(&ctx) => None,
-            },
-        };
-        if *ctx.draining.borrow() {
-            return;
-        }
-        let (accepted, room) = match room {
-            Some(room) => {
-                // Parked where a request on a kept-alive connection can take it at once.
-                rooms::park(room);
-                tokio::select! {
-                    biased;
-                    // A request on a kept-alive connection took the room.
-                    _ = ctx.wanted.notified() => continue,
-                    accepted = accept_any(&listeners, &mut turn) => (accepted, rooms::unpark(&ctx)),
-                }
-            }
-            None => tokio::select! {
-                accepted = accept_any(&listeners, &mut turn) => (accepted, None),
-                // Room may have come back, or the pool may no longer be saturated: look again.
-                _ = tokio::time::sleep(SATURATION_CHECK) => continue,
-            },
-        };
-        match accepted {
-            Ok(Accepted::Tcp(stream)) => {
-                let _ = stream.set_nodelay(true);
-                spawn_tcp(stream, Arc::clone(&ctx), room);
-            }
-            Ok(Accepted::Unix(stream)) => spawn_unix(stream, Arc::clone(&ctx), room),
-            Err(e) if is_transient(&e) => backoff().await,
-            Err(e) => return fail(&ctx, e),
-        }
-    }
-}
-
-/// How often a worker at its cap looks whether the whole pool is saturated.
-const SATURATION_CHECK: Duration = Duration::from_millis(20);
-
-/// Returns once no worker of the pool has room for a request.
-async fn pool_saturated(ctx: &Context) {
-    loop {
-        tokio::time::sleep(SATURATION_CHECK).await;
-        if ctx.board.saturated() {
-            return;
-        }
-    }
-}
-
-/// Serves a TCP connection; if the worker drains while it is idle, hands it over.
-fn spawn_tcp(stream: tokio::net::TcpStream, ctx: Arc<Context>, room: Option<Room>) {
-    let (rd, wr) = stream.into_split();
-    spawn_serve(rd, wr, ctx, room, |rd, wr| {
-        Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
-    });
-}
-
-/// Serves a unix connection; if the worker drains while it is idle, hands it over.
-fn spawn_unix(stream: tokio::net::UnixStream, ctx: Arc<Context>, room: Option<Room>) {
-    let (rd, wr) = stream.into_split();
-    spawn_serve(rd, wr, ctx, room, |rd, wr| {
-        Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
-    });
-}
-
-/// Serves a connection; one that comes back idle from a draining worker is made whole again
-/// by `reunite` and handed over.
-fn spawn_serve<Rd, Wr>(
-    rd: Rd,
-    wr: Wr,
-    ctx: Arc<Context>,
-    room: Option<Room>,
-    reunite: impl FnOnce(Rd, Wr) -> Option<std::os::fd::OwnedFd> + Send + 'static,
-) where
-    Rd: tokio::io::AsyncRead + Unpin + Send + 'static,
-    Wr: tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        if let Some((rd, wr)) = connection::serve(rd, wr, Arc::clone(&ctx), room).await {
-            if let Some(fd) = reunite(rd, wr) {
-                hand_over(&ctx, fd.as_fd());
-            }
-        }
-    });
-}
-
-/// Passes an idle connection to the master, which gives it to a worker that stays. If that
-/// fails the connection is closed here, as it would have been without hand-over.
-fn hand_over(ctx: &Context, conn: std::os::fd::BorrowedFd<'_>) {
-    if let Some(channel) = &ctx.handover {
-        if let Err(e) = crate::passing::send(channel.as_fd(), conn) {
-            tracing::debug!(pid = std::process::id(), error = %e, "cannot hand a connection over; closing it");
-        }
-    }
-}
-
-/// Takes connections handed over by draining workers, until this worker drains itself.
-async fn receive_passed(ctx: Arc<Context>) {
-    let Some(channel) = &ctx.handover else { return };
-    let mut draining = ctx.draining.clone();
-    loop {
-        tokio::select! {
-            ready = channel.readable() => if ready.is_err() { return },
-            _ = draining.changed() => return,
-        }
-        loop {
-            let got = channel.try_io(tokio::io::Interest::READABLE, || {
-                crate::passing::recv(channel.as_fd())
-            });
-            match got {
-                Ok(Some(fd)) => match crate::passing::classify(fd) {
-                    Ok(crate::passing::Passed::Tcp(s)) => {
-                        if let Ok(s) = s
-                            .set_nonblocking(true)
-                            .and_then(|()| tokio::net::TcpStream::from_std(s))
-                        {
-                            spawn_tcp(s, Arc::clone(&ctx), None);
-                        }
-                    }
-                    Ok(crate::passing::Passed::Unix(s)) => {
-                        if let Ok(s) = s
-                            .set_nonblocking(true)
-                            .and_then(|()| tokio::net::UnixStream::from_std(s))
-                        {
-                            spawn_unix(s, Arc::clone(&ctx), None);
-                        }
-                    }
-                    Err(_) => {}
-                },
-                Ok(None) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return,
-            }
-        }
-    }
-}
-
-fn fail(ctx: &Context, e: std::io::Error) {
-    tracing::error!(pid = std::process::id(), error = %e, "cannot accept; worker draining");
-    ctx.stop.send_replace(true);
-}
-
-/// Per-connection accept failures (a peer that reset first, fd exhaustion) must not stop the
-/// worker; on resource exhaustion it pauses briefly instead of spinning.
-async fn backoff() {
-    tokio::time::sleep(Duration::from_millis(10)).await;
-}
-
-fn is_transient(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
-    ) || matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }

@@ -6,7 +6,7 @@
 //! costs only its request, which is answered `500`; the thread and the worker keep serving.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,20 +15,47 @@ use bytes::BytesMut;
 use fcgi::response::ResponseWriter;
 use tokio::sync::mpsc;
 
+use crate::app::body::{send_out, Out};
 use crate::app::request::Request;
-use crate::app::response::{self, Out};
+use crate::app::response;
 use crate::clock;
-use crate::scoreboard::Scoreboard;
-use crate::worker::rooms::Room;
-use crate::Responder;
+use crate::worker::output::encode;
+use crate::worker::{rooms, Alive, Worker};
 
-/// One request to run.
-pub(crate) struct Job {
+/// Room for one request: see `rooms.rs`.
+pub(crate) type Room = rooms::Room<Waiting>;
+
+/// A request waiting for room.
+pub(crate) struct Waiting {
     pub id: u16,
     pub request: Request,
     pub out: mpsc::Sender<Out>,
+    /// The worker lives on while a request of it runs, even if its connection has closed.
+    pub alive: Alive,
+}
+
+impl Waiting {
+    /// The request, now that it has its room.
+    pub(crate) fn with(self, room: Room) -> Job {
+        Job {
+            waiting: self,
+            room,
+        }
+    }
+}
+
+/// One request to run.
+pub(crate) struct Job {
+    pub waiting: Waiting,
     /// Held while the request runs: the worker's cap on requests in flight.
     pub room: Room,
+}
+
+/// Runs a request that has its room: on the I/O thread if it is free, else on a handler thread.
+pub(crate) fn start(worker: &Worker, job: Job) {
+    if let Err(job) = worker.inline.offer(job) {
+        let _ = worker.jobs.send(job);
+    }
 }
 
 /// When this worker should stop taking requests and exit.
@@ -58,37 +85,20 @@ pub(crate) fn request_limit(max_requests: u64, jitter: u64, seed: u64) -> Option
     Some(max_requests.saturating_add(z % (jitter.saturating_add(1)).max(1)))
 }
 
-/// What the handler threads share.
-pub(crate) struct Shared<R> {
-    pub app: Arc<R>,
-    pub board: Arc<Scoreboard>,
-    pub slot: usize,
-    pub cap: u32,
-    pub recycle: Recycle,
-    /// Set by a handler thread when the worker reached a recycling limit.
-    pub recycle_now: AtomicBool,
-    /// Wakes the I/O thread to start draining.
-    pub wake: tokio::sync::watch::Sender<bool>,
-    /// When RSS was last measured (microseconds of the shared clock).
-    pub rss_measured: AtomicU64,
-    /// One log line per request.
-    pub access_log: bool,
-}
-
 /// How often the scoreboard's RSS is refreshed when no `max_rss` asks for every request:
 /// reading /proc costs a few microseconds, too much for every request of a fast handler.
 const RSS_EVERY: Duration = Duration::from_secs(1);
 
-/// Starts `n` handler threads taking jobs from the returned sender.
-pub(crate) fn start<R: Responder>(
+/// Starts `n` handler threads taking jobs from `rx`.
+pub(crate) fn spawn_handlers(
     n: usize,
-    shared: Arc<Shared<R>>,
-) -> std::io::Result<std_mpsc::Sender<Job>> {
-    let (tx, rx) = std_mpsc::channel::<Job>();
+    rx: std_mpsc::Receiver<Job>,
+    worker: &Arc<Worker>,
+) -> std::io::Result<()> {
     let rx = Arc::new(Mutex::new(rx));
     for i in 0..n {
         let rx = Arc::clone(&rx);
-        let shared = Arc::clone(&shared);
+        let worker = Arc::clone(worker);
         std::thread::Builder::new()
             .name(format!("handler-{i}"))
             .spawn(move || loop {
@@ -98,19 +108,19 @@ pub(crate) fn start<R: Responder>(
                     Err(_) => return,
                 };
                 match job {
-                    Ok(job) => run(&shared, job),
+                    Ok(job) => run(&worker, job),
                     Err(_) => return,
                 }
             })?;
     }
-    Ok(tx)
+    Ok(())
 }
 
 /// Runs one request to its end on a handler thread.
-fn run<R: Responder>(shared: &Shared<R>, job: Job) {
-    let done = respond(shared, job);
-    let _ = response::send_out(&done.out, done.tail);
-    done.finish.finish(shared);
+fn run(worker: &Worker, job: Job) {
+    let done = respond(worker, job);
+    let _ = send_out(&done.out, done.tail);
+    done.finish.finish(worker);
 }
 
 /// A request the application has answered: the tail of its response is still to be sent to
@@ -128,30 +138,35 @@ pub(crate) struct Finish {
     started: Duration,
     /// Held while the request runs: the worker's cap on requests in flight.
     room: Room,
+    alive: Alive,
 }
 
 /// Runs the application for one request, on a handler thread or on the I/O thread
 /// (`inline.rs`); a streamed body is written here too.
-pub(crate) fn respond<R: Responder>(shared: &Shared<R>, job: Job) -> Answered {
+pub(crate) fn respond(worker: &Worker, job: Job) -> Answered {
     let Job {
-        id,
-        mut request,
-        out,
+        waiting:
+            Waiting {
+                id,
+                mut request,
+                out,
+                alive,
+            },
         room,
     } = job;
-    let slot = shared.board.slot(shared.slot);
+    let slot = worker.board.slot(worker.slot);
     let started = clock::now();
     slot.begin_request(
         request.method().as_str(),
         request.uri(),
         request.content_length().unwrap_or(0),
-        shared.cap,
+        worker.cap,
         started,
     );
-    shared.board.add_accepted();
+    worker.board.add_accepted();
     tracing::debug!(pid = std::process::id(), method = %request.method(), uri = request.uri(), "request started");
 
-    let app = &shared.app;
+    let app = &worker.app;
     let answered = panic::catch_unwind(AssertUnwindSafe(|| app.respond(&mut request)));
     let res = answered.unwrap_or_else(|cause| {
         tracing::error!(
@@ -163,8 +178,8 @@ pub(crate) fn respond<R: Responder>(shared: &Shared<R>, job: Job) -> Answered {
         response::status(http::StatusCode::INTERNAL_SERVER_ERROR)
     });
     let status = res.status().as_u16();
-    let tail = panic::catch_unwind(AssertUnwindSafe(|| response::encode(id, res, &out)))
-        .unwrap_or_else(|_| {
+    let tail =
+        panic::catch_unwind(AssertUnwindSafe(|| encode(id, res, &out))).unwrap_or_else(|_| {
             // The body stream panicked part-way: the status is already sent, so end the
             // request with what was written.
             tracing::error!(
@@ -184,23 +199,25 @@ pub(crate) fn respond<R: Responder>(shared: &Shared<R>, job: Job) -> Answered {
             status,
             started,
             room,
+            alive,
         },
     }
 }
 
 impl Finish {
     /// Records the request in the scoreboard and the access log, and gives its room back.
-    pub(crate) fn finish<R>(self, shared: &Shared<R>) {
+    pub(crate) fn finish(self, worker: &Worker) {
         let Finish {
             request,
             status,
             started,
             room,
+            alive,
         } = self;
-        let slot = shared.board.slot(shared.slot);
+        let slot = worker.board.slot(worker.slot);
         let now = clock::now();
-        slot.end_request(now.saturating_sub(started), shared.cap, now);
-        if shared.access_log {
+        slot.end_request(now.saturating_sub(started), worker.cap, now);
+        if worker.settings.access_log {
             tracing::info!(
                 pid = std::process::id(),
                 method = %request.method(),
@@ -213,30 +230,29 @@ impl Finish {
         drop(request);
         // Decide on recycling before giving the room back, so the accept loop, which needs that
         // room, already sees the drain and does not take a connection it would not serve.
-        check_recycle(shared, now);
+        check_recycle(worker, now);
         drop(room);
+        drop(alive);
     }
 }
 
-fn check_recycle<R>(shared: &Shared<R>, now: Duration) {
-    let slot = shared.board.slot(shared.slot);
+fn check_recycle(worker: &Worker, now: Duration) {
+    let slot = worker.board.slot(worker.slot);
+    let recycle = &worker.settings.recycle;
     let served = slot.requests();
-    let over_requests = shared
-        .recycle
-        .request_limit
-        .is_some_and(|limit| served >= limit);
-    let last = Duration::from_micros(shared.rss_measured.load(Ordering::Relaxed));
-    let measure = shared.recycle.max_rss.is_some() || now.saturating_sub(last) >= RSS_EVERY;
+    let over_requests = recycle.request_limit.is_some_and(|limit| served >= limit);
+    let last = Duration::from_micros(worker.rss_measured.load(Ordering::Relaxed));
+    let measure = recycle.max_rss.is_some() || now.saturating_sub(last) >= RSS_EVERY;
     let rss = if measure { clock::self_rss() } else { None };
     if measure {
         let micros = u64::try_from(now.as_micros()).unwrap_or(u64::MAX);
-        shared.rss_measured.store(micros, Ordering::Relaxed);
+        worker.rss_measured.store(micros, Ordering::Relaxed);
     }
     if let Some(bytes) = rss {
         slot.set_rss(bytes);
     }
-    let over_rss = matches!((rss, shared.recycle.max_rss), (Some(r), Some(max)) if r > max);
-    if (over_requests || over_rss) && !shared.recycle_now.swap(true, Ordering::AcqRel) {
+    let over_rss = matches!((rss, recycle.max_rss), (Some(r), Some(max)) if r > max);
+    if (over_requests || over_rss) && !worker.recycle_now.swap(true, Ordering::AcqRel) {
         tracing::info!(
             pid = std::process::id(),
             requests = served,
@@ -248,7 +264,7 @@ fn check_recycle<R>(shared: &Shared<R>, now: Duration) {
             },
             "worker recycling"
         );
-        shared.wake.send_replace(true);
+        worker.drain.send_replace(true);
     }
 }
 

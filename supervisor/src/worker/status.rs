@@ -3,11 +3,12 @@
 //!
 //! Why it answers while every worker is busy: application code never holds a worker's event
 //! loop for more than a few milliseconds (a long request runs on while a standby thread drives
-//! the loop, see `inline.rs`). Below the pool's maximum, a busy pool grows (the master wakes on a waiting connection
-//! and starts a worker with room, in milliseconds). At the maximum, the workers keep accepting
-//! connections, holding the application's requests until a handler is free (as the kernel's
-//! backlog would have), so a status or ping request is read and answered at once. PHP-FPM serves its status page from a
-//! pool worker, so it cannot answer when it is needed most.
+//! the loop, see `inline.rs`). Below the pool's maximum, a busy pool grows (the master wakes on
+//! a waiting connection and starts a worker with room, in milliseconds). At the maximum, the
+//! workers keep accepting connections, holding the application's requests until a handler is
+//! free (as the kernel's backlog would have), so a status or ping request is read and answered
+//! at once. PHP-FPM serves its status page from a pool worker, so it cannot answer when it is
+//! needed most.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -297,124 +298,74 @@ fn json(s: &Snapshot, full: bool) -> String {
     serde_json::Value::Object(pool).to_string()
 }
 
+/// One pool-wide OpenMetrics family: name, type, help, and how to read its value.
+type PoolMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Snapshot, &Figures) -> u64,
+);
+
+/// The pool-wide families, in the order they are written.
+#[rustfmt::skip]
+const POOL_METRICS: [PoolMetric; 15] = [
+    ("accepted_connections", "counter", "Requests accepted by the pool.", |s, _| s.accepted),
+    ("listen_queue", "gauge", "Connections waiting for a worker.", |_, f| f.listen_queue),
+    ("max_listen_queue", "gauge", "The most connections that waited.",
+        |s, f| s.stats.max_listen_queue.max(f.listen_queue)),
+    ("listen_queue_length", "gauge", "The listen backlog.", |s, _| s.stats.backlog),
+    ("idle_processes", "gauge", "Workers with room for a request.", |_, f| f.idle),
+    ("active_processes", "gauge", "Workers running a request.", |_, f| f.active),
+    ("total_processes", "gauge", "Workers.", |_, f| f.total),
+    ("max_active_processes", "gauge", "The most workers ever active at once.",
+        |s, f| s.stats.max_active.max(f.active)),
+    ("max_children_reached", "counter", "Times the pool was at its maximum while requests waited.",
+        |s, _| s.stats.max_children_reached),
+    ("slow_requests", "counter", "Requests that ran past slow_request_timeout.",
+        |s, _| s.stats.slow_requests),
+    ("max_processes", "gauge", "The configured maximum of workers.", |s, _| s.stats.max_workers),
+    ("generation", "gauge", "The current generation of workers.", |s, _| s.stats.generation),
+    ("respawns", "counter", "Workers replaced after dying unexpectedly.", |s, _| s.stats.respawns),
+    ("crash_loop_backoffs", "counter", "Respawns delayed by the crash-loop backoff.",
+        |s, _| s.stats.backoffs),
+    ("start_time_seconds", "gauge", "Unix time the master started.", |s, _| s.stats.start_time),
+];
+
+/// One per-worker family (`?full`): name, type, help, and its extra labels and value.
+type WorkerMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&SlotSnapshot) -> (String, u64),
+);
+
+/// The per-worker families, in the order they are written.
+#[rustfmt::skip]
+const WORKER_METRICS: [WorkerMetric; 3] = [
+    ("process_requests", "counter", "Requests one worker finished.",
+        |w| (String::new(), w.requests)),
+    ("process_state", "gauge", "What one worker is doing (1 for its state).",
+        |w| (format!(",state=\"{}\"", state_name(w)), 1)),
+    ("process_last_request_memory_bytes", "gauge", "Resident memory of one worker.",
+        |w| (String::new(), w.rss)),
+];
+
 fn openmetrics(s: &Snapshot, full: bool) -> String {
     let f = figures(s);
     let pool = s.pool.replace('\\', "\\\\").replace('"', "\\\"");
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+    for (name, kind, help, value) in POOL_METRICS {
         let _ = writeln!(out, "# TYPE fcgi_pool_{name} {kind}");
         let _ = writeln!(out, "# HELP fcgi_pool_{name} {help}");
         let suffix = if kind == "counter" { "_total" } else { "" };
-        let _ = writeln!(out, "fcgi_pool_{name}{suffix}{{pool=\"{pool}\"}} {value}");
-    };
-    metric(
-        "accepted_connections",
-        "counter",
-        "Requests accepted by the pool.",
-        s.accepted,
-    );
-    metric(
-        "listen_queue",
-        "gauge",
-        "Connections waiting for a worker.",
-        f.listen_queue,
-    );
-    metric(
-        "max_listen_queue",
-        "gauge",
-        "The most connections that waited.",
-        s.stats.max_listen_queue.max(f.listen_queue),
-    );
-    metric(
-        "listen_queue_length",
-        "gauge",
-        "The listen backlog.",
-        s.stats.backlog,
-    );
-    metric(
-        "idle_processes",
-        "gauge",
-        "Workers with room for a request.",
-        f.idle,
-    );
-    metric(
-        "active_processes",
-        "gauge",
-        "Workers running a request.",
-        f.active,
-    );
-    metric("total_processes", "gauge", "Workers.", f.total);
-    metric(
-        "max_active_processes",
-        "gauge",
-        "The most workers ever active at once.",
-        s.stats.max_active.max(f.active),
-    );
-    metric(
-        "max_children_reached",
-        "counter",
-        "Times the pool was at its maximum while requests waited.",
-        s.stats.max_children_reached,
-    );
-    metric(
-        "slow_requests",
-        "counter",
-        "Requests that ran past slow_request_timeout.",
-        s.stats.slow_requests,
-    );
-    metric(
-        "max_processes",
-        "gauge",
-        "The configured maximum of workers.",
-        s.stats.max_workers,
-    );
-    metric(
-        "generation",
-        "gauge",
-        "The current generation of workers.",
-        s.stats.generation,
-    );
-    metric(
-        "respawns",
-        "counter",
-        "Workers replaced after dying unexpectedly.",
-        s.stats.respawns,
-    );
-    metric(
-        "crash_loop_backoffs",
-        "counter",
-        "Respawns delayed by the crash-loop backoff.",
-        s.stats.backoffs,
-    );
-    metric(
-        "start_time_seconds",
-        "gauge",
-        "Unix time the master started.",
-        s.stats.start_time,
-    );
+        let _ = writeln!(
+            out,
+            "fcgi_pool_{name}{suffix}{{pool=\"{pool}\"}} {}",
+            value(s, &f)
+        );
+    }
     if full {
-        type Sample = fn(&SlotSnapshot) -> (String, u64);
-        let families: [(&str, &str, &str, Sample); 3] = [
-            (
-                "process_requests",
-                "counter",
-                "Requests one worker finished.",
-                |w| (String::new(), w.requests),
-            ),
-            (
-                "process_state",
-                "gauge",
-                "What one worker is doing (1 for its state).",
-                |w| (format!(",state=\"{}\"", state_name(w)), 1),
-            ),
-            (
-                "process_last_request_memory_bytes",
-                "gauge",
-                "Resident memory of one worker.",
-                |w| (String::new(), w.rss),
-            ),
-        ];
-        for (name, kind, help, sample) in families {
+        for (name, kind, help, sample) in WORKER_METRICS {
             let _ = writeln!(out, "# TYPE fcgi_pool_{name} {kind}");
             if name.ends_with("_bytes") {
                 let _ = writeln!(out, "# UNIT fcgi_pool_{name} bytes");
@@ -523,119 +474,4 @@ pub(crate) fn answer(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn snapshot() -> Snapshot {
-        let worker = |pid: i32, state: SlotState, in_flight: u32| SlotSnapshot {
-            index: 0,
-            pid,
-            generation: 2,
-            state,
-            started: Duration::from_secs(100),
-            since: Duration::from_secs(150),
-            requests: 7,
-            in_flight,
-            method: "GET".into(),
-            uri: "/sleep?ms=5".into(),
-            content_length: 0,
-            last_duration: Duration::from_micros(1500),
-            rss: 4096,
-            held: 1,
-        };
-        Snapshot {
-            pool: "www".into(),
-            stats: PoolStats {
-                start_time: 1_795_000_000,
-                started: Duration::from_secs(90),
-                mode: 1,
-                max_workers: 4,
-                generation: 2,
-                respawns: 3,
-                backoffs: 1,
-                max_children_reached: 0,
-                slow_requests: 2,
-                listen_queue: 5,
-                max_listen_queue: 9,
-                backlog: 511,
-                max_active: 2,
-            },
-            workers: vec![
-                worker(11, SlotState::Busy, 1),
-                worker(12, SlotState::Idle, 0),
-            ],
-            accepted: 42,
-            now: Duration::from_secs(200),
-        }
-    }
-
-    #[test]
-    fn text_has_php_fpm_fields() {
-        let (ct, body) = render(&snapshot(), Format::Text, false);
-        assert_eq!(ct, "text/plain");
-        assert!(
-            body.starts_with("pool:                 www\nprocess manager:      dynamic\n"),
-            "{body}"
-        );
-        assert!(
-            body.contains("start time:           18/Nov/2026:11:06:40 +0000\n"),
-            "{body}"
-        );
-        assert!(body.contains("start since:          110\n"));
-        assert!(body.contains("accepted conn:        42\n"));
-        assert!(
-            body.contains("listen queue:         7\n"),
-            "kernel 5 + held 2: {body}"
-        );
-        assert!(body.contains(
-            "idle processes:       1\nactive processes:     1\ntotal processes:      2\n"
-        ));
-    }
-
-    #[test]
-    fn json_full_parses_with_numbers() {
-        let (_, body) = render(&snapshot(), Format::Json, true);
-        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-        assert_eq!(v["accepted conn"], 42);
-        assert_eq!(v["start time"], 1_795_000_000u64);
-        assert_eq!(v["process manager"], "dynamic");
-        assert_eq!(v["processes"][0]["state"], "Running");
-        assert_eq!(v["processes"][1]["request URI"], "/sleep?ms=5");
-        assert_eq!(v["processes"][1]["request duration"], 1500);
-    }
-
-    #[test]
-    fn openmetrics_lines_follow_the_grammar() {
-        let (ct, body) = render(&snapshot(), Format::OpenMetrics, true);
-        assert!(ct.starts_with("application/openmetrics-text; version=1.0.0"));
-        assert!(body.ends_with("# EOF\n"));
-        for line in body.lines() {
-            let ok = line == "# EOF"
-                || line.starts_with("# TYPE fcgi_pool_")
-                || line.starts_with("# HELP fcgi_pool_")
-                || line.starts_with("# UNIT fcgi_pool_")
-                || (line.starts_with("fcgi_pool_")
-                    && line.contains("{pool=\"www\"")
-                    && line
-                        .rsplit(' ')
-                        .next()
-                        .is_some_and(|v| v.parse::<f64>().is_ok()));
-            assert!(ok, "bad line: {line}");
-        }
-        assert!(body.contains("fcgi_pool_accepted_connections_total{pool=\"www\"} 42\n"));
-    }
-
-    #[test]
-    fn query_picks_format_and_full() {
-        assert_eq!(parse_query(""), (Format::Text, false));
-        assert_eq!(parse_query("json&full"), (Format::Json, true));
-        assert_eq!(parse_query("full&openmetrics"), (Format::OpenMetrics, true));
-        assert_eq!(parse_query("html"), (Format::Html, false));
-    }
-
-    #[test]
-    fn start_time_format() {
-        assert_eq!(clf_time(0), "01/Jan/1970:00:00:00 +0000");
-        assert_eq!(clf_time(1_795_000_000), "18/Nov/2026:11:06:40 +0000");
-    }
-}
+mod tests;

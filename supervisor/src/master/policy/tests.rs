@@ -118,6 +118,63 @@ fn dynamic_serves_a_burst_within_a_few_ticks_and_never_exceeds_the_maximum() {
 }
 
 #[test]
+fn a_pool_replacing_a_worker_is_not_at_its_maximum() {
+    let mut pool = Pool::new(cfg(PoolMode::Static));
+    let mut ws: Vec<_> = (1..=10).map(|p| w(p, WorkerState::Busy, T)).collect();
+    ws[0].state = WorkerState::Starting;
+    assert_eq!(
+        pool.tick(&ws, 3, T).max_reached,
+        None,
+        "the new worker takes one"
+    );
+    ws[0].state = WorkerState::Busy;
+    assert!(pool.tick(&ws, 3, T).max_reached.is_some());
+}
+
+#[test]
+fn waiting_requests_with_no_worker_to_take_them_start_one_worker_each_at_once() {
+    // Start 1, max 8: the one worker busy, 5 more requests waiting.
+    let mut c = cfg(PoolMode::Dynamic);
+    c.workers = 8;
+    c.min_spare = 1;
+    c.max_spare = 1;
+    let mut pool = Pool::new(c.clone());
+    let one_busy = [w(1, WorkerState::Busy, T)];
+    assert_eq!(
+        pool.tick(&one_busy, 5, T).spawn,
+        5,
+        "not 1, 2, 4 over three ticks"
+    );
+    let mut ws: Vec<_> = (1..=3).map(|p| w(p, WorkerState::Busy, T)).collect();
+    assert_eq!(pool.tick(&ws, 20, T).spawn, 5, "bounded by the maximum");
+    ws.push(w(4, WorkerState::Starting, T));
+    assert_eq!(
+        pool.tick(&ws, 20, T).spawn,
+        0,
+        "a starting worker takes the next one; it says so when it is busy too"
+    );
+    let mut slow = c.clone();
+    slow.max_spawn_rate = 2;
+    let mut pool = Pool::new(slow);
+    assert_eq!(
+        pool.tick(&one_busy, 5, T).spawn,
+        2,
+        "bounded by max_spawn_rate"
+    );
+
+    let mut ondemand = c;
+    ondemand.mode = PoolMode::OnDemand;
+    let mut pool = Pool::new(ondemand);
+    assert_eq!(pool.tick(&[], 4, T).spawn, 4, "from empty, all at once");
+    assert_eq!(pool.tick(&one_busy, 3, T).spawn, 3);
+    assert_eq!(
+        pool.tick(&[w(1, WorkerState::Idle, T)], 3, T).spawn,
+        0,
+        "an idle worker is about to accept"
+    );
+}
+
+#[test]
 fn ondemand_starts_empty_spawns_on_waiting_and_reaps_idle() {
     let mut pool = Pool::new(cfg(PoolMode::OnDemand));
     assert_eq!(pool.initial_workers(), 0);
@@ -134,39 +191,113 @@ fn ondemand_starts_empty_spawns_on_waiting_and_reaps_idle() {
     assert_eq!(pool.tick(&ws, 0, T + secs(10)).stop, vec![1]);
 }
 
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A worker that died before it became ready, after `lifetime`.
+fn never_ready(lifetime: Duration) -> Death {
+    Death {
+        lifetime,
+        ready: false,
+        served: false,
+    }
+}
+
+/// A worker that became ready and took a request (a crash in it, a kill during it).
+fn served(lifetime: Duration) -> Death {
+    Death {
+        lifetime,
+        ready: true,
+        served: true,
+    }
+}
+
+/// A worker that became ready but never took a request.
+fn ready_unused(lifetime: Duration) -> Death {
+    Death {
+        lifetime,
+        ready: true,
+        served: false,
+    }
+}
+
 #[test]
 fn one_old_death_respawns_at_once() {
     let mut r = Respawn::new();
-    assert_eq!(r.on_crash(secs(60), T), None);
+    assert_eq!(r.on_crash(ready_unused(secs(60)), T), None);
     assert_eq!(r.hold_until(T), None);
+}
+
+#[test]
+fn which_deaths_count() {
+    assert!(never_ready(ms(5)).counts());
+    assert!(
+        never_ready(secs(60)).counts(),
+        "a slow init that fails is still a worker that cannot start"
+    );
+    assert!(ready_unused(YOUNG_DEATH - ms(1)).counts());
+    assert!(!ready_unused(YOUNG_DEATH).counts());
+    assert!(!served(ms(1)).counts(), "a crash in a request");
+    assert!(!served(secs(60)).counts());
 }
 
 #[test]
 fn crash_loop_backs_off_exponentially_up_to_the_cap() {
     let mut r = Respawn::new();
     assert_eq!(
-        r.on_crash(Duration::from_millis(5), T),
+        r.on_crash(never_ready(ms(5)), T),
         None,
-        "the first young death is free"
+        "the first counted death is free"
     );
     let mut delays = Vec::new();
     for _ in 0..12 {
-        delays.push(r.on_crash(Duration::from_millis(5), T).expect("backoff"));
+        delays.push(r.on_crash(never_ready(ms(5)), T).expect("backoff"));
     }
-    assert_eq!(
-        &delays[..4],
-        &[100, 200, 400, 800].map(Duration::from_millis)
-    );
+    assert_eq!(&delays[..4], &[100, 200, 400, 800].map(ms));
     assert_eq!(*delays.last().expect("12 delays"), BACKOFF_MAX);
     assert_eq!(r.hold_until(T), Some(T + BACKOFF_MAX));
     r.on_healthy();
     assert_eq!(r.hold_until(T), None);
-    assert_eq!(r.on_crash(Duration::from_millis(5), T), None);
+    assert_eq!(r.on_crash(never_ready(ms(5)), T), None);
 }
 
 #[test]
-fn crash_loop_spawns_stay_few() {
-    // Workers that die 1 ms after spawning, for 5 simulated seconds.
+fn a_storm_of_deaths_in_requests_never_holds_back() {
+    // A client crashing a worker with every request, 2 ms after each spawn, for 5 s.
+    let mut r = Respawn::new();
+    let mut now = T;
+    while now < T + secs(5) {
+        now += ms(2);
+        assert_eq!(r.on_crash(served(ms(2)), now), None);
+        assert_eq!(r.hold_until(now), None, "held at {:?}", now - T);
+    }
+}
+
+#[test]
+fn a_death_after_serving_ends_a_crash_loop() {
+    let mut r = Respawn::new();
+    for _ in 0..5 {
+        r.on_crash(never_ready(ms(5)), T);
+    }
+    assert!(r.hold_until(T).is_some());
+    assert_eq!(r.on_crash(served(ms(5)), T), None);
+    assert_eq!(
+        r.hold_until(T),
+        None,
+        "that worker proved workers start and serve"
+    );
+    assert_eq!(
+        r.on_crash(never_ready(ms(5)), T),
+        None,
+        "a new loop starts from the free death"
+    );
+}
+
+/// Spawns a worker whenever the backoff allows for 5 simulated seconds; each one lives 1 ms
+/// and dies as `death` says, with a maintenance pass (the healthy check) between. Returns
+/// how many were spawned.
+fn spawns_in_five_seconds(death: impl Fn(Duration) -> Death, state_when_up: WorkerState) -> u32 {
     let mut r = Respawn::new();
     let mut now = T;
     let end = T + secs(5);
@@ -177,10 +308,35 @@ fn crash_loop_spawns_stay_few() {
             continue;
         }
         spawns += 1;
-        now += Duration::from_millis(1);
-        r.on_crash(Duration::from_millis(1), now);
+        let started = now;
+        now += ms(1);
+        let up = WorkerView {
+            started,
+            ..w(1, state_when_up, started)
+        };
+        if any_healthy(&[up], now) {
+            r.on_healthy();
+        }
+        r.on_crash(death(ms(1)), now);
     }
-    assert!(spawns < 20, "{spawns} spawns");
+    spawns
+}
+
+#[test]
+fn crash_loop_spawns_stay_few() {
+    let spawns = spawns_in_five_seconds(never_ready, WorkerState::Starting);
+    assert!(spawns < 20, "{spawns} spawns of workers that never start");
+}
+
+#[test]
+fn workers_that_die_right_after_becoming_ready_do_not_spin() {
+    // Ready (idle, seen by a maintenance pass), then dead 1 ms later without a request: a
+    // background thread crashing each one. Readiness alone must not end the loop.
+    let spawns = spawns_in_five_seconds(ready_unused, WorkerState::Idle);
+    assert!(
+        spawns < 20,
+        "{spawns} spawns of workers that die once ready"
+    );
 }
 
 #[test]
@@ -270,7 +426,7 @@ fn shrink_clamps_spare_and_start_counts_and_stops_at_one() {
 }
 
 #[test]
-fn healthy_once_a_running_worker_outlives_a_young_death() {
+fn healthy_once_a_running_worker_serves_or_outlives_a_young_death() {
     let started = |state, at| WorkerView {
         started: at,
         ..w(1, state, at)
@@ -286,7 +442,15 @@ fn healthy_once_a_running_worker_outlives_a_young_death() {
         !any_healthy(&stuck, T + secs(60)),
         "a worker that never got past starting proves nothing"
     );
-    assert!(any_healthy(&[started(WorkerState::Busy, T)], T + secs(2)));
+    assert!(
+        any_healthy(&[started(WorkerState::Busy, T)], T + ms(1)),
+        "a worker serving a request is up"
+    );
+    let served_one = WorkerView {
+        requests: 1,
+        ..started(WorkerState::Idle, T)
+    };
+    assert!(any_healthy(&[served_one], T + ms(1)));
     assert!(!any_healthy(&[], T + secs(60)));
 }
 

@@ -1,0 +1,270 @@
+//! The connection's rules, without sockets and with time as a parameter: bytes "read" are put
+//! into the buffer as a read would, output is "written" by acknowledging it.
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use fcgi::client::encode_request;
+use fcgi::Params;
+
+use super::*;
+use crate::worker::rooms::Rooms;
+
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+fn rules(can_hand_over: bool) -> Rules {
+    Rules {
+        limits: fcgi::Limits::default(),
+        keepalive_timeout: KEEPALIVE,
+        can_hand_over,
+    }
+}
+
+/// Rooms that start nothing: these tests look at the connection, not at running requests.
+fn rooms(n: usize) -> Arc<Rooms<Waiting>> {
+    Rooms::new(n, Box::new(|_| {}), Box::new(|_, _| {}))
+}
+
+/// A room taken at once, as the accept loop takes one before accepting.
+fn reserve(rooms: &Arc<Rooms<Waiting>>) -> Room {
+    let mut cx = Context::from_waker(Waker::noop());
+    match pin!(rooms.acquire()).poll(&mut cx) {
+        Poll::Ready(Some(room)) => room,
+        _ => panic!("a room is free"),
+    }
+}
+
+/// The client's bytes arrive, as a read of the socket would put them in the buffer.
+fn receive(conn: &mut Conn, bytes: &[u8]) {
+    conn.buf.extend_from_slice(bytes);
+    assert_eq!(conn.on_read(Ok(bytes.len())), Next::Continue);
+}
+
+/// A whole request, STDIN included.
+fn request(id: u16, keep_conn: bool, stdin: &[u8]) -> BytesMut {
+    let params = Params::from_pairs([("REQUEST_METHOD", "POST")]);
+    let mut wire = BytesMut::new();
+    encode_request(id, Role::Responder, keep_conn, &params, stdin, &mut wire);
+    wire
+}
+
+/// Decodes the request the client sent and opens its bodies; the readers are returned so the
+/// request's STDIN stays open as long as the test wants.
+fn take_request(conn: &mut Conn) -> (u16, BodyReader) {
+    let Some(Arrived::Request(req)) = conn.next_request().expect("well-formed") else {
+        panic!("a request arrived")
+    };
+    let (body, _) = conn.open_bodies(req.id, req.role);
+    assert!(conn.next_request().expect("well-formed").is_none());
+    (req.id, body)
+}
+
+/// Writes everything queued, as a socket that takes it all would.
+fn write_all(conn: &mut Conn) {
+    while let Some(front) = conn.outbox.front() {
+        let n = front.len();
+        assert_eq!(conn.on_written(Ok(n)), Next::Continue);
+    }
+    assert_eq!(conn.queued, 0);
+}
+
+/// Request `id` is answered (an empty tail; END_REQUEST is appended by the connection).
+fn answer(conn: &mut Conn, id: u16, now: Instant, draining: bool) {
+    let out = Out::Last(id, BytesMut::new());
+    assert_eq!(conn.on_output(out, now, draining), Next::Continue);
+}
+
+/// One request served to its end: received, answered at `now`, written.
+fn serve_one(conn: &mut Conn, keep_conn: bool, now: Instant, draining: bool) {
+    receive(conn, &request(1, keep_conn, b"body"));
+    let (id, _body) = take_request(conn);
+    assert!(!conn.idle());
+    answer(conn, id, now, draining);
+    write_all(conn);
+}
+
+#[test]
+fn an_idle_connection_closes_keepalive_timeout_after_its_last_answer() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(rules(true), None, t0);
+    let answered = t0 + Duration::from_secs(3);
+    serve_one(&mut conn, true, answered, false);
+    assert_eq!(conn.decide(answered, false), Next::Continue);
+    assert!(conn.idle());
+    // The timer set when the connection opened fires: it moves to the last answer.
+    assert_eq!(
+        conn.on_keepalive_tick(t0 + KEEPALIVE),
+        Keepalive::Until(answered + KEEPALIVE)
+    );
+    assert_eq!(
+        conn.on_keepalive_tick(answered + KEEPALIVE),
+        Keepalive::Expired
+    );
+}
+
+#[test]
+fn a_draining_worker_hands_an_idle_connection_over() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, now);
+    serve_one(&mut conn, true, now, false);
+    assert_eq!(conn.decide(now, true), Next::HandOver);
+}
+
+#[test]
+fn a_draining_worker_without_a_channel_closes_an_idle_connection_after_a_quiet_moment() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(false), None, now);
+    serve_one(&mut conn, true, now, false);
+    assert_eq!(conn.decide(now, true), Next::Continue, "not closed at once");
+    assert_eq!(conn.quiet_until, Some(now + DRAIN_QUIET));
+    // A later turn does not push the quiet moment back.
+    assert_eq!(conn.decide(now + DRAIN_QUIET / 2, true), Next::Continue);
+    assert_eq!(conn.quiet_until, Some(now + DRAIN_QUIET));
+}
+
+#[test]
+fn a_request_in_the_quiet_moment_is_served_then_the_connection_closes() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(false), None, now);
+    assert_eq!(conn.decide(now, true), Next::Continue);
+    serve_one(&mut conn, true, now, true);
+    assert_eq!(conn.decide(now, true), Next::Close);
+}
+
+#[test]
+fn a_draining_worker_serves_the_first_request_of_a_connection_it_reserved_room_for() {
+    let rooms = rooms(1);
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), now);
+    assert_eq!(conn.decide(now, true), Next::Continue);
+    assert_eq!(conn.quiet_until, None);
+    receive(&mut conn, &request(1, true, b""));
+    let (id, _body) = take_request(&mut conn);
+    assert!(
+        conn.take_reserved().is_some(),
+        "the request runs in the reserved room"
+    );
+    answer(&mut conn, id, now, true);
+    write_all(&mut conn);
+    assert_eq!(conn.decide(now, true), Next::HandOver);
+}
+
+#[test]
+fn a_busy_migrate_notification_moves_only_an_idle_connection() {
+    let rooms = rooms(1);
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), now);
+    assert!(
+        !conn.may_migrate(),
+        "its first request is still to come, in its room"
+    );
+    conn.on_first_request_wait();
+    assert!(conn.may_migrate());
+    receive(&mut conn, &request(1, true, b"body"));
+    let (id, _body) = take_request(&mut conn);
+    assert!(!conn.may_migrate(), "a request runs");
+    answer(&mut conn, id, now, false);
+    assert!(!conn.may_migrate(), "its answer is not written yet");
+    write_all(&mut conn);
+    assert!(conn.may_migrate());
+    assert!(
+        !Conn::new(rules(false), None, now).may_migrate(),
+        "no channel to move it by"
+    );
+}
+
+#[test]
+fn a_finished_connection_whose_input_was_all_read_closes_at_once() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, now);
+    serve_one(&mut conn, false, now, false);
+    assert_eq!(conn.decide(now, false), Next::Close);
+}
+
+#[test]
+fn a_finished_connection_whose_client_still_sends_lingers() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, now);
+    let mut wire = request(1, false, b"");
+    // Cut before the end of STDIN: the client is still sending a body nobody reads.
+    wire.truncate(wire.len() - fcgi::record::HEADER_LEN);
+    receive(&mut conn, &wire);
+    let (id, _body) = take_request(&mut conn);
+    answer(&mut conn, id, now, false);
+    assert_eq!(
+        conn.decide(now, false),
+        Next::Continue,
+        "the answer is not written yet"
+    );
+    write_all(&mut conn);
+    assert_eq!(conn.decide(now, false), Next::Linger);
+}
+
+#[test]
+fn the_first_request_wait_gives_the_reserved_room_back() {
+    let rooms = rooms(1);
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), now);
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut acquire = pin!(rooms.acquire());
+    assert!(
+        acquire.as_mut().poll(&mut cx).is_pending(),
+        "the connection holds the room"
+    );
+    assert_eq!(conn.on_first_request_wait(), Next::Continue);
+    assert!(matches!(acquire.poll(&mut cx), Poll::Ready(Some(_))));
+}
+
+#[test]
+fn a_peer_that_closes_an_idle_connection_is_closed() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, now);
+    assert_eq!(conn.on_read(Ok(0)), Next::Continue);
+    assert!(!conn.may_read());
+    assert_eq!(conn.decide(now, false), Next::Close);
+}
+
+#[test]
+fn a_record_cut_off_by_the_peer_closing_closes_at_once() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, now);
+    receive(&mut conn, &request(1, true, b"")[..5]);
+    assert_eq!(conn.on_read(Ok(0)), Next::Close);
+}
+
+#[test]
+fn a_body_chunk_without_room_pauses_reading_until_the_handler_reads() {
+    let limits = fcgi::Limits {
+        max_buffered_body: fcgi::record::MAX_CONTENT_LEN,
+        ..fcgi::Limits::default()
+    };
+    let now = Instant::now();
+    let mut conn = Conn::new(
+        Rules {
+            limits,
+            ..rules(true)
+        },
+        None,
+        now,
+    );
+    let body = vec![b'x'; 3 * fcgi::record::MAX_ALIGNED_CONTENT_LEN];
+    receive(&mut conn, &request(1, true, &body));
+    let (_, mut reader) = take_request(&mut conn);
+    // One chunk fits the channel, the next waits: the socket is not read meanwhile.
+    assert!(conn.bodies.waiting());
+    assert!(!conn.may_read());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let mut got = reader.next_chunk().expect("the first chunk").len();
+    while conn.bodies.waiting() {
+        let room = runtime.block_on(conn.bodies.wait_for_room());
+        assert_eq!(conn.on_body_room(room), Next::Continue);
+        assert!(conn.may_read());
+        assert!(conn.next_request().expect("well-formed").is_none());
+        got += reader.next_chunk().expect("the next chunk").len();
+    }
+    assert_eq!(got, body.len());
+    assert_eq!(reader.next_chunk(), None, "the body ended");
+}

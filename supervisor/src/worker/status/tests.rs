@@ -1,0 +1,115 @@
+//! The status page's formats, from a fixed snapshot.
+
+use super::*;
+
+fn snapshot() -> Snapshot {
+    let worker = |pid: i32, state: SlotState, in_flight: u32| SlotSnapshot {
+        index: 0,
+        pid,
+        generation: 2,
+        state,
+        started: Duration::from_secs(100),
+        since: Duration::from_secs(150),
+        requests: 7,
+        in_flight,
+        method: "GET".into(),
+        uri: "/sleep?ms=5".into(),
+        content_length: 0,
+        last_duration: Duration::from_micros(1500),
+        rss: 4096,
+        held: 1,
+    };
+    Snapshot {
+        pool: "www".into(),
+        stats: PoolStats {
+            start_time: 1_795_000_000,
+            started: Duration::from_secs(90),
+            mode: 1,
+            max_workers: 4,
+            generation: 2,
+            respawns: 3,
+            backoffs: 1,
+            max_children_reached: 0,
+            slow_requests: 2,
+            listen_queue: 5,
+            max_listen_queue: 9,
+            backlog: 511,
+            max_active: 2,
+        },
+        workers: vec![
+            worker(11, SlotState::Busy, 1),
+            worker(12, SlotState::Idle, 0),
+        ],
+        accepted: 42,
+        now: Duration::from_secs(200),
+    }
+}
+
+#[test]
+fn text_has_php_fpm_fields() {
+    let (ct, body) = render(&snapshot(), Format::Text, false);
+    assert_eq!(ct, "text/plain");
+    assert!(
+        body.starts_with("pool:                 www\nprocess manager:      dynamic\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("start time:           18/Nov/2026:11:06:40 +0000\n"),
+        "{body}"
+    );
+    assert!(body.contains("start since:          110\n"));
+    assert!(body.contains("accepted conn:        42\n"));
+    assert!(
+        body.contains("listen queue:         7\n"),
+        "kernel 5 + held 2: {body}"
+    );
+    assert!(body
+        .contains("idle processes:       1\nactive processes:     1\ntotal processes:      2\n"));
+}
+
+#[test]
+fn json_full_parses_with_numbers() {
+    let (_, body) = render(&snapshot(), Format::Json, true);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["accepted conn"], 42);
+    assert_eq!(v["start time"], 1_795_000_000u64);
+    assert_eq!(v["process manager"], "dynamic");
+    assert_eq!(v["processes"][0]["state"], "Running");
+    assert_eq!(v["processes"][1]["request URI"], "/sleep?ms=5");
+    assert_eq!(v["processes"][1]["request duration"], 1500);
+}
+
+#[test]
+fn openmetrics_lines_follow_the_grammar() {
+    let (ct, body) = render(&snapshot(), Format::OpenMetrics, true);
+    assert!(ct.starts_with("application/openmetrics-text; version=1.0.0"));
+    assert!(body.ends_with("# EOF\n"));
+    for line in body.lines() {
+        let ok = line == "# EOF"
+            || line.starts_with("# TYPE fcgi_pool_")
+            || line.starts_with("# HELP fcgi_pool_")
+            || line.starts_with("# UNIT fcgi_pool_")
+            || (line.starts_with("fcgi_pool_")
+                && line.contains("{pool=\"www\"")
+                && line
+                    .rsplit(' ')
+                    .next()
+                    .is_some_and(|v| v.parse::<f64>().is_ok()));
+        assert!(ok, "bad line: {line}");
+    }
+    assert!(body.contains("fcgi_pool_accepted_connections_total{pool=\"www\"} 42\n"));
+}
+
+#[test]
+fn query_picks_format_and_full() {
+    assert_eq!(parse_query(""), (Format::Text, false));
+    assert_eq!(parse_query("json&full"), (Format::Json, true));
+    assert_eq!(parse_query("full&openmetrics"), (Format::OpenMetrics, true));
+    assert_eq!(parse_query("html"), (Format::Html, false));
+}
+
+#[test]
+fn start_time_format() {
+    assert_eq!(clf_time(0), "01/Jan/1970:00:00:00 +0000");
+    assert_eq!(clf_time(1_795_000_000), "18/Nov/2026:11:06:40 +0000");
+}
