@@ -29,8 +29,9 @@
 //!   kept-alive connections, the USR2 upgrade and what it hands over (`inherit`), systemd
 //!   notification, the signal table, and the pure policies.
 //! - `worker/`: a forked worker. A current-thread tokio runtime plus handler threads; it never
-//!   forks. Accepting, one FastCGI connection, the room queue, running a request, the I/O
-//!   thread's inline runner, and the status page.
+//!   forks. The account, environment and limits it takes on after the fork, accepting, one
+//!   FastCGI connection, the room queue, running a request, the I/O thread's inline runner,
+//!   and the status page.
 //! - `app/`: what the application sees: [`Request`], [`Response`], [`Body`], and the body
 //!   streams. No runtime, no scoreboard.
 //! - `config/`: the operator's surface, each key declared once, validated once.
