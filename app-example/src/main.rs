@@ -73,18 +73,24 @@ fn echo(req: &mut Request) -> Response {
     res
 }
 
-/// Every FastCGI param as a JSON object (binary values lossily as UTF-8; the last duplicate wins).
+/// Every FastCGI param as a JSON object (binary values lossily as UTF-8; the last duplicate
+/// wins); with `?process`, the worker's own environment instead (what `clear_env` and `env`
+/// made it).
 fn env(req: &Request) -> Response {
-    let map: serde_json::Map<String, serde_json::Value> = req
-        .params()
-        .iter()
-        .map(|(k, v)| {
-            (
-                String::from_utf8_lossy(k).into_owned(),
-                serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
-            )
-        })
-        .collect();
+    let lossy = |(k, v): (&[u8], &[u8])| {
+        (
+            String::from_utf8_lossy(k).into_owned(),
+            serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
+        )
+    };
+    let map: serde_json::Map<String, serde_json::Value> = if req.query_param("process").is_some() {
+        use std::os::unix::ffi::OsStrExt;
+        std::env::vars_os()
+            .map(|(k, v)| lossy((k.as_bytes(), v.as_bytes())))
+            .collect()
+    } else {
+        req.params().iter().map(lossy).collect()
+    };
     with_type(
         "application/json",
         serde_json::Value::Object(map).to_string(),

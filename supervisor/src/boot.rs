@@ -1,7 +1,8 @@
 //! Starting: the command line and the file become a `Config`, listeners are inherited or
 //! bound, the pid file is written, the application is set up, and the master takes over.
 //! Every failure on the way is one [`StartError`], mapped to the process's exit code in one
-//! `match` and reported in one place.
+//! `match` and reported in one place. A first argument `status` runs the status command
+//! instead (`status_command.rs`).
 
 use std::fmt::{self, Display};
 use std::io;
@@ -110,6 +111,11 @@ where
     F: FnOnce() -> Result<R, E>,
 {
     let program = std::env::args().next().unwrap_or_else(|| "server".into());
+    // Before the server's own parsing: `status` is a command, not a value of a flag.
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|first| first == "status") {
+        return crate::status_command::run(&program, args);
+    }
     match start(&program, setup) {
         Ok(code) => code,
         Err(e) => {
@@ -142,6 +148,7 @@ where
     logging::init(cfg.log_format, cfg.log_file.as_deref()).map_err(StartError::Logging)?;
     let mut inherited = inherit::inherit().map_err(StartError::Inherit)?;
     let listeners = listen(&cfg, std::mem::take(&mut inherited.listeners))?;
+    check_open_files(&cfg, listeners.len());
     if let Some(path) = &cfg.pid_file {
         write_pid_file(path)?;
     }
@@ -177,6 +184,58 @@ fn listen(cfg: &Config, mut listeners: Vec<Listener>) -> Result<Vec<Listener>, S
         listeners.push(bound);
     }
     Ok(listeners)
+}
+
+/// Files a process holds besides its sockets: stdio, the log file, the scoreboard, the event
+/// loop's epoll, eventfd and signalfd, and room for the application's own files.
+const RESERVED_FILES: u64 = 64;
+
+/// The open-file limits a configuration needs: the master holds every listener and, during a
+/// reload, a channel to each worker of two generations; a worker holds the listeners, its
+/// channel and up to fcgi's `max_conns` connections.
+fn open_files_needed(workers: usize, listeners: usize) -> (u64, u64) {
+    let listeners = listeners as u64;
+    let master = listeners + 2 * workers as u64 + RESERVED_FILES;
+    let worker = listeners + 1 + fcgi::DEFAULT_MAX_CONNS as u64 + RESERVED_FILES;
+    (master, worker)
+}
+
+/// What to raise, when the master's soft RLIMIT_NOFILE (`own`) or the workers' limit (their
+/// `rlimit_files`, else the master's) is below what the configuration needs: one line each.
+fn open_files_warnings(cfg: &Config, listeners: usize, own: u64) -> Vec<String> {
+    let (master, worker) = open_files_needed(cfg.pool.workers, listeners);
+    let mut warnings = Vec::new();
+    if own < master {
+        warnings.push(format!(
+            "the master's open-file limit is {own}, but {} workers on {listeners} listeners need \
+             up to {master} during a reload: raise LimitNOFILE= (or ulimit -n) to at least {master}",
+            cfg.pool.workers
+        ));
+    }
+    let (limit, raise) = match cfg.process.rlimit_files {
+        Some(n) => (n, "rlimit_files"),
+        None => (own, "LimitNOFILE= (or ulimit -n, or set rlimit_files)"),
+    };
+    if limit < worker {
+        warnings.push(format!(
+            "a worker's open-file limit is {limit}, but it may hold {} connections and \
+             {listeners} listeners: raise {raise} to at least {worker}",
+            fcgi::DEFAULT_MAX_CONNS
+        ));
+    }
+    warnings
+}
+
+/// Warns, without refusing to start, when the file limits cannot hold what the configuration
+/// allows at its peak: a pool that serves well below it would be refused for nothing.
+fn check_open_files(cfg: &Config, listeners: usize) {
+    let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    else {
+        return;
+    };
+    for warning in open_files_warnings(cfg, listeners, soft) {
+        tracing::warn!("{warning}");
+    }
 }
 
 fn write_pid_file(path: &Path) -> Result<(), StartError> {
@@ -220,6 +279,44 @@ mod tests {
         for e in others {
             assert_eq!(e.exit_code(), 1, "{e}");
         }
+    }
+
+    #[test]
+    fn open_file_warnings_say_what_to_raise_and_to_what() {
+        // `--allow-root`: the tests may run as root; the limits do not depend on the account.
+        let cli = Cli::parse_args([
+            "app",
+            "--listen",
+            "127.0.0.1:9000",
+            "--workers",
+            "100",
+            "--allow-root",
+        ])
+        .expect("valid");
+        let cfg = Config::load(&cli).expect("valid");
+        let (master, worker) = open_files_needed(100, 2);
+        assert_eq!(master, 2 + 200 + RESERVED_FILES);
+        assert_eq!(worker, 2 + 1 + 1024 + RESERVED_FILES);
+        assert!(open_files_warnings(&cfg, 2, 1 << 20).is_empty());
+        let low = open_files_warnings(&cfg, 2, 200);
+        assert_eq!(low.len(), 2, "{low:?}");
+        assert!(
+            low[0].contains("raise LimitNOFILE= (or ulimit -n) to at least 266"),
+            "{}",
+            low[0]
+        );
+        assert!(low[1].contains("at least 1091"), "{}", low[1]);
+        let mut cfg = cfg;
+        cfg.process.rlimit_files = Some(100);
+        let workers = open_files_warnings(&cfg, 2, 1 << 20);
+        assert_eq!(
+            workers,
+            vec![
+                "a worker's open-file limit is 100, but it may hold 1024 connections and 2 \
+                  listeners: raise rlimit_files to at least 1091"
+                    .to_string()
+            ]
+        );
     }
 
     #[test]

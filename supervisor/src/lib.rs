@@ -29,11 +29,13 @@
 //!   kept-alive connections, the USR2 upgrade and what it hands over (`inherit`), systemd
 //!   notification, the signal table, and the pure policies.
 //! - `worker/`: a forked worker. A current-thread tokio runtime plus handler threads; it never
-//!   forks. Accepting, one FastCGI connection, the room queue, running a request, the I/O
-//!   thread's inline runner, and the status page.
+//!   forks. The account, environment and limits it takes on after the fork, accepting, one
+//!   FastCGI connection, the room queue, running a request, the I/O thread's inline runner,
+//!   and the status page.
 //! - `app/`: what the application sees: [`Request`], [`Response`], [`Body`], and the body
 //!   streams. No runtime, no scoreboard.
 //! - `config/`: the operator's surface, each key declared once, validated once.
+//! - `status_command`: `<binary> status`, a FastCGI client that prints a running pool's page.
 //! - Shared leaves: `scoreboard` (the shared-memory table), `listener` (bind or adopt),
 //!   `passing` (SCM_RIGHTS), `logging`, `clock`, and `sys`, the only module with `unsafe`.
 //!
@@ -64,6 +66,7 @@ mod logging;
 mod master;
 mod passing;
 mod scoreboard;
+mod status_command;
 mod sys;
 mod worker;
 

@@ -44,8 +44,10 @@ impl App {
     }
 
     /// Starts an already-prepared command whose listeners are `unix` (and no TCP port), and
-    /// waits until the master runs.
-    pub fn start_command(dir: &TempDir, cmd: Command, unix: PathBuf) -> App {
+    /// waits until the master runs. The command's last arguments must reach the server (a
+    /// launcher passes them on): `--allow-root` may be appended.
+    pub fn start_command(dir: &TempDir, mut cmd: Command, unix: PathBuf) -> App {
+        opt_in_if_root(&mut cmd);
         let app = App {
             proc: Proc::spawn(dir, "app", cmd),
             unix,
@@ -65,6 +67,7 @@ impl App {
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .args(args);
+        opt_in_if_root(&mut cmd);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -81,11 +84,13 @@ impl App {
 
     /// Runs `app-example` with `args` to completion: its exit code and stderr + stdout.
     pub fn run_to_exit(dir: &TempDir, args: &[&str]) -> (Option<i32>, String) {
-        let out = Command::new(bin_path("app-example"))
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .expect("run app-example");
+        let mut cmd = Command::new(bin_path("app-example"));
+        cmd.args(args).current_dir(dir.path());
+        // The status command has no such flag, and never starts workers.
+        if args.first() != Some(&"status") {
+            opt_in_if_root(&mut cmd);
+        }
+        let out = cmd.output().expect("run app-example");
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stderr),
@@ -160,6 +165,15 @@ impl App {
     /// `message` is `message`, and returns it.
     pub fn wait_for_json_line(&self, message: &str) -> serde_json::Value {
         wait_for_json_line(|| self.stderr(), message)
+    }
+}
+
+/// Run as root, the server refuses workers that stay root unless told `--allow-root`. The
+/// tests about something else run the server as whoever runs them, so they opt in here, in
+/// one place; `hardening.rs` starts its servers itself to test the refusal and `user`.
+fn opt_in_if_root(cmd: &mut Command) {
+    if nix::unistd::geteuid().is_root() {
+        cmd.arg("--allow-root");
     }
 }
 

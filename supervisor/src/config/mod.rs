@@ -4,9 +4,11 @@
 //!
 //! - `raw`: the keys, declared once as [`Cli`] (flags and file), their defaults and `--help`.
 //! - `parse`: the value syntaxes (durations, sizes, addresses, modes, user and group names).
+//! - `process`: what a worker becomes after the fork (account, environment, limits).
 //! - here: [`Config`], [`ConfigError`], [`Config::load`] and one validator per group of keys.
 
 mod parse;
+mod process;
 mod raw;
 
 use std::fmt;
@@ -14,8 +16,9 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use parse::ListenAddr;
 use parse::{account_id, parse_duration, parse_mode, parse_size, Account};
+pub use parse::{ListenAddr, Rlimit};
+pub use process::{Identity, WorkerProcess};
 use raw::*;
 pub use raw::{Cli, FD_RESERVE};
 
@@ -122,6 +125,8 @@ pub struct Config {
     pub pool_name: String,
     /// Validate and exit.
     pub check_config: bool,
+    /// What each worker becomes after the fork: its account, environment and limits.
+    pub process: WorkerProcess,
 }
 
 /// A configuration value that is not acceptable, or a file that cannot be read.
@@ -143,6 +148,11 @@ pub enum ConfigError {
         /// Why.
         message: String,
     },
+    /// Workers would run as root and `allow_root` does not say so.
+    RunsAsRoot {
+        /// The `user` that is root; `None`: no `user`, and the master is root.
+        user: Option<String>,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -160,6 +170,20 @@ impl fmt::Display for ConfigError {
             }
             ConfigError::File { path, message } => {
                 write!(f, "config file {}: {}", path.display(), message.trim())
+            }
+            ConfigError::RunsAsRoot { user } => {
+                match user {
+                    Some(user) => write!(f, "workers would run as root: user \"{user}\" is uid 0")?,
+                    None => write!(
+                        f,
+                        "workers would run as root: the master runs as root and no user is set"
+                    )?,
+                }
+                write!(
+                    f,
+                    "; set user = \"nobody\" (--user nobody) or another account, or opt in with \
+                     allow_root = true (--allow-root)"
+                )
             }
         }
     }
@@ -202,7 +226,9 @@ impl Config {
             Some(path) => read_file(path)?,
             None => Cli::default(),
         };
-        Config::merge(cli, file)
+        let cfg = Config::merge(cli, file)?;
+        process::check_privileges(&cfg.process, nix::unistd::geteuid().as_raw())?;
+        Ok(cfg)
     }
 
     /// Lays the flags over the file's keys, then validates each group of keys in turn.
@@ -215,6 +241,14 @@ impl Config {
         let timeouts = timeouts(&raw)?;
         let logging = logging(&raw)?;
         let status = status(&raw)?;
+        let process = process::worker_process(&raw, |name| std::env::var(name).ok())?;
+        // Socket files belong to the workers' account unless said otherwise, as PHP-FPM's
+        // `listen.owner` and `listen.group` default to its `user` and `group`.
+        let socket = SocketOptions {
+            owner: socket.owner.or(process.identity.as_ref().map(|id| id.uid)),
+            group: socket.group.or(process.identity.as_ref().map(|id| id.gid)),
+            ..socket
+        };
         Ok(Config {
             listen,
             backlog,
@@ -240,6 +274,7 @@ impl Config {
             ping_response: status.ping_response,
             pool_name: status.pool_name,
             check_config: raw.check_config,
+            process,
         })
     }
 }
@@ -472,7 +507,8 @@ fn status(raw: &Cli) -> Result<Status, ConfigError> {
     })
 }
 
-fn read_file(path: &Path) -> Result<Cli, ConfigError> {
+/// The file's keys, unvalidated (the `status` command reads its address and path).
+pub(crate) fn read_file(path: &Path) -> Result<Cli, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
         path: path.to_path_buf(),
         message: e.to_string(),

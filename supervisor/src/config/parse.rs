@@ -106,6 +106,66 @@ pub fn account_id(v: &str, kind: Account) -> Result<u32, String> {
     })
 }
 
+/// A resource limit: a number, or none at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rlimit {
+    /// At most this many (bytes, files).
+    At(u64),
+    /// `RLIM_INFINITY`.
+    Unlimited,
+}
+
+/// Parses a size limit: `unlimited`, or a size as [`parse_size`] reads it.
+pub fn parse_size_limit(s: &str) -> Result<Rlimit, String> {
+    if s.eq_ignore_ascii_case("unlimited") || s.eq_ignore_ascii_case("infinity") {
+        return Ok(Rlimit::Unlimited);
+    }
+    parse_size(s)
+        .map(Rlimit::At)
+        .map_err(|_| format!("expected unlimited or {SIZE_SYNTAX}"))
+}
+
+/// Why a value's `$` references could not be expanded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpandError {
+    /// `$NAME` or `${NAME}` names a variable the environment does not have.
+    Missing(String),
+    /// A `$` not followed by a name, `{name}` or another `$`.
+    Syntax,
+}
+
+/// Replaces `$NAME` and `${NAME}` in `value` with what `lookup` says, and `$$` with `$`, as a
+/// shell would without its other expansions. A name is ASCII letters, digits and `_`, not
+/// starting with a digit.
+pub fn expand(value: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, ExpandError> {
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let (name, tail) = if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+            continue;
+        } else if let Some(braced) = after.strip_prefix('{') {
+            let end = braced.find('}').ok_or(ExpandError::Syntax)?;
+            (&braced[..end], &braced[end + 1..])
+        } else {
+            let end = after.find(|c| !is_name_char(c)).unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        let starts_well = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+        if !starts_well || !name.chars().all(is_name_char) {
+            return Err(ExpandError::Syntax);
+        }
+        out.push_str(&lookup(name).ok_or_else(|| ExpandError::Missing(name.to_string()))?);
+        rest = tail;
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -201,6 +261,41 @@ mod tests {
             .is_err_and(|e| e.contains("user name or a uid")));
         assert!(account_id("no-such-group-here", Account::Group)
             .is_err_and(|e| e.contains("group name or a gid")));
+    }
+
+    #[test]
+    fn dollar_references_expand_from_the_environment() {
+        let env = |name: &str| match name {
+            "HOME" => Some("/home/app".to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        let ok = |v: &str| expand(v, env).expect("expands");
+        assert_eq!(ok("plain"), "plain");
+        assert_eq!(ok("x$HOME"), "x/home/app");
+        assert_eq!(ok("${HOME}/x"), "/home/app/x");
+        assert_eq!(ok("$HOME/$EMPTY."), "/home/app/.");
+        assert_eq!(ok("cost: $$5, $${HOME}"), "cost: $5, ${HOME}");
+        assert_eq!(ok(""), "");
+        assert_eq!(
+            expand("a$NOPE", env),
+            Err(ExpandError::Missing("NOPE".into()))
+        );
+        assert_eq!(
+            expand("${NOPE}", env),
+            Err(ExpandError::Missing("NOPE".into()))
+        );
+        for bad in ["$", "a$ b", "${HOME", "${}", "$1x", "${a-b}"] {
+            assert_eq!(expand(bad, env), Err(ExpandError::Syntax), "{bad}");
+        }
+    }
+
+    #[test]
+    fn size_limits() {
+        assert_eq!(parse_size_limit("unlimited"), Ok(Rlimit::Unlimited));
+        assert_eq!(parse_size_limit("0"), Ok(Rlimit::At(0)));
+        assert_eq!(parse_size_limit("1g"), Ok(Rlimit::At(1 << 30)));
+        assert!(parse_size_limit("lots").is_err_and(|e| e.contains("unlimited")));
     }
 
     #[test]

@@ -70,12 +70,26 @@ pub const DEFAULT_PING_RESPONSE: &str = "pong";
 pub const DEFAULT_POOL_NAME: &str = "www";
 /// Access log: off, since nginx in front already writes one.
 pub const DEFAULT_ACCESS_LOG: bool = false;
+/// Workers as root: refused unless asked for, as PHP-FPM's `--allow-to-run-as-root`; one
+/// application bug would otherwise own the machine.
+pub const DEFAULT_ALLOW_ROOT: bool = false;
+/// Workers inherit the master's environment (PHP-FPM clears it): a Rust application is
+/// configured through its environment (`DATABASE_URL`, `RUST_LOG`), read by `init_worker` and
+/// by handlers as well as by the setup, and systemd's `Environment=` already decides what the
+/// master has. `clear_env = true` gives PHP-FPM's behaviour.
+pub const DEFAULT_CLEAR_ENV: bool = false;
 
 /// The command line every application built on this library gets, and the keys of its TOML
 /// file (the same names, in snake_case).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Parser, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[command(version, about = "A prefork FastCGI application server", long_about = None)]
+#[command(
+    version,
+    about = "A prefork FastCGI application server",
+    long_about = None,
+    after_help = "`status` as the first argument prints a running pool's status page instead \
+                  (see `status --help`)."
+)]
 pub struct Cli {
     /// TOML configuration file; flags override its keys.
     #[arg(long, value_name = "FILE")]
@@ -182,6 +196,43 @@ pub struct Cli {
     /// The pool's name on the status page.
     #[arg(long, value_name = "NAME")]
     pub pool_name: Option<String>,
+    /// Workers switch to this user (name or uid) after the fork; the master keeps its own.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Workers switch to this group (name or gid) instead of the user's own.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Let workers run as root: needed when the master runs as root without `user`, or when
+    /// `user` is root.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub allow_root: Option<bool>,
+    /// Workers start with no environment but `env`.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub clear_env: Option<bool>,
+    /// A variable of the workers' environment; `$VAR`, `${VAR}` read the master's, `$$` is a
+    /// `$` (repeatable; `[env]` in the file).
+    #[arg(long, value_name = "NAME=VALUE", value_parser = env_pair)]
+    #[serde(default, deserialize_with = "env_table")]
+    pub env: Vec<(String, String)>,
+    /// Workers' open-file limit (soft and hard) instead of the master's.
+    #[arg(long, value_name = "N")]
+    pub rlimit_files: Option<u64>,
+    /// Workers' core-file size limit (soft and hard): a size (0, 1g) or unlimited.
+    #[arg(long, value_name = "SIZE")]
+    #[serde(default, deserialize_with = "number_or_text")]
+    pub rlimit_core: Option<String>,
     /// Validate the configuration and exit: 0 when valid, 2 when not (1 when the application's
     /// setup fails).
     #[arg(long)]
@@ -248,12 +299,58 @@ impl Cli {
             ping_response: self.ping_response.or(file.ping_response),
             access_log: self.access_log.or(file.access_log),
             pool_name: self.pool_name.or(file.pool_name),
+            user: self.user.or(file.user),
+            group: self.group.or(file.group),
+            allow_root: self.allow_root.or(file.allow_root),
+            clear_env: self.clear_env.or(file.clear_env),
+            env: env_over(self.env, file.env),
+            rlimit_files: self.rlimit_files.or(file.rlimit_files),
+            rlimit_core: self.rlimit_core.or(file.rlimit_core),
             // Not file keys: they describe this invocation.
             config: self.config,
             check_config: self.check_config,
             inherits_listeners: self.inherits_listeners,
         }
     }
+}
+
+/// `--env NAME=VALUE`: split at the first `=`; the value may be empty, the name not.
+fn env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {s:?}")),
+    }
+}
+
+/// `[env]` in the file: a table of names and string values.
+fn env_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+    let table = std::collections::BTreeMap::<String, String>::deserialize(d)?;
+    Ok(table.into_iter().collect())
+}
+
+/// A key whose value is a number or a word (`rlimit_core = 0`, `rlimit_core = "unlimited"`).
+fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrText {
+        Number(u64),
+        Text(String),
+    }
+    Ok(Some(match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) => n.to_string(),
+        NumberOrText::Text(t) => t,
+    }))
+}
+
+/// The flags' variables over the file's, name by name: a name given as a flag wins, the
+/// file's other names stay.
+fn env_over(flags: Vec<(String, String)>, file: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = file
+        .into_iter()
+        .filter(|(name, _)| !flags.iter().any(|(n, _)| n == name))
+        .collect();
+    env.extend(flags);
+    env
 }
 
 /// Each key's default as `--help` and the README show it, from the constants; keys that are
@@ -300,6 +397,8 @@ pub fn defaults() -> Vec<(&'static str, String)> {
         ("ping_response", DEFAULT_PING_RESPONSE.to_string()),
         ("pool_name", DEFAULT_POOL_NAME.to_string()),
         ("access_log", off(DEFAULT_ACCESS_LOG)),
+        ("allow_root", off(DEFAULT_ALLOW_ROOT)),
+        ("clear_env", off(DEFAULT_CLEAR_ENV)),
     ]
 }
 
@@ -353,6 +452,13 @@ mod tests {
         ("ping_response", r#""ok""#, &["ok"]),
         ("access_log", "true", &[]),
         ("pool_name", r#""api""#, &["api"]),
+        ("user", r#""nobody""#, &["nobody"]),
+        ("group", r#""nogroup""#, &["nogroup"]),
+        ("allow_root", "true", &[]),
+        ("clear_env", "true", &[]),
+        ("env", r#"{ GREETING = "x$HOME" }"#, &["GREETING=x$HOME"]),
+        ("rlimit_files", "4096", &["4096"]),
+        ("rlimit_core", r#""unlimited""#, &["unlimited"]),
     ];
 
     /// Flags that describe one invocation and are not file keys.
@@ -425,6 +531,30 @@ mod tests {
         let file = from_file("access_log = true");
         let flags = Cli::parse_args(["app", "--access-log=false"]).expect("valid");
         assert_eq!(flags.over(file).access_log, Some(false));
+    }
+
+    #[test]
+    fn env_is_a_table_in_the_file_and_repeated_flags_that_win_by_name() {
+        let file = from_file("[env]\nA = \"file\"\nB = \"file\"");
+        assert_eq!(
+            file.env,
+            vec![("A".into(), "file".into()), ("B".into(), "file".into())]
+        );
+        let flags = Cli::parse_args(["app", "--env", "B=flag=x", "--env", "C="]).expect("valid");
+        assert_eq!(
+            flags.over(file).env,
+            vec![
+                ("A".to_string(), "file".to_string()),
+                ("B".to_string(), "flag=x".to_string()),
+                ("C".to_string(), String::new()),
+            ]
+        );
+        let err = Cli::parse_args(["app", "--env", "=x"]).expect_err("no name");
+        assert!(err.to_string().contains("NAME=VALUE"), "{err}");
+        assert_eq!(
+            from_file("rlimit_core = 0").rlimit_core.as_deref(),
+            Some("0")
+        );
     }
 
     /// The README's configuration section, from `### Configuration` to the next heading.

@@ -143,3 +143,45 @@ fn each_bad_value_names_its_key() {
         );
     }
 }
+
+#[test]
+fn socket_files_default_to_the_workers_account() {
+    let c = Config::merge(
+        &cli(&["--user", "root", "--group", "12345"]),
+        Cli::default(),
+    )
+    .expect("valid");
+    assert_eq!((c.socket.owner, c.socket.group), (Some(0), Some(12345)));
+    let c = Config::merge(
+        &cli(&[
+            "--user",
+            "root",
+            "--socket-group",
+            "7",
+            "--socket-owner",
+            "8",
+        ]),
+        Cli::default(),
+    )
+    .expect("valid");
+    assert_eq!((c.socket.owner, c.socket.group), (Some(8), Some(7)));
+    let c = Config::merge(&cli(&[]), Cli::default()).expect("valid");
+    assert_eq!((c.socket.owner, c.socket.group), (None, None));
+}
+
+#[test]
+fn workers_as_root_are_refused_with_how_to_opt_in() {
+    let err = ConfigError::RunsAsRoot { user: None };
+    assert_eq!(
+        err.to_string(),
+        "workers would run as root: the master runs as root and no user is set; set user = \
+         \"nobody\" (--user nobody) or another account, or opt in with allow_root = true \
+         (--allow-root)"
+    );
+    let err = ConfigError::RunsAsRoot {
+        user: Some("root".into()),
+    };
+    assert!(err
+        .to_string()
+        .starts_with("workers would run as root: user \"root\" is uid 0; "));
+}

@@ -6,13 +6,14 @@
 //! connection), `rooms` (the cap on requests in flight and the queue), `run` (running a request,
 //! handler threads, recycling), `output` (a response as records), `inline` (requests on the
 //! I/O thread), `status` (the status page), `episode` (limits hit by peers, logged once per
-//! episode).
+//! episode), `process` (the account, environment and limits it takes on after the fork).
 
 mod accept;
 mod connection;
 mod episode;
 mod inline;
 mod output;
+mod process;
 mod rooms;
 mod run;
 mod status;
@@ -52,6 +53,8 @@ pub(crate) struct Settings {
     /// The pool can grow (`pm` dynamic or ondemand): a worker at its cap that sees connections
     /// waiting wakes the master (`accept::wake_master`), which starts workers for them.
     pub pool_grows: bool,
+    /// The account, environment and limits the worker takes on before any application code.
+    pub process: crate::config::WorkerProcess,
 }
 
 impl Settings {
@@ -73,6 +76,7 @@ impl Settings {
             },
             access_log: cfg.access_log,
             pool_grows: cfg.pool.mode != PoolMode::Static,
+            process: cfg.process.clone(),
             status: status::Paths {
                 status: cfg.status_path.clone(),
                 ping: cfg.ping_path.clone(),
@@ -250,6 +254,7 @@ fn serve<R: Responder>(
     if !set_up_process()? {
         return Ok(());
     }
+    process::become_configured(&settings.process)?;
     if let Err(why) = app.init_worker() {
         return Err(std::io::Error::other(format!("worker init failed: {why}")));
     }
