@@ -101,6 +101,13 @@ pub(crate) fn send_conn(
 }
 
 /// Tells the master to look at the pool now.
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "reserved: no worker sends it yet, the master ignores it"
+    )
+)]
 pub(crate) fn send_wake(channel: BorrowedFd<'_>) -> io::Result<()> {
     let iov = [IoSlice::new(&[TAG_WAKE])];
     sendmsg::<()>(
@@ -388,44 +395,4 @@ mod tests {
         let err = inbox.recv(b.as_fd()).expect_err("closed");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
-}
-
-/// The one-byte form the callers still use, until they move to [`send_conn`] and [`Inbox`].
-pub(crate) fn send(channel: BorrowedFd<'_>, conn: BorrowedFd<'_>) -> io::Result<()> {
-    let fds = [conn.as_raw_fd()];
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    sendmsg::<()>(
-        channel.as_raw_fd(),
-        &[IoSlice::new(b"c")],
-        &cmsg,
-        MsgFlags::MSG_DONTWAIT,
-        None,
-    )?;
-    Ok(())
-}
-
-/// The one-byte form's reader.
-pub(crate) fn recv(channel: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
-    let mut byte = [0u8; 1];
-    let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(
-        channel.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_DONTWAIT,
-    )?;
-    if msg.bytes == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
-    }
-    let mut received = None;
-    for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            for fd in fds {
-                let owned = sys::adopt_fd(fd)?;
-                received.get_or_insert(owned);
-            }
-        }
-    }
-    Ok(received)
 }

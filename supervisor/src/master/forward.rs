@@ -6,26 +6,36 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
+use bytes::Bytes;
 use nix::unistd::Pid;
 
 use super::Worker;
-use crate::passing;
+use crate::passing::{self, Inbox, Message};
 use crate::scoreboard::{Scoreboard, SlotState};
 
-/// Connections on their way from a draining worker to a staying one.
+/// Connections on their way from one worker to another.
 #[derive(Default)]
 pub(super) struct Forwarding {
-    /// Channels of reaped workers, read once more for connections they handed over last.
-    orphans: Vec<UnixStream>,
-    /// Handed-over connections waiting for a worker to take them (during a reload, before the
-    /// new generation exists). Their requests wait in the sockets meanwhile.
-    passed: Vec<OwnedFd>,
+    /// Each worker's channel's inbox: a message may arrive in pieces.
+    inboxes: HashMap<Pid, Inbox>,
+    /// Channels of reaped workers, with their inboxes, read once more for connections they
+    /// handed over last.
+    orphans: Vec<(UnixStream, Inbox)>,
+    /// Handed-over connections, with the bytes read from them, waiting for a worker to take
+    /// them (during a reload, before the new generation exists). Their requests wait in the
+    /// sockets meanwhile.
+    passed: Vec<(OwnedFd, Bytes)>,
+    /// Where the next connection with a request goes among the idle workers: a worker shows
+    /// busy only once the request started there, so requests moved within that moment go to
+    /// different workers instead of queueing on the one that looks idle first.
+    turn: usize,
 }
 
 impl Forwarding {
-    /// The channel of a reaped worker, to read once more.
-    pub(super) fn orphan(&mut self, channel: UnixStream) {
-        self.orphans.push(channel);
+    /// The channel of reaped worker `pid`, to read once more.
+    pub(super) fn orphan(&mut self, pid: Pid, channel: UnixStream) {
+        let inbox = self.inboxes.remove(&pid).unwrap_or_default();
+        self.orphans.push((channel, inbox));
     }
 
     /// Whether connections wait for a worker to take them.
@@ -34,8 +44,9 @@ impl Forwarding {
     }
 
     /// Collects what the workers handed over and passes it on to the current generation's
-    /// workers that stay, idle ones first. With none to take them the connections wait, unless
-    /// the master is `stopping` (then they close: no worker will come).
+    /// workers that stay: a connection carrying a request to an idle one if there is one, an
+    /// idle connection to any, idle ones first. With none to take them the connections wait,
+    /// unless the master is `stopping` (then they close: no worker will come).
     pub(super) fn forward(
         &mut self,
         workers: &HashMap<Pid, Worker>,
@@ -44,31 +55,34 @@ impl Forwarding {
         stopping: bool,
     ) {
         let mut passed = std::mem::take(&mut self.passed);
-        let channels = workers.values().filter_map(|w| w.channel.as_ref());
-        for channel in channels.chain(self.orphans.iter()) {
-            loop {
-                match passing::recv(channel.as_fd()) {
-                    Ok(Some(fd)) => passed.push(fd),
-                    Ok(None) => {}
-                    Err(_) => break,
-                }
+        self.inboxes.retain(|pid, _| workers.contains_key(pid));
+        for (pid, w) in workers {
+            if let Some(channel) = &w.channel {
+                let inbox = self.inboxes.entry(*pid).or_default();
+                collect(pid.as_raw(), channel, inbox, &mut passed);
             }
         }
-        self.orphans.clear();
+        for (channel, mut inbox) in std::mem::take(&mut self.orphans) {
+            collect(0, &channel, &mut inbox, &mut passed);
+        }
         if passed.is_empty() {
             return;
         }
-        let mut targets: Vec<(&UnixStream, bool)> = workers
+        let mut targets: Vec<(usize, &UnixStream, bool)> = workers
             .values()
             .filter(|w| w.generation == generation && !w.stopping)
             .filter_map(|w| {
                 let state = board.slot(w.slot).state();
                 let channel = w.channel.as_ref()?;
-                (state != SlotState::Draining).then_some((channel, state == SlotState::Idle))
+                (state != SlotState::Draining).then_some((
+                    w.slot,
+                    channel,
+                    state == SlotState::Idle,
+                ))
             })
             .collect();
         // Idle workers first; the rest wait for room like any kept-alive request.
-        targets.sort_by_key(|(_, idle)| !idle);
+        targets.sort_by_key(|&(slot, _, idle)| (!idle, slot));
         if targets.is_empty() {
             if !stopping {
                 // The next generation is about to start: keep them until it does.
@@ -76,10 +90,56 @@ impl Forwarding {
             }
             return;
         }
-        for (i, fd) in passed.into_iter().enumerate() {
-            let (channel, _) = targets[i % targets.len()];
-            if let Err(e) = passing::send(channel.as_fd(), fd.as_fd()) {
-                tracing::debug!(error = %e, "cannot pass a kept-alive connection on; closing it");
+        let idle = targets.iter().filter(|t| t.2).count();
+        for (i, (fd, carried)) in passed.into_iter().enumerate() {
+            // A request goes where it starts at once; an idle connection anywhere, so the
+            // connections stay spread over the pool.
+            let (first, among) = if !carried.is_empty() && idle > 0 {
+                self.turn = self.turn.wrapping_add(1);
+                (self.turn % idle, idle)
+            } else {
+                (i % targets.len(), targets.len())
+            };
+            let sent = (0..among).any(|k| {
+                let (slot, channel, _) = targets[(first + k) % among];
+                match passing::send_conn(channel.as_fd(), fd.as_fd(), &carried) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(slot, error = %e, carried = carried.len(), "cannot pass a connection to a worker; trying the next");
+                        false
+                    }
+                }
+            });
+            if !sent {
+                tracing::warn!(
+                    carried = carried.len(),
+                    "no worker took a passed connection; closing it"
+                );
+            }
+        }
+    }
+}
+
+/// Reads the messages waiting on one worker's `channel` (`pid` 0 for a reaped one).
+fn collect(pid: i32, channel: &UnixStream, inbox: &mut Inbox, passed: &mut Vec<(OwnedFd, Bytes)>) {
+    loop {
+        match inbox.recv(channel.as_fd()) {
+            Ok(messages) if messages.is_empty() => return,
+            Ok(messages) => {
+                for m in messages {
+                    match m {
+                        Message::Conn { conn, carried } => passed.push((conn, carried)),
+                        // Reserved: the pool is looked at every tick anyway.
+                        Message::Wake => tracing::debug!(pid, "a worker asks for room"),
+                    }
+                }
+            }
+            // Closed (the worker is gone and reaped soon) or unusable: nothing more comes.
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                    tracing::warn!(pid, error = %e, "a worker's connection channel failed; connections it hands over are lost");
+                }
+                return;
             }
         }
     }

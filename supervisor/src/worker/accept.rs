@@ -1,17 +1,21 @@
-//! Taking connections: the accept loop over every listener, connections handed over by draining
-//! workers (received from the master), and the other way, idle connections handed over when
-//! this worker drains or stays busy with a long request.
+//! Taking connections: the accept loop over every listener, connections handed over by other
+//! workers (received from the master), and the other way, connections handed over when this
+//! worker drains, stays busy with a long request, or has no room for a request that arrives
+//! (see `passing.rs`).
 //!
 //! The loop accepts only while the worker has room for another request (`max_requests_in_flight`),
 //! so the kernel hands new connections to a worker with room. Kept-alive connections that sit
 //! idle cost nothing but a file descriptor.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::listener::ListenerSocket;
+use crate::passing::{self, Inbox, Message, Passed};
 use crate::scoreboard::SlotState;
 use crate::worker::connection;
 use crate::worker::run::Room;
@@ -122,9 +126,9 @@ pub(crate) async fn accept_loop(sockets: Vec<ListenerSocket>, worker: Arc<Worker
         match accepted {
             Ok(Accepted::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                spawn_tcp(stream, &worker, room, &alive);
+                spawn_tcp(stream, &worker, room, Bytes::new(), &alive);
             }
-            Ok(Accepted::Unix(stream)) => spawn_unix(stream, &worker, room, &alive),
+            Ok(Accepted::Unix(stream)) => spawn_unix(stream, &worker, room, Bytes::new(), &alive),
             Err(e) if is_transient(&e) => backoff().await,
             Err(e) => return fail(&worker, e),
         }
@@ -144,103 +148,150 @@ async fn pool_saturated(worker: &Worker) {
     }
 }
 
-/// Serves a TCP connection; if the worker drains while it is idle, hands it over.
+/// Serves a TCP connection that starts with `carried`; hands it over when it is to move.
 fn spawn_tcp(
     stream: tokio::net::TcpStream,
     worker: &Arc<Worker>,
     room: Option<Room>,
+    carried: Bytes,
     alive: &Alive,
 ) {
     let (rd, wr) = stream.into_split();
-    spawn_serve(rd, wr, worker, room, alive, |rd, wr| {
+    spawn_serve(rd, wr, worker, room, carried, alive, |rd, wr| {
         Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
     });
 }
 
-/// Serves a unix connection; if the worker drains while it is idle, hands it over.
+/// Serves a unix connection that starts with `carried`; hands it over when it is to move.
 fn spawn_unix(
     stream: tokio::net::UnixStream,
     worker: &Arc<Worker>,
     room: Option<Room>,
+    carried: Bytes,
     alive: &Alive,
 ) {
     let (rd, wr) = stream.into_split();
-    spawn_serve(rd, wr, worker, room, alive, |rd, wr| {
+    spawn_serve(rd, wr, worker, room, carried, alive, |rd, wr| {
         Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
     });
 }
 
-/// Serves a connection; one that comes back idle from a draining worker is made whole again
-/// by `reunite` and handed over.
+/// Serves a connection; one that is to move is made whole again by `reunite` and handed over
+/// with the bytes read from it.
 fn spawn_serve<Rd, Wr>(
     rd: Rd,
     wr: Wr,
     worker: &Arc<Worker>,
     room: Option<Room>,
+    carried: Bytes,
     alive: &Alive,
-    reunite: impl FnOnce(Rd, Wr) -> Option<std::os::fd::OwnedFd> + Send + 'static,
+    reunite: impl FnOnce(Rd, Wr) -> Option<OwnedFd> + Send + 'static,
 ) where
     Rd: tokio::io::AsyncRead + Unpin + Send + 'static,
     Wr: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (worker, alive) = (Arc::clone(worker), alive.clone());
     tokio::spawn(async move {
-        if let Some((rd, wr)) = connection::serve(rd, wr, Arc::clone(&worker), room, alive).await {
+        let served = connection::serve(rd, wr, Arc::clone(&worker), room, carried, alive.clone());
+        if let Some((rd, wr, carried)) = served.await {
             if let Some(fd) = reunite(rd, wr) {
-                hand_over(&worker, fd.as_fd());
+                hand_over(&worker, fd, carried, &alive);
             }
         }
     });
 }
 
-/// Passes an idle connection to the master, which gives it to a worker that stays. If that
-/// fails the connection is closed here, as it would have been without hand-over.
-fn hand_over(worker: &Worker, conn: std::os::fd::BorrowedFd<'_>) {
-    if let Some(channel) = &worker.handover {
-        if let Err(e) = crate::passing::send(channel.as_fd(), conn) {
-            tracing::debug!(pid = std::process::id(), error = %e, "cannot hand a connection over; closing it");
+/// Passes a connection to the master, which gives it to a worker with room. If that fails, a
+/// connection with a request under way is served here after all (it is not moved again); an
+/// idle one is closed, as it would have been without hand-over.
+fn hand_over(worker: &Arc<Worker>, conn: OwnedFd, carried: Bytes, alive: &Alive) {
+    let Some(channel) = &worker.handover else {
+        return;
+    };
+    if let Err(e) = passing::send_conn(channel.as_fd(), conn.as_fd(), &carried) {
+        if carried.is_empty() {
+            tracing::debug!(pid = std::process::id(), error = %e, "cannot hand an idle connection over; closing it");
+        } else {
+            tracing::warn!(pid = std::process::id(), error = %e, carried = carried.len(), "cannot hand a connection over; serving its request here");
+            serve_passed(worker, conn, carried, alive);
         }
     }
 }
 
-/// Takes connections handed over by draining workers, until this worker drains itself.
-pub(crate) async fn receive_passed(worker: Arc<Worker>, alive: Alive) {
+/// Serves a connection another worker read `carried` from.
+fn serve_passed(worker: &Arc<Worker>, fd: OwnedFd, carried: Bytes, alive: &Alive) {
+    let served = match passing::classify(fd) {
+        Ok(Passed::Tcp(s)) => s
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(s))
+            .map(|s| spawn_tcp(s, worker, None, carried, alive)),
+        Ok(Passed::Unix(s)) => s
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(s))
+            .map(|s| spawn_unix(s, worker, None, carried, alive)),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = served {
+        tracing::warn!(pid = std::process::id(), error = %e, "cannot serve a connection passed by the master; closing it");
+    }
+}
+
+/// Takes connections handed over by other workers, until this worker drains itself; returns
+/// the channel's inbox, which may hold part of a message, for [`give_back`].
+pub(crate) async fn receive_passed(worker: Arc<Worker>, alive: Alive) -> Inbox {
+    let mut inbox = Inbox::new();
     let Some(channel) = &worker.handover else {
-        return;
+        return inbox;
     };
     let mut draining = worker.drain.subscribe();
     loop {
         tokio::select! {
-            ready = channel.readable() => if ready.is_err() { return },
-            _ = draining.changed() => return,
+            ready = channel.readable() => if ready.is_err() { return inbox },
+            _ = draining.changed() => return inbox,
         }
-        loop {
-            let got = channel.try_io(tokio::io::Interest::READABLE, || {
-                crate::passing::recv(channel.as_fd())
-            });
-            match got {
-                Ok(Some(fd)) => match crate::passing::classify(fd) {
-                    Ok(crate::passing::Passed::Tcp(s)) => {
-                        if let Ok(s) = s
-                            .set_nonblocking(true)
-                            .and_then(|()| tokio::net::TcpStream::from_std(s))
-                        {
-                            spawn_tcp(s, &worker, None, &alive);
+        // Nothing read means the readiness was stale: say so, so it is cleared.
+        let got = channel.try_io(tokio::io::Interest::READABLE, || {
+            match inbox.recv(channel.as_fd()) {
+                Ok(messages) if messages.is_empty() => Err(std::io::ErrorKind::WouldBlock.into()),
+                got => got,
+            }
+        });
+        match got {
+            Ok(messages) => {
+                for m in messages {
+                    match m {
+                        Message::Conn { conn, carried } => {
+                            serve_passed(&worker, conn, carried, &alive)
                         }
+                        // Only the master is woken.
+                        Message::Wake => {}
                     }
-                    Ok(crate::passing::Passed::Unix(s)) => {
-                        if let Ok(s) = s
-                            .set_nonblocking(true)
-                            .and_then(|()| tokio::net::UnixStream::from_std(s))
-                        {
-                            spawn_unix(s, &worker, None, &alive);
-                        }
-                    }
-                    Err(_) => {}
-                },
-                Ok(None) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return,
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::warn!(pid = std::process::id(), error = %e, "the channel from the master failed; no more connections are passed to this worker");
+                return inbox;
+            }
+        }
+    }
+}
+
+/// Once drained: connections the master passed while this worker was starting to drain go
+/// back to it, with their bytes, rather than die with this process.
+pub(crate) fn give_back(worker: &Worker, mut inbox: Inbox) {
+    let Some(channel) = &worker.handover else {
+        return;
+    };
+    while let Ok(messages) = inbox.recv(channel.as_fd()) {
+        if messages.is_empty() {
+            return;
+        }
+        for m in messages {
+            if let Message::Conn { conn, carried } = m {
+                if let Err(e) = passing::send_conn(channel.as_fd(), conn.as_fd(), &carried) {
+                    tracing::warn!(pid = std::process::id(), error = %e, carried = carried.len(), "cannot give a passed connection back while draining; closing it");
+                }
             }
         }
     }

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::app::body::{BodyReader, Out};
 use crate::app::request::Request;
+use crate::passing::MAX_CARRIED;
 use crate::worker::output::send_in_runtime;
 use crate::worker::run::{Room, Waiting};
 use crate::worker::{Alive, Worker};
@@ -119,14 +120,20 @@ pub(crate) struct Conn {
     quiet_until: Option<Instant>,
     /// When the last answer was queued: the keep-alive timeout counts from there.
     idle_since: Instant,
+    /// Moved here from a full worker with its request's first bytes: that request is served
+    /// here, room or not, so a request moves at most once (see [`Conn::serve_elsewhere`]).
+    landed: bool,
 }
 
 impl Conn {
-    pub(crate) fn new(rules: Rules, reserved: Option<Room>, now: Instant) -> Conn {
+    /// A connection whose first bytes, `carried`, were read by the worker it comes from.
+    pub(crate) fn new(rules: Rules, reserved: Option<Room>, carried: &[u8], now: Instant) -> Conn {
+        let mut buf = BytesMut::with_capacity(READ_BUFFER.max(carried.len() + READ_RESERVE));
+        buf.extend_from_slice(carried);
         Conn {
             rules,
             fcgi: ServerConnection::new(rules.limits),
-            buf: BytesMut::with_capacity(READ_BUFFER),
+            buf,
             bodies: Bodies::new(&rules.limits),
             outbox: VecDeque::new(),
             queued: 0,
@@ -136,6 +143,7 @@ impl Conn {
             drain_seen: false,
             quiet_until: None,
             idle_since: now,
+            landed: !carried.is_empty(),
         }
     }
 
@@ -146,9 +154,13 @@ impl Conn {
         while !self.bodies.waiting() && !self.close_when_written {
             match self.fcgi.decode(&mut self.buf)? {
                 None => break,
-                Some(Event::Request(req)) => return Ok(Some(Arrived::Request(req))),
+                Some(Event::Request(req)) => {
+                    self.landed = false;
+                    return Ok(Some(Arrived::Request(req)));
+                }
                 Some(Event::Rejected { id, reason }) => {
-                    return Ok(Some(Arrived::Rejected { id, reason }))
+                    self.landed = false;
+                    return Ok(Some(Arrived::Rejected { id, reason }));
                 }
                 Some(event) => self.bodies.on_event(event),
             }
@@ -185,6 +197,36 @@ impl Conn {
     /// there, so nginx's next request on it does not wait behind the long one.
     pub(crate) fn may_migrate(&self) -> bool {
         self.idle() && self.buf.is_empty() && self.reserved.is_none() && self.rules.can_hand_over
+    }
+
+    /// Bytes of a new request reached this idle connection: true if it should move, with them,
+    /// to a worker with room rather than wait here. Only before anything is decoded (nothing of
+    /// the request is in the protocol core, so the next owner starts from the carried bytes),
+    /// with nothing reserved here, not with a request that already moved once (one hop: it
+    /// could otherwise bounce between workers that fill up as it arrives), and only if it
+    /// carries at most [`MAX_CARRIED`]. `room_here` and `room_elsewhere` are asked last, and
+    /// only when the rest allows a move: both are cheap, but this runs on every read.
+    pub(crate) fn serve_elsewhere(
+        &self,
+        room_here: impl FnOnce() -> bool,
+        room_elsewhere: impl FnOnce() -> bool,
+    ) -> bool {
+        self.rules.can_hand_over
+            && !self.buf.is_empty()
+            && self.buf.len() <= MAX_CARRIED
+            && !self.landed
+            && self.reserved.is_none()
+            && !self.eof
+            && !self.close_when_written
+            && self.idle()
+            && !self.fcgi.expects_input()
+            && !room_here()
+            && room_elsewhere()
+    }
+
+    /// The bytes read and not yet decoded, for the connection's next owner.
+    pub(crate) fn take_read(&mut self) -> Bytes {
+        self.buf.split().freeze()
     }
 
     /// What to do before waiting again, given whether the worker is `draining`.
@@ -307,19 +349,22 @@ impl Conn {
 }
 
 /// Serves one connection until the peer closes it, the protocol says to, or the worker drains;
-/// gives it back whole when it is to be handed over. `reserved`: see [`Conn`].
+/// gives it back whole, with the bytes read and not yet decoded, when it is to be handed over.
+/// `reserved`: see [`Conn`]; `carried`: the bytes its previous owner read.
 pub(crate) async fn serve<Rd, Wr>(
     mut rd: Rd,
     mut wr: Wr,
     worker: Arc<Worker>,
     reserved: Option<Room>,
+    carried: Bytes,
     alive: Alive,
-) -> Option<(Rd, Wr)>
+) -> Option<(Rd, Wr, Bytes)>
 where
     Rd: AsyncRead + Unpin,
     Wr: AsyncWrite + Unpin,
 {
-    let mut conn = Conn::new(worker.rules(), reserved, Instant::now());
+    let mut conn = Conn::new(worker.rules(), reserved, &carried, Instant::now());
+    drop(carried);
     let (out_tx, mut out_rx) = mpsc::channel::<Out>(OUT_CHANNEL);
     // Futures that live as long as the connection: built and registered once, not on every
     // turn of the loop. Draining only ever goes from false to true, so one wait is enough.
@@ -330,6 +375,19 @@ where
     let keepalive = tokio::time::sleep(worker.settings.keepalive_timeout);
     tokio::pin!(drain_starts, migrate, give_back, keepalive);
     loop {
+        // A request that would wait here behind a long one goes to a worker with room.
+        if conn.serve_elsewhere(
+            || worker.rooms.has_room(),
+            || worker.board.other_idle(worker.slot),
+        ) {
+            tracing::debug!(
+                pid = std::process::id(),
+                carried = conn.buf.len(),
+                "no room for a request: its connection moves to a worker with room"
+            );
+            let carried = conn.take_read();
+            return Some((rd, wr, carried));
+        }
         loop {
             match conn.next_request() {
                 Ok(Some(Arrived::Request(req))) => {
@@ -373,7 +431,10 @@ where
                 linger(&mut rd, &mut wr).await;
                 return None;
             }
-            Next::HandOver => return Some((rd, wr)),
+            Next::HandOver => {
+                let carried = conn.take_read();
+                return Some((rd, wr, carried));
+            }
         }
     }
 }
