@@ -10,10 +10,10 @@
 //! refuse an eleventh message in flight: `net.unix.max_dgram_qlen` is 10 by default, and a
 //! worker may hand over dozens of connections at once.) On it travel [`Message`]s, framed as:
 //!
-//! | tag   | then                                   | `SCM_RIGHTS`                 |
-//! |-------|----------------------------------------|------------------------------|
-//! | `c`   | u32 little-endian length, those bytes  | the connection, on the tag   |
-//! | `w`   | nothing                                | none                         |
+//! | tag   | then                                                | `SCM_RIGHTS`               |
+//! |-------|-----------------------------------------------------|----------------------------|
+//! | `c`   | u8 moves, u32 little-endian length, those bytes     | the connection, on the tag |
+//! | `w`   | nothing                                             | none                       |
 //!
 //! The kernel delivers the descriptors attached to a byte with the read that returns that
 //! byte and never merges them across messages, so descriptors queue in frame order and each
@@ -34,8 +34,8 @@ use crate::sys;
 
 const TAG_CONN: u8 = b'c';
 const TAG_WAKE: u8 = b'w';
-/// Tag plus the u32 length.
-const CONN_HEADER: usize = 5;
+/// Tag, moves, and the u32 length.
+const CONN_HEADER: usize = 6;
 
 /// The most bytes a connection carries along: more than a worker's read buffer ever holds
 /// unprocessed. A longer length can only come from a corrupt channel.
@@ -61,17 +61,22 @@ pub(crate) enum Message {
         conn: OwnedFd,
         /// Read by the previous owner and not yet acted upon.
         carried: Bytes,
+        /// How many times the request in `carried` has moved between workers, this move
+        /// included (0 for an idle connection): the receiver bounds it.
+        moves: u8,
     },
     /// From a worker: requests are waiting for room it does not have; look at the pool now
     /// rather than at the next tick.
     Wake,
 }
 
-/// Sends `conn` over `channel`, with `carried`, the bytes already read from it.
+/// Sends `conn` over `channel`, with `carried`, the bytes already read from it, and how many
+/// times their request has `moves`d.
 pub(crate) fn send_conn(
     channel: BorrowedFd<'_>,
     conn: BorrowedFd<'_>,
     carried: &[u8],
+    moves: u8,
 ) -> io::Result<()> {
     if carried.len() > MAX_CARRIED {
         return Err(io::Error::other(format!(
@@ -80,7 +85,7 @@ pub(crate) fn send_conn(
         )));
     }
     let len = (carried.len() as u32).to_le_bytes();
-    let header = [TAG_CONN, len[0], len[1], len[2], len[3]];
+    let header = [TAG_CONN, moves, len[0], len[1], len[2], len[3]];
     let fds = [conn.as_raw_fd()];
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let iov = [IoSlice::new(&header), IoSlice::new(carried)];
@@ -233,7 +238,8 @@ fn decode(buf: &mut BytesMut, fds: &mut VecDeque<OwnedFd>) -> io::Result<Option<
             if buf.len() < CONN_HEADER {
                 return Ok(None);
             }
-            let len = u32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            let moves = buf[1];
+            let len = u32::from_le_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
             if len > MAX_CARRIED {
                 return Err(corrupt(format!(
                     "a connection carries {len} bytes; at most {MAX_CARRIED}"
@@ -247,7 +253,11 @@ fn decode(buf: &mut BytesMut, fds: &mut VecDeque<OwnedFd>) -> io::Result<Option<
                 .ok_or_else(|| corrupt("a connection message arrived without its descriptor"))?;
             buf.advance(CONN_HEADER);
             let carried = buf.split_to(len).freeze();
-            Ok(Some(Message::Conn { conn, carried }))
+            Ok(Some(Message::Conn {
+                conn,
+                carried,
+                moves,
+            }))
         }
         other => Err(corrupt(format!(
             "unknown message tag {other:#04x}; expected 'c' or 'w'"
@@ -292,14 +302,19 @@ mod tests {
         (a, b)
     }
 
-    fn conn(m: Message) -> (UnixStream, Bytes) {
-        let Message::Conn { conn, carried } = m else {
+    fn conn(m: Message) -> (UnixStream, Bytes, u8) {
+        let Message::Conn {
+            conn,
+            carried,
+            moves,
+        } = m
+        else {
             panic!("a connection, got {m:?}")
         };
         let Passed::Unix(s) = classify(conn).expect("classify") else {
             panic!("unix")
         };
-        (s, carried)
+        (s, carried, moves)
     }
 
     #[test]
@@ -307,13 +322,13 @@ mod tests {
         let (a, b) = channel();
         let (mut client, server) = UnixStream::pair().expect("stream");
         client.write_all(b"still in the socket").expect("write");
-        send_conn(a.as_fd(), server.as_fd(), b"read ahead").expect("send");
+        send_conn(a.as_fd(), server.as_fd(), b"read ahead", 1).expect("send");
         drop(server);
         let mut inbox = Inbox::new();
         let mut got = inbox.recv(b.as_fd()).expect("recv");
         assert_eq!(got.len(), 1);
-        let (mut moved, carried) = conn(got.remove(0));
-        assert_eq!(&carried[..], b"read ahead");
+        let (mut moved, carried, moves) = conn(got.remove(0));
+        assert_eq!((&carried[..], moves), (&b"read ahead"[..], 1));
         let mut buf = [0u8; 19];
         moved.read_exact(&mut buf).expect("read");
         assert_eq!(&buf, b"still in the socket");
@@ -327,7 +342,7 @@ mod tests {
         for i in 0..40u8 {
             let (mut client, server) = UnixStream::pair().expect("stream");
             client.write_all(&[i]).expect("write");
-            send_conn(a.as_fd(), server.as_fd(), &vec![i; usize::from(i) * 100]).expect("send");
+            send_conn(a.as_fd(), server.as_fd(), &vec![i; usize::from(i) * 100], i).expect("send");
             if i % 7 == 0 {
                 send_wake(a.as_fd()).expect("wake");
             }
@@ -341,7 +356,8 @@ mod tests {
             match m {
                 Message::Wake => wakes += 1,
                 m => {
-                    let (mut s, carried) = conn(m);
+                    let (mut s, carried, moves) = conn(m);
+                    assert_eq!(moves, conns);
                     let mut first = [0u8; 1];
                     s.read_exact(&mut first).expect("read");
                     assert_eq!(first[0], conns, "descriptor {conns} in order");
@@ -358,7 +374,7 @@ mod tests {
     fn frames_split_anywhere_decode_the_same() {
         let (mut fds, (_c, s)) = (VecDeque::new(), UnixStream::pair().expect("stream"));
         fds.push_back(OwnedFd::from(s));
-        let mut wire = vec![TAG_WAKE, TAG_CONN];
+        let mut wire = vec![TAG_WAKE, TAG_CONN, 2];
         wire.extend_from_slice(&3u32.to_le_bytes());
         wire.extend_from_slice(b"abc");
         let mut buf = BytesMut::new();
@@ -370,7 +386,9 @@ mod tests {
             }
         }
         assert!(matches!(out[0], Message::Wake));
-        assert!(matches!(&out[1], Message::Conn { carried, .. } if &carried[..] == b"abc"));
+        assert!(
+            matches!(&out[1], Message::Conn { carried, moves: 2, .. } if &carried[..] == b"abc")
+        );
         assert!(buf.is_empty() && fds.is_empty());
     }
 
@@ -379,9 +397,9 @@ mod tests {
         let mut fds = VecDeque::new();
         let mut buf = BytesMut::from(&b"x"[..]);
         assert!(decode(&mut buf, &mut fds).is_err());
-        let mut buf = BytesMut::from(&[TAG_CONN, 0, 0, 0, 0][..]);
+        let mut buf = BytesMut::from(&[TAG_CONN, 0, 0, 0, 0, 0][..]);
         assert!(decode(&mut buf, &mut fds).is_err(), "no descriptor");
-        let mut buf = BytesMut::from(&[TAG_CONN, 0xff, 0xff, 0xff, 0xff][..]);
+        let mut buf = BytesMut::from(&[TAG_CONN, 0, 0xff, 0xff, 0xff, 0xff][..]);
         assert!(decode(&mut buf, &mut fds).is_err(), "too long");
     }
 

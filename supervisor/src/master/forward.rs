@@ -1,6 +1,8 @@
 //! Forwarding kept-alive connections: a draining worker hands its idle connections to the
 //! master over its channel, and the master passes them on to a worker of the current
-//! generation that stays, so a reload or a pool shrink closes no client's connection.
+//! generation that stays, so a reload or a pool shrink closes no client's connection. A worker
+//! without room for a request that reached it hands its connection over too, with the bytes it
+//! read, and the master passes it to an idle worker (see `passing.rs`).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -24,7 +26,7 @@ pub(super) struct Forwarding {
     /// Handed-over connections, with the bytes read from them, waiting for a worker to take
     /// them (during a reload, before the new generation exists). Their requests wait in the
     /// sockets meanwhile.
-    passed: Vec<(OwnedFd, Bytes)>,
+    passed: Vec<(OwnedFd, Bytes, u8)>,
     /// Where the next connection with a request goes among the idle workers: a worker shows
     /// busy only once the request started there, so requests moved within that moment go to
     /// different workers instead of queueing on the one that looks idle first.
@@ -43,10 +45,11 @@ impl Forwarding {
         !self.passed.is_empty()
     }
 
-    /// Collects what the workers handed over and passes it on to the current generation's
-    /// workers that stay: a connection carrying a request to an idle one if there is one, an
-    /// idle connection to any, idle ones first. With none to take them the connections wait,
-    /// unless the master is `stopping` (then they close: no worker will come).
+    /// Collects what the workers handed over and passes it on: a connection carrying a request
+    /// to an idle worker, one that stays if there is one; an idle connection to any of the
+    /// current generation's workers that stay, idle ones first. With none to take them the
+    /// connections wait, unless the master is `stopping` (then they close: no worker will
+    /// come).
     pub(super) fn forward(
         &mut self,
         workers: &HashMap<Pid, Worker>,
@@ -68,7 +71,8 @@ impl Forwarding {
         if passed.is_empty() {
             return;
         }
-        let mut targets: Vec<(usize, &UnixStream, bool)> = workers
+        // Workers that stay: the current generation, not told to stop, not draining.
+        let mut staying: Vec<(usize, &UnixStream, bool)> = workers
             .values()
             .filter(|w| w.generation == generation && !w.stopping)
             .filter_map(|w| {
@@ -82,27 +86,43 @@ impl Forwarding {
             })
             .collect();
         // Idle workers first; the rest wait for room like any kept-alive request.
-        targets.sort_by_key(|&(slot, _, idle)| (!idle, slot));
-        if targets.is_empty() {
-            if !stopping {
-                // The next generation is about to start: keep them until it does.
-                self.passed = passed;
-            }
-            return;
+        staying.sort_by_key(|&(slot, _, idle)| (!idle, slot));
+        // Where a request starts at once: an idle worker that stays, else (while a new
+        // generation starts) an idle one of the previous generation not yet told to stop.
+        let mut idle: Vec<(usize, &UnixStream)> = staying
+            .iter()
+            .filter(|t| t.2)
+            .map(|&(slot, channel, _)| (slot, channel))
+            .collect();
+        if idle.is_empty() {
+            idle = workers
+                .values()
+                .filter(|w| !w.stopping && board.slot(w.slot).state() == SlotState::Idle)
+                .filter_map(|w| Some((w.slot, w.channel.as_ref()?)))
+                .collect();
+            idle.sort_by_key(|&(slot, _)| slot);
         }
-        let idle = targets.iter().filter(|t| t.2).count();
-        for (i, (fd, carried)) in passed.into_iter().enumerate() {
-            // A request goes where it starts at once; an idle connection anywhere, so the
-            // connections stay spread over the pool.
-            let (first, among) = if !carried.is_empty() && idle > 0 {
+        let staying: Vec<(usize, &UnixStream)> = staying
+            .into_iter()
+            .map(|(slot, channel, _)| (slot, channel))
+            .collect();
+        let mut keep = Vec::new();
+        for (i, (fd, carried, moves)) in passed.into_iter().enumerate() {
+            // A request goes where it starts at once; an idle connection to any worker that
+            // stays, so the connections stay spread over the pool.
+            let (pool, first) = if !carried.is_empty() && !idle.is_empty() {
                 self.turn = self.turn.wrapping_add(1);
-                (self.turn % idle, idle)
+                (&idle, self.turn)
+            } else if !staying.is_empty() {
+                (&staying, i)
             } else {
-                (i % targets.len(), targets.len())
+                // The next generation is about to start: keep it until it does.
+                keep.push((fd, carried, moves));
+                continue;
             };
-            let sent = (0..among).any(|k| {
-                let (slot, channel, _) = targets[(first + k) % among];
-                match passing::send_conn(channel.as_fd(), fd.as_fd(), &carried) {
+            let sent = (0..pool.len()).any(|k| {
+                let (slot, channel) = pool[(first + k) % pool.len()];
+                match passing::send_conn(channel.as_fd(), fd.as_fd(), &carried, moves) {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::warn!(slot, error = %e, carried = carried.len(), "cannot pass a connection to a worker; trying the next");
@@ -117,18 +137,31 @@ impl Forwarding {
                 );
             }
         }
+        // Stopping, no worker will come: they close.
+        if !stopping {
+            self.passed = keep;
+        }
     }
 }
 
 /// Reads the messages waiting on one worker's `channel` (`pid` 0 for a reaped one).
-fn collect(pid: i32, channel: &UnixStream, inbox: &mut Inbox, passed: &mut Vec<(OwnedFd, Bytes)>) {
+fn collect(
+    pid: i32,
+    channel: &UnixStream,
+    inbox: &mut Inbox,
+    passed: &mut Vec<(OwnedFd, Bytes, u8)>,
+) {
     loop {
         match inbox.recv(channel.as_fd()) {
             Ok(messages) if messages.is_empty() => return,
             Ok(messages) => {
                 for m in messages {
                     match m {
-                        Message::Conn { conn, carried } => passed.push((conn, carried)),
+                        Message::Conn {
+                            conn,
+                            carried,
+                            moves,
+                        } => passed.push((conn, carried, moves)),
                         // Reserved: the pool is looked at every tick anyway.
                         Message::Wake => tracing::debug!(pid, "a worker asks for room"),
                     }

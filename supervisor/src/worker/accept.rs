@@ -12,12 +12,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use crate::listener::ListenerSocket;
 use crate::passing::{self, Inbox, Message, Passed};
 use crate::scoreboard::SlotState;
-use crate::worker::connection;
+use crate::worker::connection::{self, Carried};
 use crate::worker::run::Room;
 use crate::worker::{Alive, Worker};
 
@@ -126,9 +124,11 @@ pub(crate) async fn accept_loop(sockets: Vec<ListenerSocket>, worker: Arc<Worker
         match accepted {
             Ok(Accepted::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                spawn_tcp(stream, &worker, room, Bytes::new(), &alive);
+                spawn_tcp(stream, &worker, room, Carried::default(), &alive);
             }
-            Ok(Accepted::Unix(stream)) => spawn_unix(stream, &worker, room, Bytes::new(), &alive),
+            Ok(Accepted::Unix(stream)) => {
+                spawn_unix(stream, &worker, room, Carried::default(), &alive)
+            }
             Err(e) if is_transient(&e) => backoff().await,
             Err(e) => return fail(&worker, e),
         }
@@ -153,7 +153,7 @@ fn spawn_tcp(
     stream: tokio::net::TcpStream,
     worker: &Arc<Worker>,
     room: Option<Room>,
-    carried: Bytes,
+    carried: Carried,
     alive: &Alive,
 ) {
     let (rd, wr) = stream.into_split();
@@ -167,7 +167,7 @@ fn spawn_unix(
     stream: tokio::net::UnixStream,
     worker: &Arc<Worker>,
     room: Option<Room>,
-    carried: Bytes,
+    carried: Carried,
     alive: &Alive,
 ) {
     let (rd, wr) = stream.into_split();
@@ -183,7 +183,7 @@ fn spawn_serve<Rd, Wr>(
     wr: Wr,
     worker: &Arc<Worker>,
     room: Option<Room>,
-    carried: Bytes,
+    carried: Carried,
     alive: &Alive,
     reunite: impl FnOnce(Rd, Wr) -> Option<OwnedFd> + Send + 'static,
 ) where
@@ -204,22 +204,28 @@ fn spawn_serve<Rd, Wr>(
 /// Passes a connection to the master, which gives it to a worker with room. If that fails, a
 /// connection with a request under way is served here after all (it is not moved again); an
 /// idle one is closed, as it would have been without hand-over.
-fn hand_over(worker: &Arc<Worker>, conn: OwnedFd, carried: Bytes, alive: &Alive) {
+fn hand_over(worker: &Arc<Worker>, conn: OwnedFd, carried: Carried, alive: &Alive) {
     let Some(channel) = &worker.handover else {
         return;
     };
-    if let Err(e) = passing::send_conn(channel.as_fd(), conn.as_fd(), &carried) {
-        if carried.is_empty() {
+    if let Err(e) = passing::send_conn(channel.as_fd(), conn.as_fd(), &carried.bytes, carried.moves)
+    {
+        if carried.bytes.is_empty() {
             tracing::debug!(pid = std::process::id(), error = %e, "cannot hand an idle connection over; closing it");
         } else {
-            tracing::warn!(pid = std::process::id(), error = %e, carried = carried.len(), "cannot hand a connection over; serving its request here");
+            tracing::warn!(pid = std::process::id(), error = %e, carried = carried.bytes.len(), "cannot hand a connection over; serving its request here");
+            // Moved as far as it may: it stays.
+            let carried = Carried {
+                moves: u8::MAX,
+                ..carried
+            };
             serve_passed(worker, conn, carried, alive);
         }
     }
 }
 
 /// Serves a connection another worker read `carried` from.
-fn serve_passed(worker: &Arc<Worker>, fd: OwnedFd, carried: Bytes, alive: &Alive) {
+fn serve_passed(worker: &Arc<Worker>, fd: OwnedFd, carried: Carried, alive: &Alive) {
     let served = match passing::classify(fd) {
         Ok(Passed::Tcp(s)) => s
             .set_nonblocking(true)
@@ -260,7 +266,15 @@ pub(crate) async fn receive_passed(worker: Arc<Worker>, alive: Alive) -> Inbox {
             Ok(messages) => {
                 for m in messages {
                     match m {
-                        Message::Conn { conn, carried } => {
+                        Message::Conn {
+                            conn,
+                            carried,
+                            moves,
+                        } => {
+                            let carried = Carried {
+                                bytes: carried,
+                                moves,
+                            };
                             serve_passed(&worker, conn, carried, &alive)
                         }
                         // Only the master is woken.
@@ -288,8 +302,13 @@ pub(crate) fn give_back(worker: &Worker, mut inbox: Inbox) {
             return;
         }
         for m in messages {
-            if let Message::Conn { conn, carried } = m {
-                if let Err(e) = passing::send_conn(channel.as_fd(), conn.as_fd(), &carried) {
+            if let Message::Conn {
+                conn,
+                carried,
+                moves,
+            } = m
+            {
+                if let Err(e) = passing::send_conn(channel.as_fd(), conn.as_fd(), &carried, moves) {
                     tracing::warn!(pid = std::process::id(), error = %e, carried = carried.len(), "cannot give a passed connection back while draining; closing it");
                 }
             }
