@@ -66,11 +66,11 @@ const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// again; each further look waits twice as long as the one before.
 const HOLD_FIRST: Duration = Duration::from_millis(1);
 
-/// Looks a request that finds no room anywhere takes before it queues here: 1 + 2 + ... + 32
-/// ms. Long enough to cover a worker that answered but has not yet recorded the end on its
-/// handler thread (a busy machine deschedules it for milliseconds); short, and a handful of
-/// wake-ups, when the whole pool really is full and the request would queue anyway.
-const HOLD_CHECKS: u32 = 6;
+/// Looks a request that finds no room anywhere takes before it queues here: after 1, 2 and 4
+/// ms. Covers a worker that answered but has not yet recorded the end on its handler thread;
+/// short, and three wake-ups, when the whole pool really is full and the request would queue
+/// anyway (a status or ping request, answered without a room, pays it too).
+const HOLD_CHECKS: u32 = 3;
 
 /// How many times one request may move between workers: each move is to a worker that showed
 /// room, so more than one is rare (it filled up as the request arrived); the bound keeps a
