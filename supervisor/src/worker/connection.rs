@@ -251,12 +251,12 @@ impl Conn {
     /// them, to a worker with room rather than wait here behind a long request. Only before
     /// anything is decoded (nothing of the request is in the protocol core, so the next owner
     /// starts from the carried bytes), with nothing reserved here, not with a request that
-    /// moved [`MAX_MOVES`] times already, and only if it carries at most [`MAX_CARRIED`]. With no room anywhere it
-    /// waits undecoded for a moment and looks again ([`HOLD_CHECKS`]): a worker that just
-    /// answered shows busy until its handler thread records the end, and a request queued
-    /// here meanwhile would wait for the whole long request. `room_here` and `room_elsewhere`
-    /// are asked last, only when the rest allows a move: both are cheap, but this runs on
-    /// every read.
+    /// moved [`MAX_MOVES`] times already, and only if it carries at most [`MAX_CARRIED`].
+    /// With no room anywhere it waits undecoded for a moment and looks again
+    /// ([`HOLD_CHECKS`]): a worker that just answered shows busy until its handler thread
+    /// records the end, and a request queued here meanwhile would wait for the whole long
+    /// request. `room_here` and `room_elsewhere` are asked last, only when the rest allows a
+    /// move: both are cheap, but this runs on every read.
     pub(crate) fn place(
         &mut self,
         now: Instant,
