@@ -1,31 +1,43 @@
 //! Forwarding kept-alive connections: a draining worker hands its idle connections to the
 //! master over its channel, and the master passes them on to a worker of the current
-//! generation that stays, so a reload or a pool shrink closes no client's connection.
+//! generation that stays, so a reload or a pool shrink closes no client's connection. A worker
+//! without room for a request that reached it hands its connection over too, with the bytes it
+//! read, and the master passes it to an idle worker (see `passing.rs`).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
+use bytes::Bytes;
 use nix::unistd::Pid;
 
 use super::Worker;
-use crate::passing;
+use crate::passing::{self, Inbox, Message};
 use crate::scoreboard::{Scoreboard, SlotState};
 
-/// Connections on their way from a draining worker to a staying one.
+/// Connections on their way from one worker to another.
 #[derive(Default)]
 pub(super) struct Forwarding {
-    /// Channels of reaped workers, read once more for connections they handed over last.
-    orphans: Vec<UnixStream>,
-    /// Handed-over connections waiting for a worker to take them (during a reload, before the
-    /// new generation exists). Their requests wait in the sockets meanwhile.
-    passed: Vec<OwnedFd>,
+    /// Each worker's channel's inbox: a message may arrive in pieces.
+    inboxes: HashMap<Pid, Inbox>,
+    /// Channels of reaped workers, with their inboxes, read once more for connections they
+    /// handed over last.
+    orphans: Vec<(UnixStream, Inbox)>,
+    /// Handed-over connections, with the bytes read from them, waiting for a worker to take
+    /// them (during a reload, before the new generation exists). Their requests wait in the
+    /// sockets meanwhile.
+    passed: Vec<(OwnedFd, Bytes, u8)>,
+    /// Where the next connection with a request goes among the idle workers: a worker shows
+    /// busy only once the request started there, so requests moved within that moment go to
+    /// different workers instead of queueing on the one that looks idle first.
+    turn: usize,
 }
 
 impl Forwarding {
-    /// The channel of a reaped worker, to read once more.
-    pub(super) fn orphan(&mut self, channel: UnixStream) {
-        self.orphans.push(channel);
+    /// The channel of reaped worker `pid`, to read once more.
+    pub(super) fn orphan(&mut self, pid: Pid, channel: UnixStream) {
+        let inbox = self.inboxes.remove(&pid).unwrap_or_default();
+        self.orphans.push((channel, inbox));
     }
 
     /// Whether connections wait for a worker to take them.
@@ -33,9 +45,11 @@ impl Forwarding {
         !self.passed.is_empty()
     }
 
-    /// Collects what the workers handed over and passes it on to the current generation's
-    /// workers that stay, idle ones first. With none to take them the connections wait, unless
-    /// the master is `stopping` (then they close: no worker will come).
+    /// Collects what the workers handed over and passes it on: a connection carrying a request
+    /// to an idle worker, one that stays if there is one; an idle connection to any of the
+    /// current generation's workers that stay, idle ones first. With none to take them the
+    /// connections wait, unless the master is `stopping` (then they close: no worker will
+    /// come).
     pub(super) fn forward(
         &mut self,
         workers: &HashMap<Pid, Worker>,
@@ -44,42 +58,124 @@ impl Forwarding {
         stopping: bool,
     ) {
         let mut passed = std::mem::take(&mut self.passed);
-        let channels = workers.values().filter_map(|w| w.channel.as_ref());
-        for channel in channels.chain(self.orphans.iter()) {
-            loop {
-                match passing::recv(channel.as_fd()) {
-                    Ok(Some(fd)) => passed.push(fd),
-                    Ok(None) => {}
-                    Err(_) => break,
-                }
+        self.inboxes.retain(|pid, _| workers.contains_key(pid));
+        for (pid, w) in workers {
+            if let Some(channel) = &w.channel {
+                let inbox = self.inboxes.entry(*pid).or_default();
+                collect(pid.as_raw(), channel, inbox, &mut passed);
             }
         }
-        self.orphans.clear();
+        for (channel, mut inbox) in std::mem::take(&mut self.orphans) {
+            collect(0, &channel, &mut inbox, &mut passed);
+        }
         if passed.is_empty() {
             return;
         }
-        let mut targets: Vec<(&UnixStream, bool)> = workers
+        // Workers that stay: the current generation, not told to stop, not draining.
+        let mut staying: Vec<(usize, &UnixStream, bool)> = workers
             .values()
             .filter(|w| w.generation == generation && !w.stopping)
             .filter_map(|w| {
                 let state = board.slot(w.slot).state();
                 let channel = w.channel.as_ref()?;
-                (state != SlotState::Draining).then_some((channel, state == SlotState::Idle))
+                (state != SlotState::Draining).then_some((
+                    w.slot,
+                    channel,
+                    state == SlotState::Idle,
+                ))
             })
             .collect();
         // Idle workers first; the rest wait for room like any kept-alive request.
-        targets.sort_by_key(|(_, idle)| !idle);
-        if targets.is_empty() {
-            if !stopping {
-                // The next generation is about to start: keep them until it does.
-                self.passed = passed;
-            }
-            return;
+        staying.sort_by_key(|&(slot, _, idle)| (!idle, slot));
+        // Where a request starts at once: an idle worker that stays, else (while a new
+        // generation starts) an idle one of the previous generation not yet told to stop.
+        let mut idle: Vec<(usize, &UnixStream)> = staying
+            .iter()
+            .filter(|t| t.2)
+            .map(|&(slot, channel, _)| (slot, channel))
+            .collect();
+        if idle.is_empty() {
+            idle = workers
+                .values()
+                .filter(|w| !w.stopping && board.slot(w.slot).state() == SlotState::Idle)
+                .filter_map(|w| Some((w.slot, w.channel.as_ref()?)))
+                .collect();
+            idle.sort_by_key(|&(slot, _)| slot);
         }
-        for (i, fd) in passed.into_iter().enumerate() {
-            let (channel, _) = targets[i % targets.len()];
-            if let Err(e) = passing::send(channel.as_fd(), fd.as_fd()) {
-                tracing::debug!(error = %e, "cannot pass a kept-alive connection on; closing it");
+        let staying: Vec<(usize, &UnixStream)> = staying
+            .into_iter()
+            .map(|(slot, channel, _)| (slot, channel))
+            .collect();
+        let mut keep = Vec::new();
+        for (i, (fd, carried, moves)) in passed.into_iter().enumerate() {
+            // A request goes where it starts at once; an idle connection to any worker that
+            // stays, so the connections stay spread over the pool.
+            let (pool, first) = if !carried.is_empty() && !idle.is_empty() {
+                self.turn = self.turn.wrapping_add(1);
+                (&idle, self.turn)
+            } else if !staying.is_empty() {
+                (&staying, i)
+            } else {
+                // The next generation is about to start: keep it until it does.
+                keep.push((fd, carried, moves));
+                continue;
+            };
+            let sent = (0..pool.len()).any(|k| {
+                let (slot, channel) = pool[(first + k) % pool.len()];
+                match passing::send_conn(channel.as_fd(), fd.as_fd(), &carried, moves) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(slot, error = %e, carried = carried.len(), "cannot pass a connection to a worker; trying the next");
+                        false
+                    }
+                }
+            });
+            if !sent {
+                tracing::warn!(
+                    carried = carried.len(),
+                    "no worker took a passed connection; closing it"
+                );
+            }
+        }
+        // Stopping, no worker will come: they close.
+        if !stopping {
+            self.passed = keep;
+        }
+    }
+}
+
+/// Reads the messages waiting on one worker's `channel` (`pid` 0 for a reaped one).
+fn collect(
+    pid: i32,
+    channel: &UnixStream,
+    inbox: &mut Inbox,
+    passed: &mut Vec<(OwnedFd, Bytes, u8)>,
+) {
+    loop {
+        match inbox.recv(channel.as_fd()) {
+            Ok(messages) if messages.is_empty() => return,
+            Ok(messages) => {
+                for m in messages {
+                    match m {
+                        Message::Conn {
+                            conn,
+                            carried,
+                            moves,
+                        } => passed.push((conn, carried, moves)),
+                        // Reserved: the pool is looked at every tick anyway.
+                        // Reading it woke the loop, whose maintenance pass starts workers.
+                        Message::Wake => {
+                            tracing::debug!(pid, "a worker at its cap has connections waiting")
+                        }
+                    }
+                }
+            }
+            // Closed (the worker is gone and reaped soon) or unusable: nothing more comes.
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                    tracing::warn!(pid, error = %e, "a worker's connection channel failed; connections it hands over are lost");
+                }
+                return;
             }
         }
     }

@@ -374,7 +374,7 @@ impl<R: Responder> Master<R> {
     /// exit was expected.
     fn reaped(&mut self, pid: Pid, mut w: Worker, cause: &str, clean: bool) {
         if let Some(channel) = w.channel.take() {
-            self.forwarding.orphan(channel);
+            self.forwarding.orphan(pid, channel);
         }
         let now = clock::now();
         let snap = self.board.slot(w.slot).snapshot();

@@ -1,6 +1,7 @@
-//! Taking connections: the accept loop over every listener, connections handed over by draining
-//! workers (received from the master), and the other way, idle connections handed over when
-//! this worker drains or stays busy with a long request.
+//! Taking connections: the accept loop over every listener, connections handed over by other
+//! workers (received from the master), and the other way, connections handed over when this
+//! worker drains, stays busy with a long request, or has no room for a request that arrives
+//! (see `passing.rs`).
 //!
 //! The loop accepts only while the worker has room for another request (`max_requests_in_flight`),
 //! so the kernel hands new connections to a worker with room: that is how the pool balances.
@@ -13,7 +14,7 @@
 //! accept fails for want of a descriptor, until one of this worker's connections closes; either
 //! way the kernel's queue holds the rest for the other workers, and one line per episode says so.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +23,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
 use crate::listener::ListenerSocket;
+use crate::passing::{self, Inbox, Message, Passed};
 use crate::scoreboard::SlotState;
-use crate::worker::connection;
+use crate::worker::connection::{self, Carried};
 use crate::worker::episode::EPISODES;
 use crate::worker::run::Room;
 use crate::worker::{Alive, Worker};
@@ -164,9 +166,11 @@ pub(crate) async fn accept_loop(sockets: Vec<ListenerSocket>, worker: Arc<Worker
         match accepted {
             Ok(Accepted::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                spawn_tcp_as(stream, &worker, room, true, &alive);
+                spawn_tcp(stream, &worker, room, true, Carried::default(), &alive);
             }
-            Ok(Accepted::Unix(stream)) => spawn_unix_as(stream, &worker, room, true, &alive),
+            Ok(Accepted::Unix(stream)) => {
+                spawn_unix(stream, &worker, room, true, Carried::default(), &alive)
+            }
             Err(e) if is_fd_limit(&e) => {
                 drop(room);
                 let open = worker.conns.open();
@@ -209,11 +213,12 @@ async fn pool_saturated(worker: &Worker, listeners: &[Listening], woke: &mut boo
 
 /// A worker at its cap in a pool that can grow: when a connection waits on a listener and no
 /// other worker is idle or starting, nothing will take it until the master starts a worker,
-/// and the master looks only at its tick. One `SIGURG` tells it now (`Intent::Wake`); once
-/// per episode without room, so the cost is a signal per saturation, never one per request.
-/// Returns whether this episode's wake is done: sent, or refused by the kernel (a worker
-/// running as another user than its master may not signal it), which retrying would not mend;
-/// the master's tick still comes.
+/// and the master looks only at its tick. One message on the worker's channel tells it now
+/// (the master polls every channel, and any wake-up runs its maintenance pass); once per
+/// episode without room, so the cost is one write per saturation, never one per request.
+/// Without a channel it sends `SIGURG` instead (`Intent::Wake`), which the kernel refuses when
+/// the worker runs as another user than its master. Returns whether this episode's wake is
+/// done: sent, or refused, which retrying would not mend; the master's tick still comes.
 fn wake_master(worker: &Worker, listeners: &[Listening]) -> bool {
     // Until its request has begun this worker's slot still says Idle, and the master, seeing
     // a worker with room, would start none: look again at the next check.
@@ -233,7 +238,11 @@ fn wake_master(worker: &Worker, listeners: &[Listening]) -> bool {
     if master.as_raw() <= 1 {
         return false;
     }
-    match nix::sys::signal::kill(master, Signal::SIGURG) {
+    let sent = match &worker.handover {
+        Some(channel) => passing::send_wake(channel.as_fd()),
+        None => nix::sys::signal::kill(master, Signal::SIGURG).map_err(std::io::Error::from),
+    };
+    match sent {
         Ok(()) => {
             tracing::debug!(
                 pid = std::process::id(),
@@ -249,67 +258,66 @@ fn wake_master(worker: &Worker, listeners: &[Listening]) -> bool {
     }
 }
 
-/// Serves a TCP connection handed over by another worker (kept alive, so not held to
-/// `request_read_timeout` until its next request begins).
+/// Serves a TCP connection that starts with `carried`, `fresh` when just accepted (held to
+/// `request_read_timeout` from now); hands it over when it is to move.
 fn spawn_tcp(
     stream: tokio::net::TcpStream,
     worker: &Arc<Worker>,
     room: Option<Room>,
+    fresh: bool,
+    carried: Carried,
     alive: &Alive,
 ) {
-    spawn_tcp_as(stream, worker, room, false, alive)
+    let (rd, wr) = stream.into_split();
+    let origin = Origin {
+        room,
+        fresh,
+        carried,
+    };
+    spawn_serve(rd, wr, worker, origin, alive, |rd, wr| {
+        Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
+    });
 }
 
-/// Serves a unix connection handed over by another worker; see [`spawn_tcp`].
+/// Serves a unix connection that starts with `carried`; hands it over when it is to move.
 fn spawn_unix(
     stream: tokio::net::UnixStream,
     worker: &Arc<Worker>,
     room: Option<Room>,
-    alive: &Alive,
-) {
-    spawn_unix_as(stream, worker, room, false, alive)
-}
-
-/// Serves a TCP connection, `fresh` when just accepted; if the worker drains while it is idle,
-/// hands it over.
-fn spawn_tcp_as(
-    stream: tokio::net::TcpStream,
-    worker: &Arc<Worker>,
-    room: Option<Room>,
     fresh: bool,
+    carried: Carried,
     alive: &Alive,
 ) {
     let (rd, wr) = stream.into_split();
-    spawn_serve(rd, wr, worker, room, fresh, alive, |rd, wr| {
+    let origin = Origin {
+        room,
+        fresh,
+        carried,
+    };
+    spawn_serve(rd, wr, worker, origin, alive, |rd, wr| {
         Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
     });
 }
 
-/// Serves a unix connection, `fresh` when just accepted; if the worker drains while it is idle,
-/// hands it over.
-fn spawn_unix_as(
-    stream: tokio::net::UnixStream,
-    worker: &Arc<Worker>,
+/// Where a connection comes from, as its serving starts.
+struct Origin {
+    /// The room reserved at accept, for its first request.
     room: Option<Room>,
+    /// Accepted here: held to `request_read_timeout` from now.
     fresh: bool,
-    alive: &Alive,
-) {
-    let (rd, wr) = stream.into_split();
-    spawn_serve(rd, wr, worker, room, fresh, alive, |rd, wr| {
-        Some(rd.reunite(wr).ok()?.into_std().ok()?.into())
-    });
+    /// What another worker read from it before it moved here.
+    carried: Carried,
 }
 
-/// Serves a connection; one that comes back idle from a draining worker is made whole again
-/// by `reunite` and handed over.
+/// Serves a connection; one that is to move is made whole again by `reunite` and handed over
+/// with the bytes read from it.
 fn spawn_serve<Rd, Wr>(
     rd: Rd,
     wr: Wr,
     worker: &Arc<Worker>,
-    room: Option<Room>,
-    fresh: bool,
+    origin: Origin,
     alive: &Alive,
-    reunite: impl FnOnce(Rd, Wr) -> Option<std::os::fd::OwnedFd> + Send + 'static,
+    reunite: impl FnOnce(Rd, Wr) -> Option<OwnedFd> + Send + 'static,
 ) where
     Rd: tokio::io::AsyncRead + Unpin + Send + 'static,
     Wr: tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -318,13 +326,27 @@ fn spawn_serve<Rd, Wr>(
     // Counted before the task runs, so the accept loop's next look at the cap sees it.
     let open = OpenConn::new(&worker);
     tokio::spawn(async move {
-        let served = connection::serve(rd, wr, Arc::clone(&worker), room, fresh, alive).await;
-        if let Some((rd, wr)) = served {
+        let Origin {
+            room,
+            fresh,
+            carried,
+        } = origin;
+        let served = connection::serve(
+            rd,
+            wr,
+            Arc::clone(&worker),
+            room,
+            fresh,
+            carried,
+            alive.clone(),
+        );
+        if let Some((rd, wr, carried)) = served.await {
+            // Handed over: no longer this worker's descriptor to count.
+            drop(open);
             if let Some(fd) = reunite(rd, wr) {
-                hand_over(&worker, fd.as_fd());
+                hand_over(&worker, fd, carried, &alive);
             }
         }
-        drop(open);
     });
 }
 
@@ -394,54 +416,116 @@ fn open_file_limit() -> u64 {
         .unwrap_or(0)
 }
 
-/// Passes an idle connection to the master, which gives it to a worker that stays. If that
-/// fails the connection is closed here, as it would have been without hand-over.
-fn hand_over(worker: &Worker, conn: std::os::fd::BorrowedFd<'_>) {
-    if let Some(channel) = &worker.handover {
-        if let Err(e) = crate::passing::send(channel.as_fd(), conn) {
-            tracing::debug!(pid = std::process::id(), error = %e, "cannot hand a connection over; closing it");
+/// Passes a connection to the master, which gives it to a worker with room. If that fails, a
+/// connection with a request under way is served here after all (it is not moved again); an
+/// idle one is closed, as it would have been without hand-over.
+fn hand_over(worker: &Arc<Worker>, conn: OwnedFd, carried: Carried, alive: &Alive) {
+    let Some(channel) = &worker.handover else {
+        return;
+    };
+    if let Err(e) = passing::send_conn(channel.as_fd(), conn.as_fd(), &carried.bytes, carried.moves)
+    {
+        if carried.bytes.is_empty() {
+            tracing::debug!(pid = std::process::id(), error = %e, "cannot hand an idle connection over; closing it");
+        } else {
+            tracing::warn!(pid = std::process::id(), error = %e, carried = carried.bytes.len(), "cannot hand a connection over; serving its request here");
+            // Moved as far as it may: it stays.
+            let carried = Carried {
+                moves: u8::MAX,
+                ..carried
+            };
+            serve_passed(worker, conn, carried, alive);
         }
     }
 }
 
-/// Takes connections handed over by draining workers, until this worker drains itself.
-pub(crate) async fn receive_passed(worker: Arc<Worker>, alive: Alive) {
+/// Serves a connection another worker read `carried` from.
+fn serve_passed(worker: &Arc<Worker>, fd: OwnedFd, carried: Carried, alive: &Alive) {
+    let served = match passing::classify(fd) {
+        Ok(Passed::Tcp(s)) => s
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(s))
+            .map(|s| spawn_tcp(s, worker, None, false, carried, alive)),
+        Ok(Passed::Unix(s)) => s
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(s))
+            .map(|s| spawn_unix(s, worker, None, false, carried, alive)),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = served {
+        tracing::warn!(pid = std::process::id(), error = %e, "cannot serve a connection passed by the master; closing it");
+    }
+}
+
+/// Takes connections handed over by other workers, until this worker drains itself; returns
+/// the channel's inbox, which may hold part of a message, for [`give_back`].
+pub(crate) async fn receive_passed(worker: Arc<Worker>, alive: Alive) -> Inbox {
+    let mut inbox = Inbox::new();
     let Some(channel) = &worker.handover else {
-        return;
+        return inbox;
     };
     let mut draining = worker.drain.subscribe();
     loop {
         tokio::select! {
-            ready = channel.readable() => if ready.is_err() { return },
-            _ = draining.changed() => return,
+            ready = channel.readable() => if ready.is_err() { return inbox },
+            _ = draining.changed() => return inbox,
         }
-        loop {
-            let got = channel.try_io(tokio::io::Interest::READABLE, || {
-                crate::passing::recv(channel.as_fd())
-            });
-            match got {
-                Ok(Some(fd)) => match crate::passing::classify(fd) {
-                    Ok(crate::passing::Passed::Tcp(s)) => {
-                        if let Ok(s) = s
-                            .set_nonblocking(true)
-                            .and_then(|()| tokio::net::TcpStream::from_std(s))
-                        {
-                            spawn_tcp(s, &worker, None, &alive);
+        // Nothing read means the readiness was stale: say so, so it is cleared.
+        let got = channel.try_io(tokio::io::Interest::READABLE, || {
+            match inbox.recv(channel.as_fd()) {
+                Ok(messages) if messages.is_empty() => Err(std::io::ErrorKind::WouldBlock.into()),
+                got => got,
+            }
+        });
+        match got {
+            Ok(messages) => {
+                for m in messages {
+                    match m {
+                        Message::Conn {
+                            conn,
+                            carried,
+                            moves,
+                        } => {
+                            let carried = Carried {
+                                bytes: carried,
+                                moves,
+                            };
+                            serve_passed(&worker, conn, carried, &alive)
                         }
+                        // Only the master is woken.
+                        Message::Wake => {}
                     }
-                    Ok(crate::passing::Passed::Unix(s)) => {
-                        if let Ok(s) = s
-                            .set_nonblocking(true)
-                            .and_then(|()| tokio::net::UnixStream::from_std(s))
-                        {
-                            spawn_unix(s, &worker, None, &alive);
-                        }
-                    }
-                    Err(_) => {}
-                },
-                Ok(None) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return,
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                tracing::warn!(pid = std::process::id(), error = %e, "the channel from the master failed; no more connections are passed to this worker");
+                return inbox;
+            }
+        }
+    }
+}
+
+/// Once drained: connections the master passed while this worker was starting to drain go
+/// back to it, with their bytes, rather than die with this process.
+pub(crate) fn give_back(worker: &Worker, mut inbox: Inbox) {
+    let Some(channel) = &worker.handover else {
+        return;
+    };
+    while let Ok(messages) = inbox.recv(channel.as_fd()) {
+        if messages.is_empty() {
+            return;
+        }
+        for m in messages {
+            if let Message::Conn {
+                conn,
+                carried,
+                moves,
+            } = m
+            {
+                if let Err(e) = passing::send_conn(channel.as_fd(), conn.as_fd(), &carried, moves) {
+                    tracing::warn!(pid = std::process::id(), error = %e, carried = carried.len(), "cannot give a passed connection back while draining; closing it");
+                }
             }
         }
     }

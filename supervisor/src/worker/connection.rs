@@ -36,6 +36,7 @@ use tokio::time::Instant;
 
 use crate::app::body::{BodyReader, Out};
 use crate::app::request::Request;
+use crate::passing::MAX_CARRIED;
 use crate::worker::episode::EPISODES;
 use crate::worker::output::send_in_runtime;
 use crate::worker::run::{Room, Waiting};
@@ -77,6 +78,41 @@ const LINGER: Duration = Duration::from_secs(1);
 /// How long an idle kept-alive connection of a draining worker stays readable before it
 /// closes: long enough to catch a request nginx is writing at that moment.
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+/// How long a request that found no room anywhere first waits, undecoded, before it looks
+/// again; each further look waits twice as long as the one before.
+const HOLD_FIRST: Duration = Duration::from_millis(1);
+
+/// Looks a request that finds no room anywhere takes before it queues here: after 1, 2 and 4
+/// ms. Covers a worker that answered but has not yet recorded the end on its handler thread;
+/// short, and three wake-ups, when the whole pool really is full and the request would queue
+/// anyway (a status or ping request, answered without a room, pays it too).
+const HOLD_CHECKS: u32 = 3;
+
+/// How many times one request may move between workers: each move is to a worker that showed
+/// room, so more than one is rare (it filled up as the request arrived); the bound keeps a
+/// request from bouncing between workers that keep filling up.
+const MAX_MOVES: u8 = 3;
+
+/// What a connection brings from its previous owner.
+#[derive(Debug, Default)]
+pub(crate) struct Carried {
+    /// Read and not yet decoded: they come first.
+    pub bytes: Bytes,
+    /// How many times the request they begin has moved, this move included (0 if none).
+    pub moves: u8,
+}
+
+/// Where a request that reached an idle connection is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// Here: decode it.
+    Here,
+    /// At a worker with room: hand the connection over with the bytes read.
+    Elsewhere,
+    /// Not decided: no worker has room this instant; look again at `recheck_at`.
+    Wait,
+}
 
 /// What the loop does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +190,14 @@ pub(crate) struct Conn {
     /// A request timed out: what its handler still sends is discarded, and the connection
     /// closes once the answer is written.
     timed_out: bool,
+    /// How many times the request whose first bytes are in `buf` has moved between workers
+    /// already: at [`MAX_MOVES`] it is served here, room or not (see [`Conn::place`]).
+    moves: u8,
+    /// A request arrived while no worker had room: looks again at this moment rather than
+    /// queueing here at once (see [`HOLD_CHECKS`]).
+    recheck_at: Option<Instant>,
+    /// Looks taken for the request that arrived.
+    holds: u32,
 }
 
 /// A request running in the application, as its connection watches it for `request_timeout`.
@@ -178,11 +222,20 @@ pub(crate) enum Timer {
 }
 
 impl Conn {
-    pub(crate) fn new(rules: Rules, reserved: Option<Room>, now: Instant) -> Conn {
+    /// A connection whose first bytes, `carried`, were read by the worker it comes from.
+    pub(crate) fn new(
+        rules: Rules,
+        reserved: Option<Room>,
+        carried: &Carried,
+        now: Instant,
+    ) -> Conn {
+        let (carried, moves) = (&carried.bytes[..], carried.moves);
+        let mut buf = BytesMut::with_capacity(READ_BUFFER.max(carried.len() + READ_RESERVE));
+        buf.extend_from_slice(carried);
         Conn {
             rules,
             fcgi: ServerConnection::new(rules.limits),
-            buf: BytesMut::with_capacity(READ_BUFFER),
+            buf,
             bodies: Bodies::new(&rules.limits),
             outbox: VecDeque::new(),
             queued: 0,
@@ -198,6 +251,9 @@ impl Conn {
             in_flight: 0,
             running: None,
             timed_out: false,
+            moves,
+            recheck_at: None,
+            holds: 0,
         }
     }
 
@@ -224,10 +280,12 @@ impl Conn {
                 None => break,
                 Some(Event::Request(req)) => {
                     self.arrived();
+                    self.request_placed();
                     return Ok(Some(Arrived::Request(req)));
                 }
                 Some(Event::Rejected { id, reason }) => {
                     self.arrived();
+                    self.request_placed();
                     return Ok(Some(Arrived::Rejected { id, reason }));
                 }
                 Some(event) => self.bodies.on_event(event),
@@ -265,6 +323,71 @@ impl Conn {
     /// there, so nginx's next request on it does not wait behind the long one.
     pub(crate) fn may_migrate(&self) -> bool {
         self.idle() && self.buf.is_empty() && self.reserved.is_none() && self.rules.can_hand_over
+    }
+
+    /// Bytes of a new request reached this idle connection: where it is served. It moves, with
+    /// them, to a worker with room rather than wait here behind a long request. Only before
+    /// anything is decoded (nothing of the request is in the protocol core, so the next owner
+    /// starts from the carried bytes), with nothing reserved here, not with a request that
+    /// moved [`MAX_MOVES`] times already, and only if it carries at most [`MAX_CARRIED`].
+    /// With no room anywhere it waits undecoded for a moment and looks again
+    /// ([`HOLD_CHECKS`]): a worker that just answered shows busy until its handler thread
+    /// records the end, and a request queued here meanwhile would wait for the whole long
+    /// request. `room_here` and `room_elsewhere` are asked last, only when the rest allows a
+    /// move: both are cheap, but this runs on every read.
+    pub(crate) fn place(
+        &mut self,
+        now: Instant,
+        room_here: impl FnOnce() -> bool,
+        room_elsewhere: impl FnOnce() -> bool,
+    ) -> Place {
+        let movable = self.rules.can_hand_over
+            && !self.buf.is_empty()
+            && self.buf.len() <= MAX_CARRIED
+            && self.moves < MAX_MOVES
+            && self.reserved.is_none()
+            && !self.eof
+            && !self.close_when_written
+            && self.idle()
+            && !self.fcgi.expects_input();
+        if !movable {
+            return Place::Here;
+        }
+        if self.recheck_at.is_some_and(|at| now < at) {
+            return Place::Wait;
+        }
+        self.recheck_at = None;
+        if room_here() {
+            return Place::Here;
+        }
+        if room_elsewhere() {
+            return Place::Elsewhere;
+        }
+        if self.holds >= HOLD_CHECKS {
+            return Place::Here;
+        }
+        self.recheck_at = Some(now + HOLD_FIRST * 2u32.pow(self.holds));
+        self.holds += 1;
+        Place::Wait
+    }
+
+    /// A request was decoded: the next one is placed afresh.
+    fn request_placed(&mut self) {
+        self.moves = 0;
+        self.recheck_at = None;
+        self.holds = 0;
+    }
+
+    /// The bytes read and not yet decoded, for the connection's next owner: one move more for
+    /// the request they begin, if any.
+    pub(crate) fn take_read(&mut self) -> Carried {
+        let bytes = self.buf.split().freeze();
+        let moves = if bytes.is_empty() {
+            0
+        } else {
+            self.moves.saturating_add(1)
+        };
+        Carried { bytes, moves }
     }
 
     /// What to do before waiting again, given whether the worker is `draining`.
@@ -492,21 +615,24 @@ impl Conn {
 }
 
 /// Serves one connection until the peer closes it, the protocol says to, or the worker drains;
-/// gives it back whole when it is to be handed over. `reserved`: see [`Conn`].
+/// gives it back whole, with the bytes read and not yet decoded, when it is to be handed over.
+/// `reserved`: see [`Conn`]; `carried`: the bytes its previous owner read.
 pub(crate) async fn serve<Rd, Wr>(
     mut rd: Rd,
     mut wr: Wr,
     worker: Arc<Worker>,
     reserved: Option<Room>,
     fresh: bool,
+    carried: Carried,
     alive: Alive,
-) -> Option<(Rd, Wr)>
+) -> Option<(Rd, Wr, Carried)>
 where
     Rd: AsyncRead + Unpin,
     Wr: AsyncWrite + Unpin,
 {
     let now = Instant::now();
-    let mut conn = Conn::new(worker.rules(), reserved, now);
+    let mut conn = Conn::new(worker.rules(), reserved, &carried, now);
+    drop(carried);
     if fresh {
         conn = conn.accepted(now);
     }
@@ -526,7 +652,26 @@ where
     let keepalive = tokio::time::sleep(worker.settings.keepalive_timeout);
     tokio::pin!(drain_starts, migrate, read_timer, request_timer, keepalive);
     loop {
+        // A request that would wait here behind a long one goes to a worker with room.
+        let place = conn.place(
+            Instant::now(),
+            || worker.rooms.has_room(),
+            || worker.board.other_idle(worker.slot),
+        );
+        if place == Place::Elsewhere {
+            tracing::debug!(
+                pid = std::process::id(),
+                carried = conn.buf.len(),
+                moves = conn.moves,
+                "no room for a request: its connection moves to a worker with room"
+            );
+            let carried = conn.take_read();
+            return Some((rd, wr, carried));
+        }
         loop {
+            if place != Place::Here {
+                break;
+            }
             match conn.next_request() {
                 Ok(Some(Arrived::Request(req))) => {
                     start_request(&worker, &mut conn, req, &out_tx, &alive)
@@ -575,6 +720,7 @@ where
                 _ = &mut drain_starts, if conn.idle() && !conn.drain_seen => conn.on_drain_started(),
                 () = sleep_until_opt(conn.quiet_until), if conn.idle() && conn.quiet_until.is_some() => Next::Close,
                 () = &mut migrate, if conn.may_migrate() => Next::HandOver,
+                () = sleep_until_opt(conn.recheck_at), if conn.recheck_at.is_some() => Next::Continue,
             },
             decided => decided,
         };
@@ -585,7 +731,10 @@ where
                 linger(&mut rd, &mut wr).await;
                 return None;
             }
-            Next::HandOver => return Some((rd, wr)),
+            Next::HandOver => {
+                let carried = conn.take_read();
+                return Some((rd, wr, carried));
+            }
         }
     }
 }

@@ -18,7 +18,6 @@ mod rooms;
 mod run;
 mod status;
 
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
@@ -330,7 +329,7 @@ async fn until_drained(worker: Arc<Worker>, listeners: Vec<ListenerSocket>) -> s
         Arc::clone(&worker),
         alive.clone(),
     ));
-    tokio::spawn(accept::receive_passed(Arc::clone(&worker), alive));
+    let receiving = tokio::spawn(accept::receive_passed(Arc::clone(&worker), alive));
     let slot = worker.board.slot(worker.slot);
     slot.set_pid(std::process::id() as i32);
     slot.set_state(SlotState::Idle, clock::now());
@@ -344,15 +343,9 @@ async fn until_drained(worker: Arc<Worker>, listeners: Vec<ListenerSocket>) -> s
     drop(accepting);
     // Every connection and request holds an `Alive`: when the last has finished, this returns.
     let _ = all_gone.recv().await;
-    // Connections the master passed while this worker was starting to drain go back to it
-    // rather than die with this process.
-    if let Some(channel) = &worker.handover {
-        while let Ok(passed) = crate::passing::recv(channel.as_fd()) {
-            if let Some(fd) = passed {
-                let _ = crate::passing::send(channel.as_fd(), fd.as_fd());
-            }
-        }
-    }
+    // Connections the master passed while this worker was starting to drain go back to it.
+    let inbox = receiving.await.unwrap_or_default();
+    accept::give_back(&worker, inbox);
     Ok(())
 }
 

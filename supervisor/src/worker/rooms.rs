@@ -100,6 +100,12 @@ impl<T> Rooms<T> {
         (self.start)(job, Room::new(self));
     }
 
+    /// Whether a request arriving now would start at once: a room is free, or parked by the
+    /// accept loop. One lock, no wait: asked for every request that reaches an idle connection.
+    pub(crate) fn has_room(&self) -> bool {
+        self.lock().is_some_and(|s| s.free > 0 || s.parked)
+    }
+
     /// A free room, for the accept loop; waits until one is free. Nothing is taken until it
     /// returns, so dropping it loses no room.
     pub(crate) async fn acquire(self: &Arc<Self>) -> Option<Room<T>> {

@@ -92,7 +92,7 @@ fn serve_one(conn: &mut Conn, keep_conn: bool, now: Instant, draining: bool) {
 #[test]
 fn an_idle_connection_closes_keepalive_timeout_after_its_last_answer() {
     let t0 = Instant::now();
-    let mut conn = Conn::new(rules(true), None, t0);
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), t0);
     let answered = t0 + Duration::from_secs(3);
     serve_one(&mut conn, true, answered, false);
     assert_eq!(conn.decide(answered, false), Next::Continue);
@@ -111,7 +111,7 @@ fn an_idle_connection_closes_keepalive_timeout_after_its_last_answer() {
 #[test]
 fn a_draining_worker_hands_an_idle_connection_over() {
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), None, now);
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
     serve_one(&mut conn, true, now, false);
     assert_eq!(conn.decide(now, true), Next::HandOver);
 }
@@ -119,7 +119,7 @@ fn a_draining_worker_hands_an_idle_connection_over() {
 #[test]
 fn a_draining_worker_without_a_channel_closes_an_idle_connection_after_a_quiet_moment() {
     let now = Instant::now();
-    let mut conn = Conn::new(rules(false), None, now);
+    let mut conn = Conn::new(rules(false), None, &Carried::default(), now);
     serve_one(&mut conn, true, now, false);
     assert_eq!(conn.decide(now, true), Next::Continue, "not closed at once");
     assert_eq!(conn.quiet_until, Some(now + DRAIN_QUIET));
@@ -131,7 +131,7 @@ fn a_draining_worker_without_a_channel_closes_an_idle_connection_after_a_quiet_m
 #[test]
 fn a_request_in_the_quiet_moment_is_served_then_the_connection_closes() {
     let now = Instant::now();
-    let mut conn = Conn::new(rules(false), None, now);
+    let mut conn = Conn::new(rules(false), None, &Carried::default(), now);
     assert_eq!(conn.decide(now, true), Next::Continue);
     serve_one(&mut conn, true, now, true);
     assert_eq!(conn.decide(now, true), Next::Close);
@@ -141,7 +141,7 @@ fn a_request_in_the_quiet_moment_is_served_then_the_connection_closes() {
 fn a_draining_worker_serves_the_first_request_of_a_connection_it_reserved_room_for() {
     let rooms = rooms(1);
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), now);
+    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), &Carried::default(), now);
     assert_eq!(conn.decide(now, true), Next::Continue);
     assert_eq!(conn.quiet_until, None);
     receive(&mut conn, &request(1, true, b""));
@@ -159,7 +159,7 @@ fn a_draining_worker_serves_the_first_request_of_a_connection_it_reserved_room_f
 fn a_busy_migrate_notification_moves_only_an_idle_connection() {
     let rooms = rooms(1);
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), now);
+    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), &Carried::default(), now);
     assert!(
         !conn.may_migrate(),
         "its first request is still to come, in its room"
@@ -174,15 +174,162 @@ fn a_busy_migrate_notification_moves_only_an_idle_connection() {
     write_all(&mut conn);
     assert!(conn.may_migrate());
     assert!(
-        !Conn::new(rules(false), None, now).may_migrate(),
+        !Conn::new(rules(false), None, &Carried::default(), now).may_migrate(),
         "no channel to move it by"
     );
+}
+
+/// What a connection brings whose request moved `moves` times.
+fn moved(bytes: &[u8], moves: u8) -> Carried {
+    Carried {
+        bytes: Bytes::copy_from_slice(bytes),
+        moves,
+    }
+}
+
+/// Whether `conn` moves given room here and elsewhere.
+fn moves(conn: &mut Conn, room_here: bool, room_elsewhere: bool) -> bool {
+    conn.place(Instant::now(), || room_here, || room_elsewhere) == Place::Elsewhere
+}
+
+#[test]
+fn a_request_at_an_idle_connection_without_room_moves_with_its_bytes_to_room_elsewhere() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    serve_one(&mut conn, true, now, false);
+    assert!(!moves(&mut conn, false, true), "nothing arrived yet");
+    let wire = request(2, true, b"next");
+    receive(&mut conn, &wire);
+    assert!(moves(&mut conn, false, true));
+    let carried = conn.take_read();
+    assert_eq!(&carried.bytes[..], &wire[..], "every byte read goes along");
+    assert_eq!(carried.moves, 1, "its first move");
+    // Half a request moves as well: the rest waits in the socket for the next owner.
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    receive(&mut conn, &wire[..3]);
+    assert!(moves(&mut conn, false, true));
+}
+
+#[test]
+fn a_request_with_room_here_or_none_elsewhere_is_served_here() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    receive(&mut conn, &request(1, true, b""));
+    assert!(!moves(&mut conn, true, true), "a room is free here");
+    assert!(
+        !moves(&mut conn, false, false),
+        "no other worker has room either"
+    );
+    let rooms = rooms(1);
+    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), &Carried::default(), now);
+    receive(&mut conn, &request(1, true, b""));
+    assert!(
+        !moves(&mut conn, false, true),
+        "its room was reserved at accept"
+    );
+}
+
+#[test]
+fn a_connection_with_a_request_under_way_or_without_a_channel_is_served_here() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    receive(&mut conn, &request(1, true, b"body"));
+    let (_id, _body) = take_request(&mut conn);
+    receive(&mut conn, &request(2, true, b""));
+    assert!(!moves(&mut conn, false, true), "request 1 is active on it");
+    let mut conn = Conn::new(rules(false), None, &Carried::default(), now);
+    receive(&mut conn, &request(1, true, b""));
+    assert!(!moves(&mut conn, false, true), "no channel to move it by");
+    // BEGIN_REQUEST decoded, its params still to come: the core holds part of the request.
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    let wire = request(1, true, b"body");
+    let begin = fcgi::record::HEADER_LEN + 8;
+    receive(&mut conn, &wire[..begin + 1]);
+    assert!(conn.next_request().expect("well-formed").is_none());
+    assert!(!moves(&mut conn, false, true));
+}
+
+#[test]
+fn a_request_that_finds_no_room_anywhere_looks_again_a_few_times_then_queues_here() {
+    let t0 = Instant::now();
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), t0);
+    receive(&mut conn, &request(1, true, b""));
+    let mut now = t0;
+    let mut waits = Vec::new();
+    loop {
+        match conn.place(now, || false, || false) {
+            Place::Wait => {
+                let at = conn.recheck_at.expect("a moment to look again");
+                assert_eq!(
+                    conn.place(at - Duration::from_micros(1), || panic!(), || panic!()),
+                    Place::Wait,
+                    "nothing is asked before that moment"
+                );
+                waits.push(at - now);
+                now = at;
+            }
+            Place::Here => break,
+            Place::Elsewhere => panic!("no room elsewhere"),
+        }
+    }
+    let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+    assert_eq!(ms, [1, 2, 4]);
+    assert!(
+        conn.next_request().expect("well-formed").is_some(),
+        "decoded here"
+    );
+    // A look that finds room elsewhere moves it.
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), t0);
+    receive(&mut conn, &request(1, true, b""));
+    assert_eq!(conn.place(t0, || false, || false), Place::Wait);
+    let at = conn.recheck_at.expect("a moment to look again");
+    assert_eq!(conn.place(at, || false, || true), Place::Elsewhere);
+}
+
+#[test]
+fn a_request_over_the_carried_bound_is_served_here() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    receive(&mut conn, &vec![0u8; MAX_CARRIED + 1]);
+    assert!(!moves(&mut conn, false, true));
+}
+
+#[test]
+fn a_request_moves_a_bounded_number_of_times_and_its_connection_may_move_again_later() {
+    let now = Instant::now();
+    let wire = request(1, true, b"body");
+    // Moved once, it lands on a worker that filled up meanwhile: it moves on, counted.
+    let mut conn = Conn::new(rules(true), None, &moved(&wire, 1), now);
+    assert!(moves(&mut conn, false, true));
+    let carried = conn.take_read();
+    assert_eq!((&carried.bytes[..], carried.moves), (&wire[..], 2));
+    let mut conn = Conn::new(rules(true), None, &moved(&wire, MAX_MOVES), now);
+    assert!(
+        !moves(&mut conn, false, true),
+        "moved as often as a request may"
+    );
+    let (id, _body) = take_request(&mut conn);
+    answer(&mut conn, id, now, false);
+    write_all(&mut conn);
+    receive(&mut conn, &request(2, true, b""));
+    assert!(
+        moves(&mut conn, false, true),
+        "the next request is a new one"
+    );
+    // Carried bytes that are only part of the request keep it here for the rest.
+    let mut conn = Conn::new(rules(true), None, &moved(&wire[..3], MAX_MOVES), now);
+    receive(&mut conn, &wire[3..]);
+    assert!(!moves(&mut conn, false, true));
+    assert!(matches!(
+        conn.next_request().expect("well-formed"),
+        Some(Arrived::Request(_))
+    ));
 }
 
 #[test]
 fn a_finished_connection_whose_input_was_all_read_closes_at_once() {
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), None, now);
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
     serve_one(&mut conn, false, now, false);
     assert_eq!(conn.decide(now, false), Next::Close);
 }
@@ -190,7 +337,7 @@ fn a_finished_connection_whose_input_was_all_read_closes_at_once() {
 #[test]
 fn a_finished_connection_whose_client_still_sends_lingers() {
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), None, now);
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
     let mut wire = request(1, false, b"");
     // Cut before the end of STDIN: the client is still sending a body nobody reads.
     wire.truncate(wire.len() - fcgi::record::HEADER_LEN);
@@ -210,7 +357,8 @@ fn a_finished_connection_whose_client_still_sends_lingers() {
 fn the_first_request_grace_gives_the_reserved_room_back() {
     let rooms = rooms(1);
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), Some(reserve(&rooms)), now).accepted(now);
+    let mut conn =
+        Conn::new(rules(true), Some(reserve(&rooms)), &Carried::default(), now).accepted(now);
     let mut cx = Context::from_waker(Waker::noop());
     let mut acquire = pin!(rooms.acquire());
     assert!(
@@ -234,7 +382,7 @@ fn the_first_request_grace_gives_the_reserved_room_back() {
 #[test]
 fn a_connection_that_never_completes_a_request_is_closed_at_the_read_timeout() {
     let now = Instant::now();
-    let mut silent = Conn::new(rules(true), None, now).accepted(now);
+    let mut silent = Conn::new(rules(true), None, &Carried::default(), now).accepted(now);
     assert_eq!(silent.decide(now, false), Next::Continue);
     assert!(
         silent.read_timer_armed(),
@@ -242,7 +390,7 @@ fn a_connection_that_never_completes_a_request_is_closed_at_the_read_timeout() {
     );
     assert_eq!(silent.on_read_timer(now + READ_TIMEOUT), Timer::Expired);
 
-    let mut partial = Conn::new(rules(true), None, now).accepted(now);
+    let mut partial = Conn::new(rules(true), None, &Carried::default(), now).accepted(now);
     receive(&mut partial, &request(1, true, b"")[..3]);
     assert!(partial
         .next_request()
@@ -261,7 +409,7 @@ fn a_connection_that_never_completes_a_request_is_closed_at_the_read_timeout() {
 #[test]
 fn a_kept_alive_connection_is_timed_from_the_first_byte_of_its_next_request() {
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), None, now).accepted(now);
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now).accepted(now);
     serve_one(&mut conn, true, now, false);
     assert_eq!(conn.decide(now, false), Next::Continue);
     assert!(
@@ -310,7 +458,7 @@ fn answered(conn: &mut Conn, id: u16) -> fcgi::client::Response {
 fn a_request_past_its_timeout_is_answered_504_and_its_late_output_dropped() {
     let now = Instant::now();
     let clock = Duration::from_secs(100);
-    let mut conn = Conn::new(rules(true), None, now);
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
     let (id, _body, started) = run_tracked(&mut conn);
     assert!(conn.request_timer_armed());
     assert_eq!(
@@ -348,7 +496,7 @@ fn a_request_past_its_timeout_is_answered_504_and_its_late_output_dropped() {
 #[test]
 fn a_request_that_had_sent_part_of_its_answer_ends_with_what_it_sent() {
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), None, now);
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
     let (id, _body, started) = run_tracked(&mut conn);
     started.store(1, Ordering::Release);
     let mut head = BytesMut::new();
@@ -363,7 +511,7 @@ fn a_request_that_had_sent_part_of_its_answer_ends_with_what_it_sent() {
 #[test]
 fn a_peer_that_closes_an_idle_connection_is_closed() {
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), None, now);
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
     assert_eq!(conn.on_read(Ok(0)), Next::Continue);
     assert!(!conn.may_read());
     assert_eq!(conn.decide(now, false), Next::Close);
@@ -372,7 +520,7 @@ fn a_peer_that_closes_an_idle_connection_is_closed() {
 #[test]
 fn a_record_cut_off_by_the_peer_closing_closes_at_once() {
     let now = Instant::now();
-    let mut conn = Conn::new(rules(true), None, now);
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
     receive(&mut conn, &request(1, true, b"")[..5]);
     assert_eq!(conn.on_read(Ok(0)), Next::Close);
 }
@@ -390,6 +538,7 @@ fn a_body_chunk_without_room_pauses_reading_until_the_handler_reads() {
             ..rules(true)
         },
         None,
+        &Carried::default(),
         now,
     );
     let body = vec![b'x'; 3 * fcgi::record::MAX_ALIGNED_CONTENT_LEN];
