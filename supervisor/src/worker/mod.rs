@@ -13,6 +13,7 @@ mod inline;
 mod output;
 mod rooms;
 mod run;
+mod service;
 mod status;
 
 use std::os::fd::AsFd;
@@ -32,6 +33,7 @@ use crate::Responder;
 use inline::Inline;
 use rooms::Rooms;
 use run::{Job, Recycle, Waiting};
+pub(crate) use service::ServiceApp;
 
 /// Everything a worker needs to know, decided by the master before the fork.
 #[derive(Debug, Clone)]
@@ -43,6 +45,8 @@ pub(crate) struct Settings {
     pub recycle: Recycle,
     pub status: status::Paths,
     pub access_log: bool,
+    /// `request_timeout`: an async service's future is dropped and answered 504 at it.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -57,6 +61,7 @@ impl Settings {
                 ..fcgi::Limits::default()
             },
             access_log: cfg.access_log,
+            request_timeout: cfg.request_timeout,
             status: status::Paths {
                 status: cfg.status_path.clone(),
                 ping: cfg.ping_path.clone(),
@@ -77,11 +82,34 @@ impl Settings {
     }
 }
 
+/// What the master hands each worker at the fork: a [`Responder`], or an async service's
+/// setup (`service.rs`).
+pub(crate) trait Application: Send + Sync + 'static {
+    /// What serves this worker's requests, made right after the fork, on its runtime.
+    fn for_worker(self: Arc<Self>, runtime: &tokio::runtime::Runtime) -> Result<Handler, String>;
+}
+
+impl<R: Responder> Application for R {
+    fn for_worker(self: Arc<Self>, _: &tokio::runtime::Runtime) -> Result<Handler, String> {
+        self.init_worker()
+            .map_err(|why| format!("worker init failed: {why}"))?;
+        Ok(Handler::Blocking(self))
+    }
+}
+
+/// What runs a worker's requests.
+pub(crate) enum Handler {
+    /// A blocking [`Responder`], on the I/O thread or a handler thread (`run.rs`).
+    Blocking(Arc<dyn Responder>),
+    /// An async service, on the worker's runtime (`service.rs`).
+    Service(Arc<dyn service::Serve>),
+}
+
 /// What every part of a worker shares: its settings, the application, its scoreboard slot, the
 /// room for requests, the two ways a request runs, and the drain. Built once, after the fork.
 pub(crate) struct Worker {
     pub settings: Settings,
-    pub app: Arc<dyn Responder>,
+    pub app: Handler,
     pub board: Arc<Scoreboard>,
     /// This worker's slot in the scoreboard.
     pub slot: usize,
@@ -117,7 +145,7 @@ impl Worker {
     /// The worker, and the receiving end of its handler threads' queue.
     fn new(
         settings: Settings,
-        app: Arc<dyn Responder>,
+        app: Handler,
         board: Arc<Scoreboard>,
         runtime: tokio::runtime::Handle,
         handover: Option<Arc<tokio::net::UnixStream>>,
@@ -185,7 +213,7 @@ impl Alive {
 }
 
 /// Runs the worker and exits the process; never returns.
-pub(crate) fn run<R: Responder>(
+pub(crate) fn run<R: Application>(
     app: Arc<R>,
     listeners: Vec<ListenerSocket>,
     board: Arc<Scoreboard>,
@@ -202,7 +230,7 @@ pub(crate) fn run<R: Responder>(
     std::process::exit(code)
 }
 
-fn serve<R: Responder>(
+fn serve<R: Application>(
     app: Arc<R>,
     listeners: Vec<ListenerSocket>,
     board: Arc<Scoreboard>,
@@ -212,14 +240,12 @@ fn serve<R: Responder>(
     if !set_up_process()? {
         return Ok(());
     }
-    if let Err(why) = app.init_worker() {
-        return Err(std::io::Error::other(format!("worker init failed: {why}")));
-    }
     let runtime = Arc::new(
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?,
     );
+    let app = app.for_worker(&runtime).map_err(std::io::Error::other)?;
     let handover = match channel {
         Some(c) => {
             c.set_nonblocking(true)?;
@@ -228,9 +254,16 @@ fn serve<R: Responder>(
         }
         None => None,
     };
-    let cap = settings.max_in_flight.max(1);
+    // An async service runs on the runtime: no handler threads.
+    let handlers = match &app {
+        Handler::Blocking(_) => settings.max_in_flight.max(1),
+        Handler::Service(_) => 0,
+    };
     let (worker, jobs) = Worker::new(settings, app, board, runtime.handle().clone(), handover);
-    run::spawn_handlers(cap, jobs, &worker)?;
+    run::spawn_handlers(handlers, jobs, &worker)?;
+    if let Handler::Service(serve) = &worker.app {
+        service::watchdog(&worker, serve)?;
+    }
     {
         let (inline, runtime) = (Arc::clone(&worker.inline), Arc::clone(&runtime));
         std::thread::Builder::new()
