@@ -361,3 +361,161 @@ fn rss_kb(pid: i32) -> Option<usize> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
+
+#[test]
+fn a_tower_http_layer_works_unchanged() {
+    both(|keep| {
+        let dir = TempDir::new("axum-layer");
+        let app = App::start_binary(&dir, &bin_path("axum-layered"), &["--workers", "1"], &[]);
+        app.wait_for_workers(1);
+        let nginx = Nginx::start(&dir, &format!("unix:{}", app.unix_path().display()), keep);
+        let r = http::get(nginx.port(), "/hello").expect("/hello");
+        assert_eq!((r.status, &r.body[..]), (200, &b"Hello from a layer\n"[..]));
+        assert_eq!(r.header("x-layer"), Some("tower-http"), "keep_conn {keep}");
+    });
+}
+
+#[test]
+fn a_handler_that_blocks_its_thread_past_request_timeout_costs_its_worker() {
+    let dir = TempDir::new("axum-block");
+    let app = start(
+        &dir,
+        &[
+            "--workers",
+            "1",
+            "--request-timeout",
+            "1s",
+            "--request-timeout-grace",
+            "1s",
+        ],
+    );
+    app.wait_for_workers(1);
+    let addr = app.unix();
+    let pid = fetch_pid(Via::Fcgi(&addr)).expect("/pid");
+    let t = Instant::now();
+    let answer = e2e::fcgi_request(&addr, "GET", "/block?ms=30000", b"");
+    let took = t.elapsed();
+    eprintln!("/block?ms=30000 with request_timeout 1s: {answer:?} after {took:?}");
+    assert!(answer.is_err() || answer.is_ok_and(|r| r.status() >= 500));
+    assert!(
+        took < Duration::from_secs(10),
+        "the worker was ended: {took:?}"
+    );
+    app.wait_for_workers(1);
+    wait_until(Duration::from_secs(10), "a new worker serves", || {
+        fetch_pid(Via::Fcgi(&addr)).is_ok_and(|p| p != pid)
+    });
+}
+
+#[test]
+fn a_large_response_read_slowly_keeps_the_worker_small() {
+    // 200 MB (1 GB takes too long for the suite) read at a few MB a second at first.
+    use std::io::{Read, Write};
+    let dir = TempDir::new("axum-slow");
+    let app = start(&dir, &["--workers", "1"]);
+    app.wait_for_workers(1);
+    let worker = worker_pids(app.pid())[0];
+    let nginx = Nginx::start(&dir, &format!("unix:{}", app.unix_path().display()), true);
+    let size: u64 = 200 << 20;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", nginx.port())).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /big?bytes={size} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut got, mut peak_kb) = (0u64, 0usize);
+    let started = Instant::now();
+    loop {
+        let n = s.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        // Slow for the first 2 seconds (about 3 MB/s), then as fast as it comes.
+        if started.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(kb) = rss_kb(worker) {
+            peak_kb = peak_kb.max(kb);
+        }
+    }
+    assert!(got > size, "headers and {size} bytes: {got}");
+    eprintln!(
+        "200 MB response read slowly: worker peak RSS {} MB",
+        peak_kb / 1024
+    );
+    assert!(
+        peak_kb / 1024 < 64,
+        "worker RSS peaked at {} MB",
+        peak_kb / 1024
+    );
+}
+
+#[test]
+fn reloads_and_upgrades_with_async_requests_in_flight_fail_no_request() {
+    let dir = TempDir::new("axum-reload");
+    let app = start(&dir, &["--workers", "2"]);
+    app.wait_for_workers(2);
+    let nginx = Nginx::start(&dir, &format!("unix:{}", app.unix_path().display()), true);
+    let master = app.pid();
+    let port = nginx.port();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..6)
+        .map(|c| {
+            let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
+            std::thread::spawn(move || {
+                for _ in 0..5000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (path, body) = if c < 3 {
+                        ("/sleep?ms=300", &b"slept 300\n"[..])
+                    } else {
+                        ("/hello", &b"Hello, world!\n"[..])
+                    };
+                    let r = http::get(port, path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                    assert_eq!(
+                        (r.status, &r.body[..]),
+                        (200, body),
+                        "{path} during a reload"
+                    );
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for (round, sig) in [
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGUSR2,
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGUSR2,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let old: std::collections::BTreeSet<i32> = worker_pids(master).into_iter().collect();
+        app.signal(sig);
+        wait_until(
+            Duration::from_secs(30),
+            &format!("round {round} ({sig:?})"),
+            || {
+                let now: std::collections::BTreeSet<i32> =
+                    worker_pids(master).into_iter().collect();
+                now.len() == 2 && now.is_disjoint(&old)
+            },
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join()
+            .expect("every request during the reloads succeeded");
+    }
+    eprintln!(
+        "{} requests through 2 reloads and 2 upgrades with sleeps in flight, none failed",
+        sent.load(Ordering::Relaxed)
+    );
+}

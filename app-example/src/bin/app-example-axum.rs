@@ -1,6 +1,6 @@
 //! The example application as an axum `Router`, served by the pool with `supervisor::serve`:
 //! the routes of the blocking example (`/hello`, `/echo`, `/env`, `/sleep?ms=N`, `/big?bytes=N`,
-//! `/pid`, `/panic`, `/crash`), plus extractors (`/users/{id}` with `State`, `Path` and `Json`;
+//! `/pid`, `/panic`, `/crash`; `/block?ms=N` blocks the thread, as a handler must not), plus extractors (`/users/{id}` with `State`, `Path` and `Json`;
 //! `/whoami` with `Host`, `ConnectInfo`, `OriginalUri` and `Query`) and `/count`, which consumes
 //! a request body as it arrives.
 //!
@@ -55,6 +55,7 @@ fn router() -> Router {
         )
         .route("/panic", get(panic_route))
         .route("/crash", get(crash))
+        .route("/block", get(block))
         .route("/users/{id}", post(user))
         .route("/whoami", get(whoami))
         .with_state(state)
@@ -185,6 +186,13 @@ impl http_body::Body for Pattern {
 
 async fn panic_route() -> &'static str {
     panic!("/panic was requested")
+}
+
+/// Blocks the worker's thread (what a handler must never do): its event loop stops, and only
+/// the master's request timeout can end it.
+async fn block(Query(q): Query<SleepQuery>) -> String {
+    std::thread::sleep(Duration::from_millis(q.ms));
+    format!("blocked {}\n", q.ms)
 }
 
 async fn crash() -> &'static str {
