@@ -280,6 +280,20 @@ fn a_thousand_async_sleeps_on_two_workers_while_status_and_ping_answer() {
             assert_eq!(status, 200, "{uri}");
             worst = worst.max(t.elapsed());
         }
+        // The status page shows each worker's requests in flight and the oldest one.
+        let (_, page) = fcgi_get(&addr, "/status?json&full").await.expect("status");
+        let page: serde_json::Value = serde_json::from_slice(&page).expect("status JSON");
+        let busy: Vec<&serde_json::Value> = page["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .filter(|p| p["requests in flight"].as_u64().unwrap_or(0) > 0)
+            .collect();
+        assert!(!busy.is_empty(), "{page}");
+        for p in &busy {
+            assert_eq!(p["request URI"], "/sleep?ms=500", "{p}");
+            assert!(p["request duration"].as_u64().unwrap_or(0) > 100_000, "{p}");
+        }
         for t in tasks {
             let (status, body) = t.await.expect("task").expect("answer");
             assert_eq!((status, &body[..]), (200, &b"slept 500\n"[..]));
