@@ -30,9 +30,11 @@
 //!   notification, the signal table, and the pure policies.
 //! - `worker/`: a forked worker. A current-thread tokio runtime plus handler threads; it never
 //!   forks. Accepting, one FastCGI connection, the room queue, running a request, the I/O
-//!   thread's inline runner, and the status page.
-//! - `app/`: what the application sees: [`Request`], [`Response`], [`Body`], and the body
-//!   streams. No runtime, no scoreboard.
+//!   thread's inline runner, running an async service's requests (`service`), and the status
+//!   page.
+//! - `app/`: what the application sees: [`Request`], [`Response`], [`Body`], the body
+//!   streams, and for an async service the `http::Request` mapping ([`HttpRequest`],
+//!   [`RequestBody`]). No runtime, no scoreboard.
 //! - `config/`: the operator's surface, each key declared once, validated once.
 //! - Shared leaves: `scoreboard` (the shared-memory table), `listener` (bind or adopt),
 //!   `passing` (SCM_RIGHTS), `logging`, `clock`, and `sys`, the only module with `unsafe`.
@@ -49,6 +51,11 @@
 //! connections held for free. Async code runs by building a runtime inside the handler
 //! (`tokio::runtime::Builder::new_current_thread()`), or by calling into one the app keeps per
 //! worker.
+//!
+//! An async service ([`serve`], [`serve_with`]: an axum `Router`, any tower `Service`) runs on
+//! the worker's runtime instead: one task per request, up to `max_requests_in_flight` at once
+//! (256 by default for a service), no handler threads. A panic in it answers 500;
+//! `request_timeout` drops its future and answers 504.
 //!
 //! A panic in `respond` is caught: the request is answered `500 Internal Server Error`, the
 //! panic is logged, and the worker keeps serving (unwinding must stay enabled: with

@@ -171,12 +171,12 @@ impl InFlight {
         key
     }
 
-    /// Counts a request out; the slot goes on showing the oldest still running.
+    /// Counts a request out; the slot goes on showing the oldest still running (`end_request`
+    /// moved its start to now).
     fn end(&mut self, slot: &Slot<'_>, key: u64, duration: Duration, cap: u32, now: Duration) {
-        let was_oldest = self.running.first_key_value().map(|(k, _)| *k) == Some(key);
         self.running.remove(&key);
         slot.end_request(duration, cap, now);
-        if let (true, Some((_, o))) = (was_oldest, self.running.first_key_value()) {
+        if let Some((_, o)) = self.running.first_key_value() {
             slot.show_request(o.method.as_str(), &o.uri, o.content_length, o.started);
         }
     }
@@ -456,4 +456,157 @@ pub(crate) fn watchdog(worker: &Arc<Worker>, serve: &Arc<dyn Serve>) -> std::io:
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scoreboard::Scoreboard;
+    use fcgi::client::{read_response, Response as Answer};
+    use std::convert::Infallible;
+
+    const T0: Duration = Duration::from_secs(100);
+
+    fn shown(uri: &str, started: Duration) -> Shown {
+        Shown {
+            method: http::Method::GET,
+            uri: uri.into(),
+            content_length: 0,
+            started,
+        }
+    }
+
+    #[test]
+    fn the_slot_shows_the_oldest_request_in_flight() {
+        let board = Scoreboard::new(1).expect("map");
+        let slot = board.slot(0);
+        slot.reset(1, T0);
+        let mut f = InFlight::default();
+        let s = Duration::from_secs;
+        let a = f.begin(&slot, shown("/a", T0 + s(1)), 256);
+        let b = f.begin(&slot, shown("/b", T0 + s(2)), 256);
+        let c = f.begin(&slot, shown("/c", T0 + s(3)), 256);
+        let snap = slot.snapshot();
+        assert_eq!(
+            (snap.uri.as_str(), snap.since, snap.in_flight),
+            ("/a", T0 + s(1), 3)
+        );
+        // A younger one ends: the oldest stays shown.
+        f.end(&slot, b, s(1), 256, T0 + s(4));
+        let snap = slot.snapshot();
+        assert_eq!(
+            (snap.uri.as_str(), snap.since, snap.in_flight),
+            ("/a", T0 + s(1), 2)
+        );
+        // The oldest ends: the next oldest is shown, with its own start.
+        f.end(&slot, a, s(4), 256, T0 + s(5));
+        let snap = slot.snapshot();
+        assert_eq!(
+            (snap.uri.as_str(), snap.since, snap.in_flight),
+            ("/c", T0 + s(3), 1)
+        );
+        assert_eq!(f.oldest(), Some(T0 + s(3)));
+        f.end(&slot, c, s(3), 256, T0 + s(6));
+        assert_eq!(f.oldest(), None);
+        assert_eq!(slot.snapshot().in_flight, 0);
+    }
+
+    /// A service answering with a body of `frames` frames of `size` bytes each.
+    #[derive(Clone)]
+    struct Frames {
+        frames: usize,
+        size: usize,
+    }
+
+    struct FramesBody(usize, usize);
+
+    impl http_body::Body for FramesBody {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+            if self.0 == 0 {
+                return Poll::Ready(None);
+            }
+            self.0 -= 1;
+            Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![
+                b'x';
+                self.1
+            ])))))
+        }
+    }
+
+    impl Service<HttpRequest> for Frames {
+        type Response = http::Response<FramesBody>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: HttpRequest) -> Self::Future {
+            if req.uri().path() == "/panic" {
+                panic!("asked to");
+            }
+            std::future::ready(Ok(http::Response::new(FramesBody(self.frames, self.size))))
+        }
+    }
+
+    /// Runs `respond` for one request and decodes what it sent as a client would.
+    async fn answer(service: Frames, path: &str) -> (Result<(), ()>, Progress, Answer, usize) {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let mut progress = Progress::default();
+        let req = http::Request::builder()
+            .uri(path)
+            .body(crate::app::http::RequestBody::empty())
+            .expect("request");
+        let done = CatchUnwind(Box::pin(respond(service, req, 1, &tx, &mut progress)))
+            .await
+            .map_err(|_| ());
+        drop(tx);
+        let (mut wire, mut chunks) = (BytesMut::new(), 0);
+        while let Some(out) = rx.recv().await {
+            match out {
+                Out::Chunk(records) => {
+                    chunks += 1;
+                    wire.extend_from_slice(&records);
+                }
+                Out::Last(_, tail) => wire.extend_from_slice(&tail),
+            }
+        }
+        fcgi::record::encode_end_request(1, 0, fcgi::ProtocolStatus::RequestComplete, &mut wire);
+        let mut answer = Answer::default();
+        if done.is_ok() {
+            assert!(read_response(&mut wire, 1, &mut answer).expect("well-formed"));
+        }
+        (done, progress, answer, chunks)
+    }
+
+    #[tokio::test]
+    async fn frames_are_sent_as_records_with_the_head_first() {
+        let (done, progress, answer, chunks) = answer(
+            Frames {
+                frames: 5,
+                size: 30_000,
+            },
+            "/",
+        )
+        .await;
+        assert!(done.is_ok());
+        assert!(progress.head_sent && progress.ended);
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.body().len(), 150_000);
+        // 90,000 bytes were ready at once: a full record's worth went ahead of the tail.
+        assert!(chunks >= 1, "sent as it came, not whole: {chunks} chunks");
+        assert_eq!(answer.header("content-length"), None, "no exact size hint");
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_call_is_caught_before_anything_is_sent() {
+        let (done, progress, _, chunks) = answer(Frames { frames: 1, size: 1 }, "/panic").await;
+        assert!(done.is_err(), "the panic comes back as an error");
+        assert!(!progress.head_sent, "so the caller can still answer 500");
+        assert_eq!(chunks, 0);
+    }
 }
