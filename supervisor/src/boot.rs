@@ -13,7 +13,7 @@ use crate::config::{Cli, Config, ConfigError, ListenAddr};
 use crate::listener::Listener;
 use crate::logging;
 use crate::master::{inherit, Master};
-use crate::Responder;
+use crate::worker::Application;
 
 /// Exit code for a failure to start (setup, sockets, files).
 const EXIT_FAILURE: i32 = 1;
@@ -103,10 +103,12 @@ impl StartError {
     }
 }
 
-/// Starts the server and runs it to the end: the process's exit code.
-pub(crate) fn run<R, E, F>(setup: F) -> i32
+/// Starts the server and runs it to the end: the process's exit code. `serves_async`: the
+/// application is an async service (`serve`), which changes a default
+/// (`max_requests_in_flight`).
+pub(crate) fn run<R, E, F>(setup: F, serves_async: bool) -> i32
 where
-    R: Responder,
+    R: Application,
     E: Display,
     F: FnOnce() -> Result<R, E>,
 {
@@ -116,7 +118,7 @@ where
     if args.next().is_some_and(|first| first == "status") {
         return crate::status_command::run(&program, args);
     }
-    match start(&program, setup) {
+    match start(&program, setup, serves_async) {
         Ok(code) => code,
         Err(e) => {
             e.report(&program);
@@ -125,9 +127,9 @@ where
     }
 }
 
-fn start<R, E, F>(program: &str, setup: F) -> Result<i32, StartError>
+fn start<R, E, F>(program: &str, setup: F, serves_async: bool) -> Result<i32, StartError>
 where
-    R: Responder,
+    R: Application,
     E: Display,
     F: FnOnce() -> Result<R, E>,
 {
@@ -137,6 +139,7 @@ where
         Err(e) => e.exit(),
     };
     cli.inherits_listeners = inherit::will_inherit();
+    cli.serves_async = serves_async;
     let cfg = Config::load(&cli).map_err(StartError::Config)?;
     if cfg.check_config {
         // The application's setup runs too: a binary upgrade checks the new binary this way

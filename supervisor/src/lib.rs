@@ -31,9 +31,10 @@
 //! - `worker/`: a forked worker. A current-thread tokio runtime plus handler threads; it never
 //!   forks. The account, environment and limits it takes on after the fork, accepting, one
 //!   FastCGI connection, the room queue, running a request, the I/O thread's inline runner,
-//!   and the status page.
-//! - `app/`: what the application sees: [`Request`], [`Response`], [`Body`], and the body
-//!   streams. No runtime, no scoreboard.
+//!   running an async service's requests (`service`), and the status page.
+//! - `app/`: what the application sees: [`Request`], [`Response`], [`Body`], the body
+//!   streams, and for an async service the `http::Request` mapping ([`HttpRequest`],
+//!   [`RequestBody`]). No runtime, no scoreboard.
 //! - `config/`: the operator's surface, each key declared once, validated once.
 //! - `status_command`: `<binary> status`, a FastCGI client that prints a running pool's page.
 //! - Shared leaves: `scoreboard` (the shared-memory table), `listener` (bind or adopt),
@@ -51,6 +52,11 @@
 //! connections held for free. Async code runs by building a runtime inside the handler
 //! (`tokio::runtime::Builder::new_current_thread()`), or by calling into one the app keeps per
 //! worker.
+//!
+//! An async service ([`serve`], [`serve_with`]: an axum `Router`, any tower `Service`) runs on
+//! the worker's runtime instead: one task per request, up to `max_requests_in_flight` at once
+//! (256 by default for a service), no handler threads. A panic in it answers 500;
+//! `request_timeout` drops its future and answers 504.
 //!
 //! A panic in `respond` is caught: the request is answered `500 Internal Server Error`, the
 //! panic is logged, and the worker keeps serving (unwinding must stay enabled: with
@@ -78,10 +84,13 @@ pub mod __fork_checks;
 use std::fmt::Display;
 
 pub use app::body::{BodyReader, BodyWriter};
+pub use app::http::{BodyError, HttpRequest, RemoteAddr, RequestBody};
 pub use app::request::Request;
 pub use app::response::{status, text, with_type, Body, Response};
-pub use fcgi::Role;
+pub use fcgi::{Params, Role};
 pub use http;
+pub use http_body;
+use tower_service::Service;
 
 /// The application: one method, called for every request in a worker process, outside its
 /// event loop. Blocking is fine: the event loop goes on without the thread that blocks.
@@ -107,5 +116,75 @@ where
     E: Display,
     F: FnOnce() -> Result<R, E>,
 {
-    std::process::exit(boot::run(setup))
+    std::process::exit(boot::run(setup, false))
+}
+
+/// Runs the server for an async service: an axum `Router` or any tower `Service` taking an
+/// [`HttpRequest`], unchanged. `setup` runs once in the master before the fork, like
+/// [`run`]'s; every worker serves a clone of the service on its own runtime, many requests at
+/// once (`max_requests_in_flight`, 256 by default here). Same command line, configuration,
+/// signals, reloads, upgrades, status page and logs as [`run`]. Exits the process.
+///
+/// ```no_run
+/// use axum::{routing::get, Router};
+///
+/// fn main() {
+///     let app = Router::new().route("/hello", get(|| async { "Hello, world!\n" }));
+///     supervisor::serve(move || Ok::<_, std::convert::Infallible>(app))
+/// }
+/// ```
+pub fn serve<S, B, E, F>(setup: F) -> !
+where
+    F: FnOnce() -> Result<S, E>,
+    E: Display,
+    S: Service<HttpRequest, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_with(setup, |service: S| async move {
+        Ok::<_, std::convert::Infallible>(service)
+    })
+}
+
+/// [`serve`] with a second step per worker: `setup` runs once in the master before the fork;
+/// then each worker, right after it is forked, runs `per_worker` with (its copy of) what
+/// `setup` returned, on its own runtime, and serves the service that returns. The place for
+/// what must not cross `fork`: a database pool, a client with open connections. An error ends
+/// the worker; the master replaces it, backing off if every worker fails the same way.
+///
+/// ```no_run
+/// use axum::{extract::State, routing::get, Router};
+///
+/// #[derive(Clone)]
+/// struct Pool; // a database pool, connected in each worker
+///
+/// fn main() {
+///     supervisor::serve_with(
+///         || Ok::<_, String>("postgres://localhost/app".to_string()),
+///         |url| async move {
+///             let _ = url; // connect here, on the worker's runtime
+///             let pool = Pool;
+///             Ok::<_, String>(Router::new().route("/", get(|State(_): State<Pool>| async { "ok" })).with_state(pool))
+///         },
+///     )
+/// }
+/// ```
+pub fn serve_with<T, E, F, W, Fut, S, E2, B>(setup: F, per_worker: W) -> !
+where
+    F: FnOnce() -> Result<T, E>,
+    E: Display,
+    T: Send + 'static,
+    W: FnOnce(T) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<S, E2>>,
+    E2: Display,
+    S: Service<HttpRequest, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let setup = move || setup().map(|shared| worker::ServiceApp::new(shared, per_worker));
+    std::process::exit(boot::run(setup, true))
 }

@@ -372,6 +372,30 @@ impl Slot<'_> {
         }
     }
 
+    /// Worker (async service): one more request in flight beside the one the slot shows,
+    /// which stays the oldest.
+    pub fn join_request(&self, cap: u32) {
+        let in_flight = self.w[IN_FLIGHT].fetch_add(1, Ordering::AcqRel) + 1;
+        if in_flight >= u64::from(cap) && self.state() != SlotState::Draining {
+            self.set(STATE, SlotState::Busy.code());
+        }
+    }
+
+    /// Worker (async service): the oldest request still in flight, after the one shown ended.
+    pub fn show_request(&self, method: &str, uri: &str, content_length: u64, since: Duration) {
+        self.write_text(method, uri);
+        self.set(CONTENT_LENGTH, content_length);
+        self.set(SINCE, micros(since));
+    }
+
+    /// Worker (async service): its event loop is stuck. Busy, keeping the oldest request's
+    /// start, so the master's request timeout applies to it as to a blocking worker.
+    pub fn mark_stuck(&self) {
+        if self.state() != SlotState::Draining {
+            self.set(STATE, SlotState::Busy.code());
+        }
+    }
+
     /// Worker: a request ended after `duration`.
     pub fn end_request(&self, duration: Duration, cap: u32, now: Duration) {
         let before = self.w[IN_FLIGHT].fetch_sub(1, Ordering::AcqRel);

@@ -61,6 +61,11 @@ impl BodyReader {
         }
     }
 
+    /// The channel and the bytes already taken from it, for the async body (`app/http.rs`).
+    pub(crate) fn into_parts(self) -> (Option<mpsc::Receiver<Bytes>>, Bytes) {
+        (self.rx, self.chunk)
+    }
+
     /// The next chunk as it arrived, without copying; `None` at the end of the body.
     pub fn next_chunk(&mut self) -> Option<Bytes> {
         if !self.chunk.is_empty() {

@@ -4,5 +4,6 @@
 //! a hook it installs (`body.rs`).
 
 pub(crate) mod body;
+pub(crate) mod http;
 pub(crate) mod request;
 pub(crate) mod response;

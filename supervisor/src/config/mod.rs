@@ -402,9 +402,11 @@ struct Recycling {
 /// `max_connections`.
 fn recycling(raw: &Cli) -> Result<Recycling, ConfigError> {
     let max_requests = raw.max_requests.unwrap_or(DEFAULT_MAX_REQUESTS);
-    let in_flight = raw
-        .max_requests_in_flight
-        .unwrap_or(DEFAULT_MAX_REQUESTS_IN_FLIGHT);
+    let in_flight = raw.max_requests_in_flight.unwrap_or(if raw.serves_async {
+        DEFAULT_SERVICE_MAX_REQUESTS_IN_FLIGHT
+    } else {
+        DEFAULT_MAX_REQUESTS_IN_FLIGHT
+    });
     Ok(Recycling {
         max_requests,
         max_requests_jitter: raw

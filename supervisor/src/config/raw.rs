@@ -62,6 +62,12 @@ pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const FD_RESERVE: usize = 64;
 /// Requests one worker runs at once: 1, the classic prefork model (one request per process).
 pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT: usize = 1;
+/// Requests one worker runs at once when the application is an async service (`serve`): a
+/// waiting future costs a few kilobytes, not a thread, so a worker holds hundreds; 256 covers
+/// 1,000 requests a second per worker that each wait 250 ms, while the memory a worker can be
+/// made to buffer (each request's body and output channels, at most a few hundred kilobytes)
+/// stays bounded.
+pub const DEFAULT_SERVICE_MAX_REQUESTS_IN_FLIGHT: usize = 256;
 /// Log format: `text`, for people reading a terminal; `json` is for collectors.
 pub const DEFAULT_LOG_FORMAT: &str = "text";
 /// The body of the ping answer: PHP-FPM's `ping.response`.
@@ -242,6 +248,11 @@ pub struct Cli {
     #[arg(skip)]
     #[serde(skip)]
     pub inherits_listeners: bool,
+    /// The application is an async service (`serve`): `max_requests_in_flight` defaults to
+    /// [`DEFAULT_SERVICE_MAX_REQUESTS_IN_FLIGHT`].
+    #[arg(skip)]
+    #[serde(skip)]
+    pub serves_async: bool,
 }
 
 impl Cli {
@@ -310,6 +321,7 @@ impl Cli {
             config: self.config,
             check_config: self.check_config,
             inherits_listeners: self.inherits_listeners,
+            serves_async: self.serves_async,
         }
     }
 }

@@ -11,7 +11,7 @@ use super::policy::{self, Pool, Resize, Respawn, SlowLog, TimeoutAction, WorkerS
 use super::Master;
 use crate::config::{PoolConfig, PoolMode};
 use crate::scoreboard::{PoolStats, Scoreboard, SlotSnapshot, SlotState};
-use crate::Responder;
+use crate::worker::Application;
 
 /// The policies and what they count between ticks.
 pub(super) struct Policies {
@@ -41,7 +41,7 @@ impl Policies {
     }
 }
 
-impl<R: Responder> Master<R> {
+impl<R: Application> Master<R> {
     /// TTIN / TTOU: the next ticks start or stop the worker.
     pub(super) fn resize(&mut self, direction: Resize) {
         let pool = &mut self.policies.pool;

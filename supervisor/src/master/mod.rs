@@ -33,7 +33,7 @@ use crate::config::{Cli, Config};
 use crate::listener::Listener;
 use crate::scoreboard::{Scoreboard, SlotState};
 use crate::sys::{self, Fork};
-use crate::{worker, Responder};
+use crate::worker::{self, Application};
 use forward::Forwarding;
 use inherit::{AdoptedWorker, Inherited};
 use maintain::Policies;
@@ -122,7 +122,7 @@ pub(crate) struct Master<R> {
     systemd: Systemd,
 }
 
-impl<R: Responder> Master<R> {
+impl<R: Application> Master<R> {
     /// Takes over: blocks the handled signals, creates the scoreboard. Call before any fork.
     pub(crate) fn new(
         cli: Cli,

@@ -12,7 +12,7 @@ use super::Master;
 use crate::clock;
 use crate::config::Config;
 use crate::listener::Listener;
-use crate::Responder;
+use crate::worker::Application;
 
 /// Which generation is current, and how far its start has got.
 pub(super) struct Generations {
@@ -47,7 +47,7 @@ impl Generations {
     }
 }
 
-impl<R: Responder> Master<R> {
+impl<R: Application> Master<R> {
     /// HUP: re-reads the configuration; if it is valid, starts a new generation of workers,
     /// and drains the older ones once it is ready. An invalid configuration changes nothing.
     pub(super) fn reload(&mut self) {

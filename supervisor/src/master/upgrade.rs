@@ -16,9 +16,9 @@ use super::Master;
 use crate::clock;
 use crate::listener::Listener;
 use crate::scoreboard::Scoreboard;
-use crate::Responder;
+use crate::worker::Application;
 
-impl<R: Responder> Master<R> {
+impl<R: Application> Master<R> {
     /// USR2: checks the new binary, then re-executes it in place. Refused while a reload is
     /// under way: the successor would adopt two generations and know which one is ready only
     /// by waiting again.

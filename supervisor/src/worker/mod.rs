@@ -16,6 +16,7 @@ mod output;
 mod process;
 mod rooms;
 mod run;
+mod service;
 mod status;
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -34,6 +35,7 @@ use crate::Responder;
 use inline::Inline;
 use rooms::Rooms;
 use run::{Job, Recycle, Waiting};
+pub(crate) use service::ServiceApp;
 
 /// Everything a worker needs to know, decided by the master before the fork.
 #[derive(Debug, Clone)]
@@ -109,11 +111,34 @@ fn max_connections(configured: Option<std::num::NonZeroUsize>) -> usize {
     soft.saturating_sub(crate::config::FD_RESERVE).max(1)
 }
 
+/// What the master hands each worker at the fork: a [`Responder`], or an async service's
+/// setup (`service.rs`).
+pub(crate) trait Application: Send + Sync + 'static {
+    /// What serves this worker's requests, made right after the fork, on its runtime.
+    fn for_worker(self: Arc<Self>, runtime: &tokio::runtime::Runtime) -> Result<Handler, String>;
+}
+
+impl<R: Responder> Application for R {
+    fn for_worker(self: Arc<Self>, _: &tokio::runtime::Runtime) -> Result<Handler, String> {
+        self.init_worker()
+            .map_err(|why| format!("worker init failed: {why}"))?;
+        Ok(Handler::Blocking(self))
+    }
+}
+
+/// What runs a worker's requests.
+pub(crate) enum Handler {
+    /// A blocking [`Responder`], on the I/O thread or a handler thread (`run.rs`).
+    Blocking(Arc<dyn Responder>),
+    /// An async service, on the worker's runtime (`service.rs`).
+    Service(Arc<dyn service::Serve>),
+}
+
 /// What every part of a worker shares: its settings, the application, its scoreboard slot, the
 /// room for requests, the two ways a request runs, and the drain. Built once, after the fork.
 pub(crate) struct Worker {
     pub settings: Settings,
-    pub app: Arc<dyn Responder>,
+    pub app: Handler,
     pub board: Arc<Scoreboard>,
     /// This worker's slot in the scoreboard.
     pub slot: usize,
@@ -154,7 +179,7 @@ impl Worker {
     /// The worker, and the receiving end of its handler threads' queue.
     fn new(
         settings: Settings,
-        app: Arc<dyn Responder>,
+        app: Handler,
         board: Arc<Scoreboard>,
         runtime: tokio::runtime::Handle,
         handover: Option<Arc<tokio::net::UnixStream>>,
@@ -226,7 +251,7 @@ impl Alive {
 }
 
 /// Runs the worker and exits the process; never returns.
-pub(crate) fn run<R: Responder>(
+pub(crate) fn run<R: Application>(
     app: Arc<R>,
     listeners: Vec<ListenerSocket>,
     board: Arc<Scoreboard>,
@@ -243,7 +268,7 @@ pub(crate) fn run<R: Responder>(
     std::process::exit(code)
 }
 
-fn serve<R: Responder>(
+fn serve<R: Application>(
     app: Arc<R>,
     listeners: Vec<ListenerSocket>,
     board: Arc<Scoreboard>,
@@ -254,14 +279,12 @@ fn serve<R: Responder>(
         return Ok(());
     }
     process::become_configured(&settings.process)?;
-    if let Err(why) = app.init_worker() {
-        return Err(std::io::Error::other(format!("worker init failed: {why}")));
-    }
     let runtime = Arc::new(
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?,
     );
+    let app = app.for_worker(&runtime).map_err(std::io::Error::other)?;
     let handover = match channel {
         Some(c) => {
             c.set_nonblocking(true)?;
@@ -270,9 +293,16 @@ fn serve<R: Responder>(
         }
         None => None,
     };
-    let cap = settings.max_in_flight.max(1);
+    // An async service runs on the runtime: no handler threads.
+    let handlers = match &app {
+        Handler::Blocking(_) => settings.max_in_flight.max(1),
+        Handler::Service(_) => 0,
+    };
     let (worker, jobs) = Worker::new(settings, app, board, runtime.handle().clone(), handover);
-    run::spawn_handlers(cap, jobs, &worker)?;
+    run::spawn_handlers(handlers, jobs, &worker)?;
+    if let Handler::Service(serve) = &worker.app {
+        service::watchdog(&worker, serve)?;
+    }
     {
         let (inline, runtime) = (Arc::clone(&worker.inline), Arc::clone(&runtime));
         std::thread::Builder::new()

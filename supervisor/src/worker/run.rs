@@ -54,7 +54,10 @@ pub(crate) struct Job {
 }
 
 /// Runs a request that has its room: on the I/O thread if it is free, else on a handler thread.
-pub(crate) fn start(worker: &Worker, job: Job) {
+pub(crate) fn start(worker: &Arc<Worker>, job: Job) {
+    if let crate::worker::Handler::Service(service) = &worker.app {
+        return service.start(worker, job);
+    }
     if let Err(job) = worker.inline.offer(job) {
         let _ = worker.jobs.send(job);
     }
@@ -175,8 +178,13 @@ pub(crate) fn respond(worker: &Worker, job: Job) -> Answered {
     worker.board.add_accepted();
     tracing::debug!(pid = std::process::id(), method = %request.method(), uri = request.uri(), "request started");
 
-    let app = &worker.app;
-    let answered = panic::catch_unwind(AssertUnwindSafe(|| app.respond(&mut request)));
+    let answered = panic::catch_unwind(AssertUnwindSafe(|| match &worker.app {
+        crate::worker::Handler::Blocking(app) => app.respond(&mut request),
+        // A service's requests never reach here (`start`).
+        crate::worker::Handler::Service(_) => {
+            response::status(http::StatusCode::INTERNAL_SERVER_ERROR)
+        }
+    }));
     let res = answered.unwrap_or_else(|cause| {
         tracing::error!(
             pid = std::process::id(),
@@ -245,7 +253,7 @@ impl Finish {
     }
 }
 
-fn check_recycle(worker: &Worker, now: Duration) {
+pub(crate) fn check_recycle(worker: &Worker, now: Duration) {
     let slot = worker.board.slot(worker.slot);
     let recycle = &worker.settings.recycle;
     let served = slot.requests();
@@ -277,7 +285,7 @@ fn check_recycle(worker: &Worker, now: Duration) {
     }
 }
 
-fn panic_message(cause: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(cause: &Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = cause.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = cause.downcast_ref::<String>() {

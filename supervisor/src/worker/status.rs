@@ -227,6 +227,9 @@ fn worker_fields(s: &Snapshot, w: &SlotSnapshot) -> Vec<(&'static str, String)> 
         ("last request cpu", "0.00".to_string()),
         ("last request memory", w.rss.to_string()),
         ("generation", w.generation.to_string()),
+        // Beyond PHP-FPM: a worker may run many requests at once (an async service); the
+        // request fields above are then the oldest one's.
+        ("requests in flight", w.in_flight.to_string()),
     ]
 }
 
