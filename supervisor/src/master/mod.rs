@@ -313,6 +313,14 @@ impl<R: Responder> Master<R> {
                 crate::logging::reopen();
                 self.signal_all(Signal::SIGUSR1);
             }
+            // A stopping master has closed its listeners: nothing left to reload or hand on.
+            Intent::Reload | Intent::Upgrade if self.stopping.is_some() => {
+                tracing::warn!(
+                    pid = std::process::id(),
+                    ?intent,
+                    "ignored: a graceful stop is under way"
+                );
+            }
             Intent::Reload => self.reload(),
             Intent::Upgrade => self.upgrade(),
             // The loop reaps, and maintains the pool (spawning for what waits), right after.
@@ -329,10 +337,24 @@ impl<R: Responder> Master<R> {
         );
     }
 
+    /// The host leaves: new connections are refused first, so a frontend fails over (nginx
+    /// retries a refused connect for any method, nothing having been sent, and counts it
+    /// towards `max_fails`), while the workers finish what they have. SIGQUIT, not the
+    /// reload's SIGTERM, tells them no worker stays: they keep each open connection until its
+    /// next answer instead of handing it to the master, which could only close it under nginx.
     fn stop_all(&mut self) {
+        // Dropping the master's copies (and unlinking the unix sockets it made); each worker
+        // closes its own as it stops accepting, and the last close makes the kernel refuse.
+        let closed = self.listeners.len();
+        self.listeners.clear();
+        tracing::info!(
+            pid = std::process::id(),
+            listeners = closed,
+            "listeners closed: new connections are refused while workers finish"
+        );
         for (pid, w) in self.workers.iter_mut() {
             w.stopping = true;
-            let _ = kill(*pid, Signal::SIGTERM);
+            let _ = kill(*pid, Signal::SIGQUIT);
         }
     }
 
