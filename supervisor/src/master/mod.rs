@@ -494,12 +494,17 @@ impl<R: Responder> Master<R> {
         }
     }
 
-    fn become_worker(&self, slot: usize, channel: Option<UnixStream>) -> ! {
-        let sockets = self
-            .listeners
+    fn become_worker(&mut self, slot: usize, channel: Option<UnixStream>) -> ! {
+        // The worker keeps only its own copies, which its accept loop closes when it drains:
+        // the master's copies, forked with it, would keep a stopping host's listeners open
+        // until the worker exits, and the kernel would queue connections nobody accepts,
+        // reset at the exit. (Dropped here they unlink nothing: the child did not create them.)
+        let listeners = std::mem::take(&mut self.listeners);
+        let sockets = listeners
             .iter()
             .map(|l| l.try_clone_std())
             .collect::<Result<Vec<_>, _>>();
+        drop(listeners);
         let sockets = match sockets {
             Ok(s) => s,
             Err(e) => {

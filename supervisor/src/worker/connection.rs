@@ -511,8 +511,22 @@ impl Conn {
                 }
                 self.bodies.end(id);
                 self.close_when_written |= self.fcgi.end_request(id, 0, &mut tail);
-                self.close_when_written |=
-                    draining && self.fcgi.active() == 0 && !self.rules.can_hand_over;
+                let last = draining && self.fcgi.active() == 0 && !self.rules.can_hand_over;
+                self.close_when_written |= last;
+                if last && self.leaving {
+                    // nginx caches a kept-alive connection only when END_REQUEST ends what it
+                    // read; any record after it in the same read makes nginx close the
+                    // connection instead (ngx_http_fastcgi_input_filter). Without this, nginx
+                    // may cache it and write a POST into it before it sees the close: a 502
+                    // it does not retry. An empty management record is valid FastCGI that
+                    // any client ignores, and goes out in the tail's one write.
+                    fcgi::record::encode(
+                        fcgi::record::kind::GET_VALUES_RESULT,
+                        0,
+                        &[],
+                        &mut tail,
+                    );
+                }
                 tail.freeze()
             }
         };
