@@ -147,7 +147,10 @@ impl Rig {
         let third = 64 + (pid % 128);
         for i in 0..n {
             let k = rig_no as usize * n + i;
-            assert!(k < 64, "the hosts rig has room for 64 hosts per test process");
+            assert!(
+                k < 64,
+                "the hosts rig has room for 64 hosts per test process"
+            );
             let base = (k * 4) as u32;
             let outer_ip = format!("169.254.{third}.{}", base + 1);
             let inner_ip = format!("169.254.{third}.{}", base + 2);
@@ -208,9 +211,11 @@ impl Rig {
             .arg("--allow-root");
         host.starts += 1;
         let proc = Proc::spawn(&self.dir, &format!("host{i}-{}", host.starts), cmd);
-        wait_until(HOST_START, &format!("host {i} to log 'master started'"), || {
-            proc.stderr_text().contains("master started")
-        });
+        wait_until(
+            HOST_START,
+            &format!("host {i} to log 'master started'"),
+            || proc.stderr_text().contains("master started"),
+        );
         // Served from inside its namespace: the master and a worker are up.
         let netns = host.netns.clone();
         let addr = host.addr.clone();

@@ -520,12 +520,7 @@ impl Conn {
                     // may cache it and write a POST into it before it sees the close: a 502
                     // it does not retry. An empty management record is valid FastCGI that
                     // any client ignores, and goes out in the tail's one write.
-                    fcgi::record::encode(
-                        fcgi::record::kind::GET_VALUES_RESULT,
-                        0,
-                        &[],
-                        &mut tail,
-                    );
+                    fcgi::record::encode(fcgi::record::kind::GET_VALUES_RESULT, 0, &[], &mut tail);
                 }
                 tail.freeze()
             }

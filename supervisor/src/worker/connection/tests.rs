@@ -150,7 +150,15 @@ fn a_leaving_host_keeps_an_idle_connection_for_its_next_request_then_closes_afte
     conn.leave(now + LEAVING_IDLE / 2);
     assert_eq!(conn.quiet_until, Some(now + LEAVING_IDLE));
     let later = now + LEAVING_IDLE / 2;
-    serve_one(&mut conn, true, later, true);
+    receive(&mut conn, &request(1, true, b"body"));
+    let (id, _body) = take_request(&mut conn);
+    answer(&mut conn, id, later, true);
+    let tail = conn.outbox.back().expect("the answer's tail").clone();
+    // END_REQUEST, then an empty GET_VALUES_RESULT in the same write: nginx then closes the
+    // connection instead of caching it.
+    assert_eq!(tail[tail.len() - 24 + 1], fcgi::record::kind::END_REQUEST);
+    assert_eq!(&tail[tail.len() - 8..], &[1, 10, 0, 0, 0, 0, 0, 0]);
+    write_all(&mut conn);
     assert_eq!(
         conn.decide(later, true),
         Next::Close,
@@ -172,6 +180,13 @@ fn a_replaced_worker_still_hands_over_where_a_leaving_one_does_not() {
         !leaving.may_migrate(),
         "a leaving connection does not migrate either"
     );
+    // A replaced worker's last answer ends at END_REQUEST, as always.
+    let mut last = Conn::new(rules(false), None, &Carried::default(), now);
+    receive(&mut last, &request(1, true, b"body"));
+    let (id, _body) = take_request(&mut last);
+    answer(&mut last, id, now, true);
+    let tail = last.outbox.back().expect("the answer's tail").clone();
+    assert_eq!(tail[tail.len() - 16 + 1], fcgi::record::kind::END_REQUEST);
 }
 
 #[test]
