@@ -383,4 +383,9 @@ fn a_host_whose_network_is_cut_is_routed_around_within_nginx_timeouts() {
             .any(|o| o.start > settled && o.status == 200),
         "the load goes on on the other hosts"
     );
+    // Once nginx has seen the host fail, nothing is written to it: nothing waits a read timeout.
+    assert!(
+        slowest_after < read,
+        "no request waits for the cut host once nginx knows: {slowest_after:?}"
+    );
 }
