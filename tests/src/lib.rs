@@ -14,6 +14,7 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
 mod app;
+pub mod hosts;
 pub mod http;
 pub mod log;
 mod nginx;

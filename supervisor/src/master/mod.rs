@@ -313,6 +313,14 @@ impl<R: Application> Master<R> {
                 crate::logging::reopen();
                 self.signal_all(Signal::SIGUSR1);
             }
+            // A stopping master has closed its listeners: nothing left to reload or hand on.
+            Intent::Reload | Intent::Upgrade if self.stopping.is_some() => {
+                tracing::warn!(
+                    pid = std::process::id(),
+                    ?intent,
+                    "ignored: a graceful stop is under way"
+                );
+            }
             Intent::Reload => self.reload(),
             Intent::Upgrade => self.upgrade(),
             // The loop reaps, and maintains the pool (spawning for what waits), right after.
@@ -329,10 +337,24 @@ impl<R: Application> Master<R> {
         );
     }
 
+    /// The host leaves: new connections are refused first, so a frontend fails over (nginx
+    /// retries a refused connect for any method, nothing having been sent, and counts it
+    /// towards `max_fails`), while the workers finish what they have. SIGQUIT, not the
+    /// reload's SIGTERM, tells them no worker stays: they keep each open connection until its
+    /// next answer instead of handing it to the master, which could only close it under nginx.
     fn stop_all(&mut self) {
+        // Dropping the master's copies (and unlinking the unix sockets it made); each worker
+        // closes its own as it stops accepting, and the last close makes the kernel refuse.
+        let closed = self.listeners.len();
+        self.listeners.clear();
+        tracing::info!(
+            pid = std::process::id(),
+            listeners = closed,
+            "listeners closed: new connections are refused while workers finish"
+        );
         for (pid, w) in self.workers.iter_mut() {
             w.stopping = true;
-            let _ = kill(*pid, Signal::SIGTERM);
+            let _ = kill(*pid, Signal::SIGQUIT);
         }
     }
 
@@ -472,12 +494,17 @@ impl<R: Application> Master<R> {
         }
     }
 
-    fn become_worker(&self, slot: usize, channel: Option<UnixStream>) -> ! {
-        let sockets = self
-            .listeners
+    fn become_worker(&mut self, slot: usize, channel: Option<UnixStream>) -> ! {
+        // The worker keeps only its own copies, which its accept loop closes when it drains:
+        // the master's copies, forked with it, would keep a stopping host's listeners open
+        // until the worker exits, and the kernel would queue connections nobody accepts,
+        // reset at the exit. (Dropped here they unlink nothing: the child did not create them.)
+        let listeners = std::mem::take(&mut self.listeners);
+        let sockets = listeners
             .iter()
             .map(|l| l.try_clone_std())
             .collect::<Result<Vec<_>, _>>();
+        drop(listeners);
         let sockets = match sockets {
             Ok(s) => s,
             Err(e) => {

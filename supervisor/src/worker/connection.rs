@@ -79,6 +79,16 @@ const LINGER: Duration = Duration::from_secs(1);
 /// closes: long enough to catch a request nginx is writing at that moment.
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
 
+/// How long an idle kept-alive connection stays open once the whole host is leaving (the
+/// master's graceful stop): nginx keeps using the connections it has cached to a host whose
+/// listeners already refuse new ones, so each closes right after its next answer, where
+/// nginx sees the close with the answer and never reuses it. One nginx does not use for this
+/// long is closed idle; by then nginx has most likely tried a new connection to the host, been
+/// refused, retried elsewhere and marked the host failed (`max_fails=1`), so it no longer picks
+/// the connection. Long enough for that under any load that uses the host, short beside
+/// `shutdown_timeout`.
+pub(crate) const LEAVING_IDLE: Duration = Duration::from_secs(1);
+
 /// How long a request that found no room anywhere first waits, undecoded, before it looks
 /// again; each further look waits twice as long as the one before.
 const HOLD_FIRST: Duration = Duration::from_millis(1);
@@ -174,6 +184,8 @@ pub(crate) struct Conn {
     drain_seen: bool,
     /// When an idle connection of a draining worker without a channel closes.
     quiet_until: Option<Instant>,
+    /// The host is leaving ([`Conn::leave`]): nothing is handed over any more.
+    leaving: bool,
     /// When the last answer was queued: the keep-alive timeout counts from there.
     idle_since: Instant,
     /// When the reserved room goes back if no request has taken it.
@@ -244,6 +256,7 @@ impl Conn {
             reserved,
             drain_seen: false,
             quiet_until: None,
+            leaving: false,
             idle_since: now,
             grace_until: now + FIRST_REQUEST_GRACE,
             fresh: false,
@@ -498,8 +511,17 @@ impl Conn {
                 }
                 self.bodies.end(id);
                 self.close_when_written |= self.fcgi.end_request(id, 0, &mut tail);
-                self.close_when_written |=
-                    draining && self.fcgi.active() == 0 && !self.rules.can_hand_over;
+                let last = draining && self.fcgi.active() == 0 && !self.rules.can_hand_over;
+                self.close_when_written |= last;
+                if last && self.leaving {
+                    // nginx caches a kept-alive connection only when END_REQUEST ends what it
+                    // read; any record after it in the same read makes nginx close the
+                    // connection instead (ngx_http_fastcgi_input_filter). Without this, nginx
+                    // may cache it and write a POST into it before it sees the close: a 502
+                    // it does not retry. An empty management record is valid FastCGI that
+                    // any client ignores, and goes out in the tail's one write.
+                    fcgi::record::encode(fcgi::record::kind::GET_VALUES_RESULT, 0, &[], &mut tail);
+                }
                 tail.freeze()
             }
         };
@@ -607,6 +629,24 @@ impl Conn {
         Some((running.method, running.uri, !running.sent))
     }
 
+    /// The whole host is leaving (the master stops): no other worker will take this
+    /// connection, so it is not handed over (the master would close it under nginx). It
+    /// serves what arrives, closes right after its next answer, and closes idle after
+    /// [`LEAVING_IDLE`]. Call before the [`Conn::decide`] that sees the drain.
+    pub(crate) fn leave(&mut self, now: Instant) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        self.rules.can_hand_over = false;
+        self.quiet_until = Some(now + LEAVING_IDLE);
+    }
+
+    /// Whether [`Conn::leave`] was called.
+    pub(crate) fn leaving(&self) -> bool {
+        self.leaving
+    }
+
     /// The worker started draining; the next [`Conn::decide`] acts on it.
     pub(crate) fn on_drain_started(&mut self) -> Next {
         self.drain_seen = true;
@@ -685,6 +725,10 @@ where
             }
         }
         let draining = *worker.drain.borrow();
+        // Set before the drain it comes with, so no decision hands over on a leaving host.
+        if !conn.leaving() && worker.leaving.load(std::sync::atomic::Ordering::Acquire) {
+            conn.leave(Instant::now());
+        }
         let next = match conn.decide(Instant::now(), draining) {
             Next::Continue => tokio::select! {
                 written = write_front(&mut wr, &conn.outbox), if !conn.outbox.is_empty() => conn.on_written(written),

@@ -173,6 +173,9 @@ pub(crate) struct Worker {
     /// A request passed `request_timeout`: its thread is stuck, and the slot keeps showing it
     /// busy while the worker drains, so the master's timeout replaces the worker as always.
     pub timed_out: AtomicBool,
+    /// The whole host is leaving (SIGQUIT from the master's graceful stop, not a reload's
+    /// SIGTERM): connections are not handed over, they close after their next answer.
+    pub leaving: AtomicBool,
 }
 
 impl Worker {
@@ -217,6 +220,7 @@ impl Worker {
                 rss_measured: AtomicU64::new(0),
                 conns: accept::Conns::default(),
                 timed_out: AtomicBool::new(false),
+                leaving: AtomicBool::new(false),
                 settings,
             }
         });
@@ -364,7 +368,12 @@ async fn until_drained(worker: Arc<Worker>, listeners: Vec<ListenerSocket>) -> s
     slot.set_pid(std::process::id() as i32);
     slot.set_state(SlotState::Idle, clock::now());
 
-    wait_for_drain(drain).await?;
+    if wait_for_drain(drain).await? == Drain::Leaving {
+        // Before the drain is sent: a connection that sees the drain sees this too.
+        worker
+            .leaving
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
     if !worker.timed_out.load(std::sync::atomic::Ordering::Acquire) {
         slot.set_state(SlotState::Draining, clock::now());
     }
@@ -386,25 +395,35 @@ fn deliver(answered: run::Answered, worker: &Worker) {
     finish.finish(worker);
 }
 
-/// Waits for a reason to drain: SIGTERM or SIGQUIT from the master, or a recycling limit.
-/// SIGINT is ignored: Ctrl-C in a terminal reaches the whole process group, and the master
-/// decides what it means.
-async fn wait_for_drain(mut drain: watch::Receiver<bool>) -> std::io::Result<()> {
+/// Why a worker drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// This worker is replaced (reload, shrink, recycling): its connections move to the
+    /// workers that stay.
+    Replaced,
+    /// The whole host stops (SIGQUIT from the master's graceful stop): no worker stays.
+    Leaving,
+}
+
+/// Waits for a reason to drain: SIGTERM (replaced) or SIGQUIT (the host leaves) from the
+/// master, or a recycling limit. SIGINT is ignored: Ctrl-C in a terminal reaches the whole
+/// process group, and the master decides what it means.
+async fn wait_for_drain(mut drain: watch::Receiver<bool>) -> std::io::Result<Drain> {
     let mut term = signal(SignalKind::terminate())?;
     let mut quit = signal(SignalKind::quit())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     loop {
         if *drain.borrow_and_update() {
-            return Ok(());
+            return Ok(Drain::Replaced);
         }
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = quit.recv() => return Ok(()),
+            _ = term.recv() => return Ok(Drain::Replaced),
+            _ = quit.recv() => return Ok(Drain::Leaving),
             _ = int.recv() => {}
             // The master forwards SIGUSR1 after logrotate: workers write the log too.
             _ = usr1.recv() => crate::logging::reopen(),
-            changed = drain.changed() => if changed.is_err() { return Ok(()) },
+            changed = drain.changed() => if changed.is_err() { return Ok(Drain::Replaced) },
         }
     }
 }

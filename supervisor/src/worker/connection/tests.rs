@@ -138,6 +138,58 @@ fn a_request_in_the_quiet_moment_is_served_then_the_connection_closes() {
 }
 
 #[test]
+fn a_leaving_host_keeps_an_idle_connection_for_its_next_request_then_closes_after_the_answer() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    serve_one(&mut conn, true, now, false);
+    conn.leave(now);
+    // Not handed over (no worker stays to take it), not closed while nginx may be writing.
+    assert_eq!(conn.decide(now, true), Next::Continue);
+    assert_eq!(conn.quiet_until, Some(now + LEAVING_IDLE));
+    // A second call changes nothing: the idle bound counts from the stop.
+    conn.leave(now + LEAVING_IDLE / 2);
+    assert_eq!(conn.quiet_until, Some(now + LEAVING_IDLE));
+    let later = now + LEAVING_IDLE / 2;
+    receive(&mut conn, &request(1, true, b"body"));
+    let (id, _body) = take_request(&mut conn);
+    answer(&mut conn, id, later, true);
+    let tail = conn.outbox.back().expect("the answer's tail").clone();
+    // END_REQUEST, then an empty GET_VALUES_RESULT in the same write: nginx then closes the
+    // connection instead of caching it.
+    assert_eq!(tail[tail.len() - 24 + 1], fcgi::record::kind::END_REQUEST);
+    assert_eq!(&tail[tail.len() - 8..], &[1, 10, 0, 0, 0, 0, 0, 0]);
+    write_all(&mut conn);
+    assert_eq!(
+        conn.decide(later, true),
+        Next::Close,
+        "closed with its answer written, where nginx sees the close with the answer"
+    );
+}
+
+#[test]
+fn a_replaced_worker_still_hands_over_where_a_leaving_one_does_not() {
+    let now = Instant::now();
+    let mut replaced = Conn::new(rules(true), None, &Carried::default(), now);
+    serve_one(&mut replaced, true, now, false);
+    assert_eq!(replaced.decide(now, true), Next::HandOver);
+    let mut leaving = Conn::new(rules(true), None, &Carried::default(), now);
+    serve_one(&mut leaving, true, now, false);
+    leaving.leave(now);
+    assert_eq!(leaving.decide(now, true), Next::Continue);
+    assert!(
+        !leaving.may_migrate(),
+        "a leaving connection does not migrate either"
+    );
+    // A replaced worker's last answer ends at END_REQUEST, as always.
+    let mut last = Conn::new(rules(false), None, &Carried::default(), now);
+    receive(&mut last, &request(1, true, b"body"));
+    let (id, _body) = take_request(&mut last);
+    answer(&mut last, id, now, true);
+    let tail = last.outbox.back().expect("the answer's tail").clone();
+    assert_eq!(tail[tail.len() - 16 + 1], fcgi::record::kind::END_REQUEST);
+}
+
+#[test]
 fn a_draining_worker_serves_the_first_request_of_a_connection_it_reserved_room_for() {
     let rooms = rooms(1);
     let now = Instant::now();
