@@ -34,9 +34,17 @@ pub(crate) struct Waiting {
     pub alive: Alive,
     /// Set to [`clock::now`] in microseconds when it starts: its connection times it out.
     pub started: Arc<std::sync::atomic::AtomicU64>,
+    /// Set by its connection when the client is gone (FCGI_ABORT_REQUEST, or the connection
+    /// closed) while it waits: it is then never run.
+    pub left: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Waiting {
+    /// Its client is gone: the connection said so, or closed (nothing reads the answer).
+    pub(crate) fn gone(&self) -> bool {
+        self.left.load(Ordering::Acquire) || self.out.is_closed()
+    }
+
     /// The request, now that it has its room.
     pub(crate) fn with(self, room: Room) -> Job {
         Job {
@@ -154,6 +162,7 @@ pub(crate) fn respond(worker: &Worker, job: Job) -> Answered {
                 out,
                 alive,
                 started: started_at,
+                left: _,
             },
         room,
     } = job;
@@ -226,6 +235,9 @@ impl Finish {
         let slot = worker.board.slot(worker.slot);
         let now = clock::now();
         slot.end_request(now.saturating_sub(started), worker.cap, now);
+        worker
+            .board
+            .add_request(status, now.saturating_sub(started));
         if worker.settings.access_log {
             tracing::info!(
                 pid = std::process::id(),

@@ -28,7 +28,16 @@ fn rules(can_hand_over: bool) -> Rules {
 
 /// Rooms that start nothing: these tests look at the connection, not at running requests.
 fn rooms(n: usize) -> Arc<Rooms<Waiting>> {
-    Rooms::new(n, Box::new(|_| {}), Box::new(|_, _| {}))
+    Rooms::new(
+        n,
+        crate::worker::rooms::Admission::default(),
+        crate::worker::rooms::Hooks {
+            held: Box::new(|_| {}),
+            start: Box::new(|_, _| {}),
+            refuse: Box::new(|_, _| {}),
+            gone: Box::new(|_| false),
+        },
+    )
 }
 
 /// A room taken at once, as the accept loop takes one before accepting.
