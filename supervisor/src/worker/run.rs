@@ -209,6 +209,12 @@ pub(crate) fn respond(worker: &Worker, job: Job) -> Answered {
             ResponseWriter::new(id).finish(&mut tail);
             Out::Last(id, tail)
         });
+    // Counted before the tail goes out, so a client that has its answer (and asks the status
+    // page next) finds it counted: the metrics are exact, and the duration is at most what
+    // the client saw.
+    worker
+        .board
+        .add_request(status, clock::now().saturating_sub(started));
     Answered {
         out,
         tail,
@@ -235,9 +241,6 @@ impl Finish {
         let slot = worker.board.slot(worker.slot);
         let now = clock::now();
         slot.end_request(now.saturating_sub(started), worker.cap, now);
-        worker
-            .board
-            .add_request(status, now.saturating_sub(started));
         if worker.settings.access_log {
             tracing::info!(
                 pid = std::process::id(),
