@@ -13,11 +13,40 @@ use std::time::Duration;
 
 use crate::sys::SharedWords;
 
-/// Pool-wide figures before the slots: `accepted` is counted by the workers, the rest is
-/// written by the master ([`PoolStats`]).
-const HEADER_WORDS: usize = 16;
+/// Pool-wide figures before the slots: `accepted` and the [`Metrics`] are counted by the
+/// workers, the rest is written by the master ([`PoolStats`]).
+const HEADER_WORDS: usize = H_METRICS + METRIC_WORDS;
 const H_ACCEPTED: usize = 0;
 const H_STATS: usize = 1;
+const H_STATS_END: usize = 16;
+/// The [`Metrics`]: pool-wide counters the workers add to directly, so they survive every
+/// worker's exit with nothing for the master to fold, and a reader sees each one only grow.
+/// A worker adds to them once per request with relaxed `fetch_add`s, a few nanoseconds.
+const H_METRICS: usize = H_STATS_END;
+const M_QUEUE_TIMEOUTS: usize = 0;
+const M_QUEUE_FULL: usize = 1;
+const M_ABANDONED: usize = 2;
+const M_DURATION_SUM: usize = 3;
+const M_CLASSES: usize = 4;
+const M_BUCKETS: usize = M_CLASSES + 5;
+const METRIC_WORDS: usize = M_BUCKETS + DURATION_BUCKETS.len() + 1;
+
+/// The request-duration histogram's upper bounds (the last, unbounded bucket is `+Inf`):
+/// Prometheus's default buckets, from a fast handler (5 ms) to a slow report (10 s), so
+/// existing dashboards' quantile queries fit, and 12 words per pool.
+pub const DURATION_BUCKETS: [Duration; 11] = [
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(25),
+    Duration::from_millis(50),
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_millis(2500),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+];
 
 // Word offsets within a slot.
 const PID: usize = 0;
@@ -206,7 +235,7 @@ impl Scoreboard {
 
     /// The master's pool-wide figures.
     pub fn stats(&self) -> PoolStats {
-        let w = &self.mem.words()[H_STATS..HEADER_WORDS];
+        let w = &self.mem.words()[H_STATS..H_STATS_END];
         let g = |i: usize| w[i].load(Ordering::Acquire);
         PoolStats {
             start_time: g(0),
@@ -227,7 +256,7 @@ impl Scoreboard {
 
     /// Master: publishes the pool-wide figures.
     pub fn set_stats(&self, s: &PoolStats) {
-        let w = &self.mem.words()[H_STATS..HEADER_WORDS];
+        let w = &self.mem.words()[H_STATS..H_STATS_END];
         let values = [
             s.start_time,
             micros(s.started),
@@ -284,6 +313,77 @@ impl Scoreboard {
     pub fn add_accepted(&self) {
         self.mem.words()[H_ACCEPTED].fetch_add(1, Ordering::Relaxed);
     }
+
+    fn metric(&self, word: usize) -> &AtomicU64 {
+        &self.mem.words()[H_METRICS + word]
+    }
+
+    /// Worker: a request the application answered with `status` after `duration`.
+    pub fn add_request(&self, status: u16, duration: Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.metric(M_CLASSES + class)
+            .fetch_add(1, Ordering::Relaxed);
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&le| duration <= le)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.metric(M_BUCKETS + bucket)
+            .fetch_add(1, Ordering::Relaxed);
+        self.metric(M_DURATION_SUM)
+            .fetch_add(micros(duration), Ordering::Relaxed);
+    }
+
+    /// Worker: one request turned away from its room queue.
+    pub fn add_refused(&self, why: Refused) {
+        let word = match why {
+            Refused::QueueTimeout => M_QUEUE_TIMEOUTS,
+            Refused::QueueFull => M_QUEUE_FULL,
+            Refused::Abandoned => M_ABANDONED,
+        };
+        self.metric(word).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The pool's request metrics since the table was made.
+    pub fn metrics(&self) -> Metrics {
+        let g = |word: usize| self.metric(word).load(Ordering::Relaxed);
+        Metrics {
+            queue_timeouts: g(M_QUEUE_TIMEOUTS),
+            queue_full: g(M_QUEUE_FULL),
+            abandoned: g(M_ABANDONED),
+            classes: std::array::from_fn(|i| g(M_CLASSES + i)),
+            buckets: std::array::from_fn(|i| g(M_BUCKETS + i)),
+            duration_sum: Duration::from_micros(g(M_DURATION_SUM)),
+        }
+    }
+}
+
+/// Why a waiting request was answered without running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// It waited `queue_timeout` for a room: answered 503.
+    QueueTimeout,
+    /// `max_queue` requests waited already: answered 503 at once.
+    QueueFull,
+    /// Its client went away while it waited: dropped, never run.
+    Abandoned,
+}
+
+/// The pool's request counters, summed over every worker that ever ran.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Requests answered 503 after waiting `queue_timeout` for a room.
+    pub queue_timeouts: u64,
+    /// Requests answered 503 at once, `max_queue` requests waiting already.
+    pub queue_full: u64,
+    /// Waiting requests dropped unrun, their client gone.
+    pub abandoned: u64,
+    /// Requests the application answered, by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub classes: [u64; 5],
+    /// Requests the application answered, by duration: one count per bucket of
+    /// [`DURATION_BUCKETS`] (not cumulative), the last one past them all.
+    pub buckets: [u64; DURATION_BUCKETS.len() + 1],
+    /// Their durations added up.
+    pub duration_sum: Duration,
 }
 
 /// One worker's slot.
@@ -576,6 +676,38 @@ mod tests {
         );
         assert!(uri.starts_with(&s.uri));
         assert_eq!(s.method, "PROPPATCHLONGMET");
+    }
+
+    #[test]
+    fn request_metrics_land_in_their_class_and_bucket() {
+        let board = Scoreboard::new(2).expect("map");
+        board.add_request(200, Duration::from_millis(5));
+        board.add_request(404, Duration::from_micros(5001));
+        board.add_request(500, Duration::from_secs(11));
+        board.add_request(101, Duration::ZERO);
+        // A status past 5xx is counted as 5xx rather than lost.
+        board.add_request(999, Duration::from_millis(300));
+        board.add_refused(Refused::QueueFull);
+        board.add_refused(Refused::Abandoned);
+        board.add_refused(Refused::Abandoned);
+        let m = board.metrics();
+        assert_eq!(m.classes, [1, 1, 0, 1, 2]);
+        let mut buckets = [0; DURATION_BUCKETS.len() + 1];
+        buckets[0] = 2; // 0 and exactly 5 ms: `le` is inclusive
+        buckets[1] = 1; // 5.001 ms
+        buckets[6] = 1; // 300 ms, in the 500 ms bucket
+        buckets[11] = 1; // past 10 s: +Inf
+        assert_eq!(m.buckets, buckets);
+        assert_eq!(
+            m.duration_sum,
+            Duration::from_micros(5000 + 5001 + 11_000_000 + 300_000)
+        );
+        assert_eq!((m.queue_timeouts, m.queue_full, m.abandoned), (0, 1, 2));
+        // The counters live in the header: a slot freed and reused keeps them.
+        board.slot(0).reset(1, T0);
+        board.slot(0).free();
+        assert_eq!(board.metrics(), m);
+        assert_eq!(board.stats(), PoolStats::default());
     }
 
     // A forked worker's slot as the master sees it: `fork_checks.rs`, run by `tests/fork.rs`,

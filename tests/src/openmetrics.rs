@@ -9,8 +9,10 @@
 //! numbers or `±Inf` / `NaN`; a family's descriptors come before its samples, each once, and a
 //! family appears once; a sample's name is its family's name plus a suffix its type allows
 //! (`_total` for a counter); a unit is the suffix of its family's name; a counter's total is
-//! neither negative nor NaN; no sample repeats a label set or a label. Exemplars are rejected
-//! as unsupported: this project emits none.
+//! neither negative nor NaN; no sample repeats a label set or a label. A histogram's buckets
+//! each have an `le`, in increasing order ending at `+Inf`, with counts that never decrease,
+//! and its `_count`, if any, is the `+Inf` bucket's. Exemplars are rejected as unsupported:
+//! this project emits none.
 
 use std::collections::HashSet;
 
@@ -186,7 +188,80 @@ pub fn check(text: &str) -> Result<Vec<Sample>, String> {
         }
         samples.push(sample);
     }
+    for f in done.iter().chain(family.iter()) {
+        if f.kind() == "histogram" {
+            histogram(&f.name, &samples)?;
+        }
+    }
     Ok(samples)
+}
+
+/// The labels of `s` other than `le`, sorted: which series of a histogram it belongs to.
+fn series(s: &Sample) -> Vec<(String, String)> {
+    let mut labels: Vec<_> = s
+        .labels
+        .iter()
+        .filter(|(n, _)| n != "le")
+        .cloned()
+        .collect();
+    labels.sort();
+    labels
+}
+
+/// The bucket rules of histogram `name`, series by series.
+fn histogram(name: &str, samples: &[Sample]) -> Result<(), String> {
+    let bucket_name = format!("{name}_bucket");
+    let count_name = format!("{name}_count");
+    let mut seen: Vec<Vec<(String, String)>> = Vec::new();
+    for s in samples.iter().filter(|s| s.name == bucket_name) {
+        let labels = series(s);
+        if seen.contains(&labels) {
+            continue;
+        }
+        let buckets: Vec<&Sample> = samples
+            .iter()
+            .filter(|b| b.name == bucket_name && series(b) == labels)
+            .collect();
+        let mut last: Option<(f64, f64)> = None;
+        for b in &buckets {
+            let le = b
+                .label("le")
+                .ok_or_else(|| format!("a bucket of {name} without le"))?;
+            let le = number(le).map_err(|e| format!("{name} le: {e}"))?;
+            if b.value.is_nan() || b.value < 0.0 {
+                return Err(format!("{name} bucket le={le} counts {}", b.value));
+            }
+            if let Some((prev_le, prev)) = last {
+                if le <= prev_le {
+                    return Err(format!(
+                        "{name} buckets out of order: le={le} after le={prev_le}"
+                    ));
+                }
+                if b.value < prev {
+                    return Err(format!(
+                        "{name} bucket le={le} counts less than le={prev_le}"
+                    ));
+                }
+            }
+            last = Some((le, b.value));
+        }
+        let Some((le, inf)) = last.filter(|(le, _)| *le == f64::INFINITY) else {
+            return Err(format!("{name} has no le=\"+Inf\" bucket last"));
+        };
+        let count = samples
+            .iter()
+            .find(|c| c.name == count_name && series(c) == labels);
+        if let Some(c) = count {
+            if c.value != inf {
+                return Err(format!(
+                    "{name}_count {} is not the le={le} bucket's {inf}",
+                    c.value
+                ));
+            }
+        }
+        seen.push(labels);
+    }
+    Ok(())
 }
 
 fn tail(s: &str) -> &str {
@@ -403,6 +478,11 @@ app_empty{} 1
             "the LF after # EOF is optional"
         );
         assert!(check("# EOF\n").is_ok(), "an empty exposition");
+        let histogram = "# TYPE h_seconds histogram\n# UNIT h_seconds seconds\n\
+            h_seconds_bucket{p=\"a\",le=\"0.5\"} 1\nh_seconds_bucket{p=\"a\",le=\"+Inf\"} 3\n\
+            h_seconds_sum{p=\"a\"} 2.5\nh_seconds_count{p=\"a\"} 3\n\
+            h_seconds_bucket{p=\"b\",le=\"+Inf\"} 0\nh_seconds_count{p=\"b\"} 0\n# EOF\n";
+        assert_eq!(check(histogram).expect("a valid histogram").len(), 6);
     }
 
     #[test]
@@ -471,6 +551,26 @@ app_empty{} 1
             (
                 "# TYPE a counter\na_total 1\n# TYPE a_total gauge\na_total 2\n# EOF\n",
                 "a clash",
+            ),
+            (
+                "# TYPE h histogram\nh_bucket 1\n# EOF\n",
+                "a bucket without le",
+            ),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"1.0\"} 1\n# EOF\n",
+                "no +Inf bucket",
+            ),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"1.0\"} 2\nh_bucket{le=\"+Inf\"} 1\n# EOF\n",
+                "a bucket counting less than the one before",
+            ),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"2.0\"} 1\nh_bucket{le=\"1.0\"} 1\nh_bucket{le=\"+Inf\"} 1\n# EOF\n",
+                "buckets out of order",
+            ),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_count 3\n# EOF\n",
+                "a count that is not the +Inf bucket",
             ),
         ];
         for (text, why) in cases {

@@ -4,9 +4,11 @@
 //!
 //! - `raw`: the keys, declared once as [`Cli`] (flags and file), their defaults and `--help`.
 //! - `parse`: the value syntaxes (durations, sizes, addresses, modes, user and group names).
+//! - `clients`: `allowed_clients`, the TCP peers served.
 //! - `process`: what a worker becomes after the fork (account, environment, limits).
 //! - here: [`Config`], [`ConfigError`], [`Config::load`] and one validator per group of keys.
 
+mod clients;
 mod parse;
 mod process;
 mod raw;
@@ -16,6 +18,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use clients::AllowedClients;
 use parse::{account_id, parse_duration, parse_mode, parse_size, Account};
 pub use parse::{ListenAddr, Rlimit};
 pub use process::{Identity, WorkerProcess};
@@ -105,6 +108,12 @@ pub struct Config {
     /// Connections one worker serves at once; `None`: its open-file limit minus
     /// [`raw::FD_RESERVE`], decided in the worker.
     pub max_connections: Option<NonZeroUsize>,
+    /// The TCP peers served; `None`: anyone.
+    pub allowed_clients: Option<AllowedClients>,
+    /// A request waiting this long for a room is answered 503.
+    pub queue_timeout: Option<Duration>,
+    /// Requests one worker holds waiting for a room; more are answered 503 at once.
+    pub max_queue: Option<usize>,
     /// Pid file.
     pub pid_file: Option<PathBuf>,
     /// Log format.
@@ -242,6 +251,8 @@ impl Config {
         let logging = logging(&raw)?;
         let status = status(&raw)?;
         let process = process::worker_process(&raw, |name| std::env::var(name).ok())?;
+        let allowed_clients =
+            allowed_clients(&raw, std::env::var(WEB_SERVER_ADDRS).ok().as_deref())?;
         // Socket files belong to the workers' account unless said otherwise, as PHP-FPM's
         // `listen.owner` and `listen.group` default to its `user` and `group`.
         let socket = SocketOptions {
@@ -265,6 +276,9 @@ impl Config {
             keepalive_timeout: timeouts.keepalive,
             request_read_timeout: timeouts.request_read,
             max_connections: recycling.max_connections,
+            allowed_clients,
+            queue_timeout: timeouts.queue,
+            max_queue: raw.max_queue.or(DEFAULT_MAX_QUEUE),
             pid_file: logging.pid_file,
             log_format: logging.format,
             log_file: logging.file,
@@ -294,6 +308,33 @@ fn listen(raw: &Cli) -> Result<Vec<ListenAddr>, ConfigError> {
         ));
     }
     Ok(listen)
+}
+
+/// The variable the FastCGI spec (section 3.2) defines for this: a comma-separated list of
+/// the web servers' addresses. Used when `allowed_clients` is not set, so a pool started by a
+/// spawner that sets it is as closed as the spec means.
+pub const WEB_SERVER_ADDRS: &str = "FCGI_WEB_SERVER_ADDRS";
+
+/// `allowed_clients`, else `web_server_addrs` (the master's [`WEB_SERVER_ADDRS`]); `None`:
+/// anyone may connect.
+fn allowed_clients(
+    raw: &Cli,
+    web_server_addrs: Option<&str>,
+) -> Result<Option<AllowedClients>, ConfigError> {
+    let (key, entries): (&'static str, Vec<String>) = if !raw.allowed_clients.is_empty() {
+        ("allowed_clients", raw.allowed_clients.clone())
+    } else {
+        match web_server_addrs.map(str::trim).filter(|v| !v.is_empty()) {
+            Some(v) => (
+                WEB_SERVER_ADDRS,
+                v.split(',').map(|s| s.trim().to_string()).collect(),
+            ),
+            None => return Ok(None),
+        }
+    };
+    AllowedClients::parse(&entries)
+        .map(Some)
+        .map_err(|(entry, why)| bad(key, entry, why))
 }
 
 /// `backlog` and the unix socket files' `socket_mode`, `socket_owner`, `socket_group`.
@@ -432,10 +473,11 @@ struct Timeouts {
     shutdown: Duration,
     keepalive: Duration,
     request_read: Duration,
+    queue: Option<Duration>,
 }
 
 /// `request_timeout`, `request_timeout_grace`, `slow_request_timeout`, `shutdown_timeout`,
-/// `keepalive_timeout`, `request_read_timeout`.
+/// `keepalive_timeout`, `request_read_timeout`, `queue_timeout`.
 fn timeouts(raw: &Cli) -> Result<Timeouts, ConfigError> {
     let duration =
         |key: &'static str, v: &Option<String>| parsed(key, v.as_deref(), parse_duration);
@@ -453,6 +495,16 @@ fn timeouts(raw: &Cli) -> Result<Timeouts, ConfigError> {
                 return Err(bad("request_read_timeout", "0", "a positive duration"))
             }
             d => d.unwrap_or(DEFAULT_REQUEST_READ_TIMEOUT),
+        },
+        queue: match duration("queue_timeout", &raw.queue_timeout)? {
+            Some(d) if d.is_zero() => {
+                return Err(bad(
+                    "queue_timeout",
+                    "0",
+                    "a positive duration (max_queue = 0 refuses waiting at all)",
+                ))
+            }
+            d => d.or(DEFAULT_QUEUE_TIMEOUT),
         },
     })
 }

@@ -68,6 +68,14 @@ pub const DEFAULT_MAX_REQUESTS_IN_FLIGHT: usize = 1;
 /// made to buffer (each request's body and output channels, at most a few hundred kilobytes)
 /// stays bounded.
 pub const DEFAULT_SERVICE_MAX_REQUESTS_IN_FLIGHT: usize = 256;
+/// Requests one worker may hold waiting for a room: no bound, as before (a waiting request
+/// costs its connection and its params, already bounded), so a pool upgraded to this version
+/// keeps behaving the same; set `max_queue` (and `queue_timeout`) to shed load with 503s.
+pub const DEFAULT_MAX_QUEUE: Option<usize> = None;
+/// How long a request may wait for a room before it is answered 503: no bound by default, for
+/// the same reason as [`DEFAULT_MAX_QUEUE`]; nginx's own `fastcgi_read_timeout` (60 s) still
+/// ends the wait for its client.
+pub const DEFAULT_QUEUE_TIMEOUT: Option<Duration> = None;
 /// Log format: `text`, for people reading a terminal; `json` is for collectors.
 pub const DEFAULT_LOG_FORMAT: &str = "text";
 /// The body of the ping answer: PHP-FPM's `ping.response`.
@@ -171,6 +179,17 @@ pub struct Cli {
     /// Connections one worker serves at once (FCGI_MAX_CONNS); more wait in the listen queue.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// TCP peers allowed to connect: addresses or CIDR ranges, IPv4 or IPv6 (repeatable;
+    /// default: anyone, or FCGI_WEB_SERVER_ADDRS if set). Unix sockets are not filtered.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(default)]
+    pub allowed_clients: Vec<String>,
+    /// Answer 503 to a request that waited this long in a worker for a room.
+    #[arg(long, value_name = "DUR")]
+    pub queue_timeout: Option<String>,
+    /// Answer 503 at once to a request that finds this many waiting in its worker.
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<usize>,
     /// Write the master's pid here.
     #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
@@ -302,6 +321,13 @@ impl Cli {
             max_requests_in_flight: self.max_requests_in_flight.or(file.max_requests_in_flight),
             request_read_timeout: self.request_read_timeout.or(file.request_read_timeout),
             max_connections: self.max_connections.or(file.max_connections),
+            allowed_clients: if self.allowed_clients.is_empty() {
+                file.allowed_clients
+            } else {
+                self.allowed_clients
+            },
+            queue_timeout: self.queue_timeout.or(file.queue_timeout),
+            max_queue: self.max_queue.or(file.max_queue),
             pid_file: self.pid_file.or(file.pid_file),
             log_format: self.log_format.or(file.log_format),
             log_file: self.log_file.or(file.log_file),
@@ -405,6 +431,15 @@ pub fn defaults() -> Vec<(&'static str, String)> {
             show_duration(DEFAULT_REQUEST_READ_TIMEOUT),
         ),
         ("max_connections", format!("open-file limit - {FD_RESERVE}")),
+        ("allowed_clients", "anyone".to_string()),
+        (
+            "queue_timeout",
+            DEFAULT_QUEUE_TIMEOUT.map_or("none".to_string(), show_duration),
+        ),
+        (
+            "max_queue",
+            DEFAULT_MAX_QUEUE.map_or("none".to_string(), |n| n.to_string()),
+        ),
         ("log_format", DEFAULT_LOG_FORMAT.to_string()),
         ("ping_response", DEFAULT_PING_RESPONSE.to_string()),
         ("pool_name", DEFAULT_POOL_NAME.to_string()),
@@ -456,6 +491,9 @@ mod tests {
         ("max_requests_in_flight", "7", &["7"]),
         ("request_read_timeout", r#""7s""#, &["7s"]),
         ("max_connections", "7", &["7"]),
+        ("allowed_clients", r#"["10.0.0.0/8"]"#, &["10.0.0.0/8"]),
+        ("queue_timeout", r#""7s""#, &["7s"]),
+        ("max_queue", "7", &["7"]),
         ("pid_file", r#""/tmp/a.pid""#, &["/tmp/a.pid"]),
         ("log_format", r#""json""#, &["json"]),
         ("log_file", r#""/tmp/a.log""#, &["/tmp/a.log"]),

@@ -185,3 +185,56 @@ fn workers_as_root_are_refused_with_how_to_opt_in() {
         .to_string()
         .starts_with("workers would run as root: user \"root\" is uid 0; "));
 }
+
+#[test]
+fn allowed_clients_from_the_key_else_from_fcgi_web_server_addrs() {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("an address");
+    let raw = cli(&[
+        "--allowed-clients",
+        "10.0.0.0/8",
+        "--allowed-clients",
+        "::1",
+    ]);
+    let a = allowed_clients(&raw, Some("192.168.1.1"))
+        .expect("valid")
+        .expect("set");
+    assert!(a.allows(ip("10.1.2.3")) && a.allows(ip("::1")));
+    assert!(
+        !a.allows(ip("192.168.1.1")),
+        "the key wins over the variable"
+    );
+    let from_env = allowed_clients(&cli(&[]), Some(" 127.0.0.2, 192.168.1.1 "))
+        .expect("valid")
+        .expect("set");
+    assert!(from_env.allows(ip("127.0.0.2")) && from_env.allows(ip("192.168.1.1")));
+    assert!(!from_env.allows(ip("127.0.0.1")));
+    assert_eq!(allowed_clients(&cli(&[]), None).expect("valid"), None);
+    assert_eq!(allowed_clients(&cli(&[]), Some("")).expect("valid"), None);
+    let err = allowed_clients(&cli(&[]), Some("127.0.0.1,web1")).expect_err("a name");
+    assert!(
+        err.to_string()
+            .starts_with("invalid value \"web1\" for key \"FCGI_WEB_SERVER_ADDRS\""),
+        "{err}"
+    );
+    let err = Config::merge(&cli(&["--allowed-clients", "10.0.0.0/33"]), Cli::default())
+        .expect_err("a bad prefix");
+    assert!(
+        err.to_string()
+            .starts_with("invalid value \"10.0.0.0/33\" for key \"allowed_clients\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn queue_bounds() {
+    let c = Config::merge(&cli(&[]), Cli::default()).expect("valid");
+    assert_eq!((c.queue_timeout, c.max_queue), (None, None));
+    let c =
+        Config::merge(&cli(&[]), file("queue_timeout = \"500ms\"\nmax_queue = 0")).expect("valid");
+    assert_eq!(
+        (c.queue_timeout, c.max_queue),
+        (Some(Duration::from_millis(500)), Some(0))
+    );
+    let err = Config::merge(&cli(&["--queue-timeout", "0"]), Cli::default()).expect_err("zero");
+    assert!(err.to_string().contains("queue_timeout"), "{err}");
+}

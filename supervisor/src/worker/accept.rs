@@ -13,6 +13,11 @@
 //! The loop also stops at `max_connections` (what `FCGI_MAX_CONNS` advertises) and, when
 //! accept fails for want of a descriptor, until one of this worker's connections closes; either
 //! way the kernel's queue holds the rest for the other workers, and one line per episode says so.
+//!
+//! A TCP connection from a peer outside `allowed_clients` is closed right after accept, before
+//! a byte of it is read; the room the loop had reserved stays parked for the next connection,
+//! so such peers cost a worker nothing but the accept. Unix sockets are not filtered: the
+//! socket file's permissions are their access control.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,7 +43,7 @@ enum Listening {
 
 /// A connection just accepted, of either kind.
 enum Accepted {
-    Tcp(tokio::net::TcpStream),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
     Unix(tokio::net::UnixStream),
 }
 
@@ -70,7 +75,7 @@ impl Listening {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<Accepted>> {
         match self {
-            Listening::Tcp(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Tcp(s)),
+            Listening::Tcp(l) => l.poll_accept(cx).map_ok(|(s, peer)| Accepted::Tcp(s, peer)),
             Listening::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Unix(s)),
         }
     }
@@ -164,7 +169,14 @@ pub(crate) async fn accept_loop(sockets: Vec<ListenerSocket>, worker: Arc<Worker
             },
         };
         match accepted {
-            Ok(Accepted::Tcp(stream)) => {
+            Ok(Accepted::Tcp(stream, peer)) if !allowed(&worker, peer) => {
+                drop(stream);
+                // Kept for the next connection: this one never had a request to run.
+                if let Some(room) = room {
+                    room.park();
+                }
+            }
+            Ok(Accepted::Tcp(stream, _)) => {
                 let _ = stream.set_nodelay(true);
                 spawn_tcp(stream, &worker, room, true, Carried::default(), &alive);
             }
@@ -192,6 +204,36 @@ pub(crate) async fn accept_loop(sockets: Vec<ListenerSocket>, worker: Arc<Worker
             Err(e) => return fail(&worker, e),
         }
     }
+}
+
+/// Whether `peer` may connect: anyone without `allowed_clients`. A refusal is logged once per
+/// episode, with the first peer refused and, at its end, how many connections were.
+fn allowed(worker: &Worker, peer: std::net::SocketAddr) -> bool {
+    let Some(allowed) = &worker.settings.allowed_clients else {
+        return true;
+    };
+    if allowed.allows(peer.ip()) {
+        return true;
+    }
+    let pid = std::process::id();
+    EPISODES.not_allowed.hit(
+        || {
+            tracing::warn!(
+                pid,
+                peer = %peer.ip(),
+                allowed_clients = %allowed,
+                "closing connections from peers not in allowed_clients (counted until quiet)"
+            )
+        },
+        move |connections| {
+            tracing::info!(
+                pid,
+                connections,
+                "connections from peers not in allowed_clients closed: episode over"
+            )
+        },
+    );
+    false
 }
 
 /// How often a worker at its cap looks whether the whole pool is saturated.

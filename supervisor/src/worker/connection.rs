@@ -21,9 +21,14 @@
 //! client: `504` if nothing of its response went out, else END_REQUEST after what did; the
 //! connection then closes (the stuck handler may still write under that request id) and the
 //! worker drains, to be replaced by the master.
+//!
+//! A request refused while it waits for a room ([`refuse`]: past `queue_timeout`, or over
+//! `max_queue`) is answered `503` with `Retry-After` here too; one whose client left (an
+//! FCGI_ABORT_REQUEST, or the connection's end, which the connection reports through
+//! [`Waiting::left`]) gets only its END_REQUEST, and never runs.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +44,7 @@ use crate::app::request::Request;
 use crate::passing::MAX_CARRIED;
 use crate::worker::episode::EPISODES;
 use crate::worker::output::send_in_runtime;
+use crate::worker::rooms::Refused;
 use crate::worker::run::{Room, Waiting};
 use crate::worker::{Alive, Worker};
 use bodies::{Bodies, Closed};
@@ -103,6 +109,11 @@ const HOLD_CHECKS: u32 = 3;
 /// room, so more than one is rare (it filled up as the request arrived); the bound keeps a
 /// request from bouncing between workers that keep filling up.
 const MAX_MOVES: u8 = 3;
+
+/// `Retry-After` of a 503 for a full queue, in seconds: a queue overflows in bursts that last
+/// seconds, and a client told 1 s comes back once the pool has turned over its requests a few
+/// times; longer would keep people waiting on a pool that is free again.
+const RETRY_AFTER_SECS: u32 = 1;
 
 /// What a connection brings from its previous owner.
 #[derive(Debug, Default)]
@@ -210,6 +221,9 @@ pub(crate) struct Conn {
     recheck_at: Option<Instant>,
     /// Looks taken for the request that arrived.
     holds: u32,
+    /// The request delivered and not yet answered, and its flag saying its client left: set
+    /// at an abort or at the connection's end, so that if it still waits it is never run.
+    left: Option<(u16, Arc<AtomicBool>)>,
 }
 
 /// A request running in the application, as its connection watches it for `request_timeout`.
@@ -267,6 +281,21 @@ impl Conn {
             moves,
             recheck_at: None,
             holds: 0,
+            left: None,
+        }
+    }
+
+    /// Request `id` was handed to the rooms: `left` is to be set if its client goes.
+    pub(crate) fn watch_left(&mut self, id: u16, left: Arc<AtomicBool>) {
+        self.left = Some((id, left));
+    }
+
+    /// The client of request `id` (of any, with `None`) is gone.
+    fn client_left(&mut self, id: Option<u16>) {
+        if let Some((watched, left)) = &self.left {
+            if id.is_none_or(|id| id == *watched) {
+                left.store(true, Ordering::Release);
+            }
         }
     }
 
@@ -300,6 +329,10 @@ impl Conn {
                     self.arrived();
                     self.request_placed();
                     return Ok(Some(Arrived::Rejected { id, reason }));
+                }
+                Some(Event::Abort { id }) => {
+                    self.client_left(Some(id));
+                    self.bodies.on_event(Event::Abort { id });
                 }
                 Some(event) => self.bodies.on_event(event),
             }
@@ -477,6 +510,9 @@ impl Conn {
                 self.eof = true;
                 // Bodies still open will never complete: their readers see the end.
                 self.bodies.end_all();
+                // nginx closes its upstream connection when its client goes: a request still
+                // waiting for a room is not to run for nobody.
+                self.client_left(None);
                 Next::Continue
             }
             Ok(_) => Next::Continue,
@@ -504,6 +540,13 @@ impl Conn {
                 records
             }
             Out::Last(id, mut tail) => {
+                if self
+                    .left
+                    .as_ref()
+                    .is_some_and(|(watched, _)| *watched == id)
+                {
+                    self.left = None;
+                }
                 self.idle_since = now;
                 self.in_flight = self.in_flight.saturating_sub(1);
                 if self.running.as_ref().is_some_and(|r| r.id == id) {
@@ -906,14 +949,78 @@ fn start_request(
             request.uri().to_string(),
         );
     }
+    let left = Arc::new(AtomicBool::new(false));
+    conn.watch_left(req.id, Arc::clone(&left));
     let waiting = Waiting {
         id: req.id,
         request,
         out: out.clone(),
         alive: alive.clone(),
         started,
+        left,
     };
-    worker.rooms.start_or_wait(waiting, conn.take_reserved());
+    worker
+        .rooms
+        .start_or_wait(waiting, conn.take_reserved(), crate::clock::now());
+}
+
+/// A request that waited for a room and will not run: past `queue_timeout` or over
+/// `max_queue` it is answered `503 Service Unavailable` with `Retry-After` (nginx passes both
+/// to its client); abandoned, it gets only its END_REQUEST, which nobody reads. Counted in
+/// the scoreboard, logged once per episode. Called from the event loop, or from a handler
+/// thread whose finished request handed its room on.
+pub(crate) fn refuse(worker: &Worker, waiting: Waiting, why: Refused) {
+    // Answering and the episode's timer need the runtime's context, which a handler thread
+    // lacks.
+    let _inside = worker.runtime.enter();
+    worker.board.add_refused(why);
+    let settings = &worker.settings.admission;
+    let (uri, id) = (waiting.request.uri().to_string(), waiting.id);
+    let pid = std::process::id();
+    let answer = match why {
+        Refused::Abandoned => {
+            EPISODES.abandoned.hit(
+                || {
+                    tracing::info!(
+                        pid,
+                        uri,
+                        "a waiting request's client is gone: dropped unrun (counted until quiet)"
+                    )
+                },
+                move |requests| {
+                    tracing::info!(
+                        pid,
+                        requests,
+                        "waiting requests dropped, their client gone: episode over"
+                    )
+                },
+            );
+            Out::Last(id, BytesMut::new())
+        }
+        Refused::QueueTimeout | Refused::QueueFull => {
+            if why == Refused::QueueTimeout {
+                let queue_timeout_ms =
+                    settings.queue_timeout.unwrap_or_default().as_millis() as u64;
+                EPISODES.queue_timeout.hit(
+                    || tracing::warn!(pid, queue_timeout_ms, uri, "requests waited queue_timeout for a room: answering 503 (counted until quiet); add workers or raise max_requests_in_flight"),
+                    move |requests| tracing::info!(pid, requests, "requests answered 503 at queue_timeout: episode over"),
+                );
+            } else {
+                let max_queue = settings.max_queue.unwrap_or_default();
+                EPISODES.queue_full.hit(
+                    || tracing::warn!(pid, max_queue, uri, "max_queue requests wait for a room: answering 503 at once (counted until quiet); add workers or raise max_queue"),
+                    move |requests| tracing::info!(pid, requests, "requests answered 503 over max_queue: episode over"),
+                );
+            }
+            let mut res = crate::app::response::status(http::StatusCode::SERVICE_UNAVAILABLE);
+            res.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(RETRY_AFTER_SECS),
+            );
+            crate::worker::output::encode(id, res, &waiting.out)
+        }
+    };
+    send_in_runtime(&waiting.out, answer);
 }
 
 /// Half-closes, then drains what the client still sends for at most [`LINGER`].

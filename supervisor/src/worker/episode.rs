@@ -94,6 +94,14 @@ pub(crate) struct Episodes {
     pub fds: Episode,
     /// Times the accept loop stopped at `max_connections`.
     pub conn_cap: Episode,
+    /// Connections closed at accept: the peer is not in `allowed_clients`.
+    pub not_allowed: Episode,
+    /// Requests answered 503 after waiting `queue_timeout`.
+    pub queue_timeout: Episode,
+    /// Requests answered 503 at once: `max_queue` wait already.
+    pub queue_full: Episode,
+    /// Waiting requests dropped unrun: their client left.
+    pub abandoned: Episode,
 }
 
 /// This process's episodes.
@@ -102,6 +110,10 @@ pub(crate) static EPISODES: Episodes = Episodes {
     rejected: Episode::new(),
     fds: Episode::new(),
     conn_cap: Episode::new(),
+    not_allowed: Episode::new(),
+    queue_timeout: Episode::new(),
+    queue_full: Episode::new(),
+    abandoned: Episode::new(),
 };
 
 impl Episode {

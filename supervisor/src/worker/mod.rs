@@ -56,6 +56,10 @@ pub(crate) struct Settings {
     pub pool_grows: bool,
     /// The account, environment and limits the worker takes on before any application code.
     pub process: crate::config::WorkerProcess,
+    /// The TCP peers served (`None`: anyone), checked right after accept.
+    pub allowed_clients: Option<crate::config::AllowedClients>,
+    /// `max_queue` and `queue_timeout`, the bounds on requests waiting for a room.
+    pub admission: rooms::Admission,
 }
 
 impl Settings {
@@ -78,6 +82,11 @@ impl Settings {
             access_log: cfg.access_log,
             pool_grows: cfg.pool.mode != PoolMode::Static,
             process: cfg.process.clone(),
+            allowed_clients: cfg.allowed_clients.clone(),
+            admission: rooms::Admission {
+                max_queue: cfg.max_queue,
+                queue_timeout: cfg.queue_timeout,
+            },
             status: status::Paths {
                 status: cfg.status_path.clone(),
                 ping: cfg.ping_path.clone(),
@@ -192,17 +201,23 @@ impl Worker {
         let slot = settings.slot;
         let counter = Arc::clone(&board);
         let worker = Arc::new_cyclic(|me: &std::sync::Weak<Worker>| {
-            let me = me.clone();
-            let rooms = Rooms::new(
-                cap,
-                Box::new(move |delta| counter.slot(slot).add_held(delta)),
-                Box::new(move |waiting: Waiting, room: run::Room| {
+            let (me, refuser) = (me.clone(), me.clone());
+            let hooks = rooms::Hooks {
+                held: Box::new(move |delta| counter.slot(slot).add_held(delta)),
+                start: Box::new(move |waiting: Waiting, room: run::Room| {
                     if let Some(worker) = me.upgrade() {
                         run::start(&worker, waiting.with(room));
                         accept::schedule_busy_check(&worker);
                     }
                 }),
-            );
+                refuse: Box::new(move |waiting: Waiting, why| {
+                    if let Some(worker) = refuser.upgrade() {
+                        connection::refuse(&worker, waiting, why);
+                    }
+                }),
+                gone: Box::new(Waiting::gone),
+            };
+            let rooms = Rooms::new(cap, settings.admission, hooks);
             Worker {
                 app,
                 board,
@@ -364,6 +379,9 @@ async fn until_drained(worker: Arc<Worker>, listeners: Vec<ListenerSocket>) -> s
         alive.clone(),
     ));
     let receiving = tokio::spawn(accept::receive_passed(Arc::clone(&worker), alive));
+    if worker.settings.admission.queue_timeout.is_some() {
+        tokio::spawn(expire_waiting(Arc::clone(&worker)));
+    }
     let slot = worker.board.slot(worker.slot);
     slot.set_pid(std::process::id() as i32);
     slot.set_state(SlotState::Idle, clock::now());
@@ -386,6 +404,18 @@ async fn until_drained(worker: Arc<Worker>, listeners: Vec<ListenerSocket>) -> s
     let inbox = receiving.await.unwrap_or_default();
     accept::give_back(&worker, inbox);
     Ok(())
+}
+
+/// Answers 503 to requests that waited `queue_timeout` for a room: one timer for the worker,
+/// set to the oldest waiting request's deadline, and asleep while none waits.
+async fn expire_waiting(worker: Arc<Worker>) {
+    loop {
+        let now = clock::now();
+        match worker.rooms.expire(now) {
+            Some(deadline) => tokio::time::sleep(deadline.saturating_sub(now)).await,
+            None => worker.rooms.job_queued().await,
+        }
+    }
 }
 
 /// Passes a response run on this thread to its connection, from inside the runtime.

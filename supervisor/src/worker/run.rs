@@ -34,9 +34,17 @@ pub(crate) struct Waiting {
     pub alive: Alive,
     /// Set to [`clock::now`] in microseconds when it starts: its connection times it out.
     pub started: Arc<std::sync::atomic::AtomicU64>,
+    /// Set by its connection when the client is gone (FCGI_ABORT_REQUEST, or the connection
+    /// closed) while it waits: it is then never run.
+    pub left: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Waiting {
+    /// Its client is gone: the connection said so, or closed (nothing reads the answer).
+    pub(crate) fn gone(&self) -> bool {
+        self.left.load(Ordering::Acquire) || self.out.is_closed()
+    }
+
     /// The request, now that it has its room.
     pub(crate) fn with(self, room: Room) -> Job {
         Job {
@@ -157,6 +165,7 @@ pub(crate) fn respond(worker: &Worker, job: Job) -> Answered {
                 out,
                 alive,
                 started: started_at,
+                left: _,
             },
         room,
     } = job;
@@ -208,6 +217,12 @@ pub(crate) fn respond(worker: &Worker, job: Job) -> Answered {
             ResponseWriter::new(id).finish(&mut tail);
             Out::Last(id, tail)
         });
+    // Counted before the tail goes out, so a client that has its answer (and asks the status
+    // page next) finds it counted: the metrics are exact, and the duration is at most what
+    // the client saw.
+    worker
+        .board
+        .add_request(status, clock::now().saturating_sub(started));
     Answered {
         out,
         tail,

@@ -217,6 +217,9 @@ where
                 // and drain the worker: a service's timeout drops the future and answers 504
                 // here, and the worker serves on.
                 started: _,
+                // Checked by the room queue before the request starts; a service notices a
+                // client that leaves later through its body's error.
+                left: _,
             },
         room,
     } = job;

@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::scoreboard::{PoolStats, SlotSnapshot, SlotState};
+use crate::scoreboard::{Metrics, PoolStats, SlotSnapshot, SlotState, DURATION_BUCKETS};
 
 /// Where the status page and the ping live.
 #[derive(Debug, Clone, Default)]
@@ -64,6 +64,8 @@ pub struct Snapshot {
     pub workers: Vec<SlotSnapshot>,
     /// Connections accepted so far.
     pub accepted: u64,
+    /// Requests answered, by status and duration, and those refused while they waited.
+    pub metrics: Metrics,
     /// The monotonic clock now.
     pub now: Duration,
 }
@@ -184,7 +186,40 @@ fn pool_fields(s: &Snapshot) -> Vec<(&'static str, String)> {
         ("generation", s.stats.generation.to_string()),
         ("respawns", s.stats.respawns.to_string()),
         ("crash loop backoffs", s.stats.backoffs.to_string()),
+        ("queue timeouts", s.metrics.queue_timeouts.to_string()),
+        ("queue full", s.metrics.queue_full.to_string()),
+        ("abandoned in queue", s.metrics.abandoned.to_string()),
     ]
+}
+
+/// The status classes, as labels and JSON keys.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// A bucket's upper bound as OpenMetrics writes it: a float, `1.0` rather than `1`, as the
+/// reference clients do, so `le` label values match across exporters.
+fn le(bound: Duration) -> String {
+    let secs = bound.as_secs_f64();
+    if secs.fract() == 0.0 {
+        format!("{secs:.1}")
+    } else {
+        format!("{secs}")
+    }
+}
+
+/// The histogram's cumulative counts, one per bound of [`DURATION_BUCKETS`] then `+Inf`.
+fn cumulative(m: &Metrics) -> Vec<(String, u64)> {
+    let bounds = DURATION_BUCKETS
+        .iter()
+        .map(|&b| le(b))
+        .chain(["+Inf".to_string()]);
+    let mut total = 0;
+    bounds
+        .zip(m.buckets)
+        .map(|(le, n)| {
+            total += n;
+            (le, total)
+        })
+        .collect()
 }
 
 fn worker_fields(s: &Snapshot, w: &SlotSnapshot) -> Vec<(&'static str, String)> {
@@ -285,6 +320,24 @@ fn json(s: &Snapshot, full: bool) -> String {
         map
     };
     let mut pool = object(pool_fields(s), s.stats.start_time);
+    let classes: serde_json::Map<String, serde_json::Value> = CLASSES
+        .iter()
+        .zip(s.metrics.classes)
+        .map(|(class, n)| (class.to_string(), n.into()))
+        .collect();
+    pool.insert("requests by status".into(), classes.into());
+    let buckets: serde_json::Map<String, serde_json::Value> = cumulative(&s.metrics)
+        .into_iter()
+        .map(|(le, n)| (le, n.into()))
+        .collect();
+    pool.insert(
+        "request duration".into(),
+        serde_json::json!({
+            "buckets": buckets,
+            "sum": s.metrics.duration_sum.as_secs_f64(),
+            "count": s.metrics.buckets.iter().sum::<u64>(),
+        }),
+    );
     if full {
         let procs: Vec<serde_json::Value> = s
             .workers
@@ -311,7 +364,7 @@ type PoolMetric = (
 
 /// The pool-wide families, in the order they are written.
 #[rustfmt::skip]
-const POOL_METRICS: [PoolMetric; 15] = [
+const POOL_METRICS: [PoolMetric; 18] = [
     ("accepted_connections", "counter", "Requests accepted by the pool.", |s, _| s.accepted),
     ("listen_queue", "gauge", "Connections waiting for a worker.", |_, f| f.listen_queue),
     ("max_listen_queue", "gauge", "The most connections that waited.",
@@ -332,6 +385,12 @@ const POOL_METRICS: [PoolMetric; 15] = [
     ("crash_loop_backoffs", "counter", "Respawns delayed by the crash-loop backoff.",
         |s, _| s.stats.backoffs),
     ("start_time_seconds", "gauge", "Unix time the master started.", |s, _| s.stats.start_time),
+    ("queue_timeouts", "counter", "Requests answered 503 after waiting queue_timeout for a worker.",
+        |s, _| s.metrics.queue_timeouts),
+    ("queue_full", "counter", "Requests answered 503 at once, max_queue waiting already.",
+        |s, _| s.metrics.queue_full),
+    ("abandoned_in_queue", "counter", "Waiting requests dropped unrun, their client gone.",
+        |s, _| s.metrics.abandoned),
 ];
 
 /// One per-worker family (`?full`): name, type, help, and its extra labels and value.
@@ -367,6 +426,7 @@ fn openmetrics(s: &Snapshot, full: bool) -> String {
             value(s, &f)
         );
     }
+    request_metrics(&mut out, &pool, &s.metrics);
     if full {
         for (name, kind, help, sample) in WORKER_METRICS {
             let _ = writeln!(out, "# TYPE fcgi_pool_{name} {kind}");
@@ -387,6 +447,34 @@ fn openmetrics(s: &Snapshot, full: bool) -> String {
     }
     out.push_str("# EOF\n");
     out
+}
+
+/// Requests the application answered: a counter by status class and a duration histogram.
+fn request_metrics(out: &mut String, pool: &str, m: &Metrics) {
+    let name = "fcgi_pool_requests";
+    let _ = writeln!(out, "# TYPE {name} counter");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Requests the application answered, by status class."
+    );
+    for (class, n) in CLASSES.iter().zip(m.classes) {
+        let _ = writeln!(out, "{name}_total{{pool=\"{pool}\",class=\"{class}\"}} {n}");
+    }
+    let name = "fcgi_pool_request_duration_seconds";
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let _ = writeln!(out, "# UNIT {name} seconds");
+    let _ = writeln!(
+        out,
+        "# HELP {name} How long the application took to answer requests."
+    );
+    let buckets = cumulative(m);
+    for (le, n) in &buckets {
+        let _ = writeln!(out, "{name}_bucket{{pool=\"{pool}\",le=\"{le}\"}} {n}");
+    }
+    let count = buckets.last().map_or(0, |b| b.1);
+    let sum = m.duration_sum.as_secs_f64();
+    let _ = writeln!(out, "{name}_sum{{pool=\"{pool}\"}} {sum}");
+    let _ = writeln!(out, "{name}_count{{pool=\"{pool}\"}} {count}");
 }
 
 fn escape(s: &str) -> String {
@@ -458,6 +546,7 @@ pub(crate) fn answer(
             stats: board.stats(),
             workers: board.snapshot(),
             accepted: board.accepted(),
+            metrics: board.metrics(),
             now: crate::clock::now(),
         };
         let (ct, body) = render(&snapshot, format, full);

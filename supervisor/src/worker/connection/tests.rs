@@ -28,7 +28,16 @@ fn rules(can_hand_over: bool) -> Rules {
 
 /// Rooms that start nothing: these tests look at the connection, not at running requests.
 fn rooms(n: usize) -> Arc<Rooms<Waiting>> {
-    Rooms::new(n, Box::new(|_| {}), Box::new(|_, _| {}))
+    Rooms::new(
+        n,
+        crate::worker::rooms::Admission::default(),
+        crate::worker::rooms::Hooks {
+            held: Box::new(|_| {}),
+            start: Box::new(|_, _| {}),
+            refuse: Box::new(|_, _| {}),
+            gone: Box::new(|_| false),
+        },
+    )
 }
 
 /// A room taken at once, as the accept loop takes one before accepting.
@@ -612,4 +621,42 @@ fn a_body_chunk_without_room_pauses_reading_until_the_handler_reads() {
     }
     assert_eq!(got, body.len());
     assert_eq!(reader.next_chunk(), None, "the body ended");
+}
+
+#[test]
+fn an_abort_or_the_connections_end_marks_the_waiting_request_gone() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    receive(&mut conn, &request(1, true, b""));
+    let (id, _body) = take_request(&mut conn);
+    let left = Arc::new(AtomicBool::new(false));
+    conn.watch_left(id, Arc::clone(&left));
+    // FCGI_ABORT_REQUEST for another request id changes nothing (the core ignores it too).
+    receive(&mut conn, &[1, 2, 0, 9, 0, 0, 0, 0]);
+    assert!(conn.next_request().expect("well-formed").is_none());
+    assert!(!left.load(Ordering::Acquire));
+    receive(&mut conn, &[1, 2, 0, 1, 0, 0, 0, 0]);
+    assert!(conn.next_request().expect("well-formed").is_none());
+    assert!(left.load(Ordering::Acquire), "aborted: it is never run");
+
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    receive(&mut conn, &request(1, true, b""));
+    let (id, _body) = take_request(&mut conn);
+    let left = Arc::new(AtomicBool::new(false));
+    conn.watch_left(id, Arc::clone(&left));
+    assert_eq!(conn.on_read(Ok(0)), Next::Continue);
+    assert!(
+        left.load(Ordering::Acquire),
+        "the connection ended: nobody waits for it"
+    );
+
+    // Once answered, the request is no longer watched.
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    receive(&mut conn, &request(1, true, b""));
+    let (id, _body) = take_request(&mut conn);
+    let left = Arc::new(AtomicBool::new(false));
+    conn.watch_left(id, Arc::clone(&left));
+    answer(&mut conn, id, now, false);
+    assert_eq!(conn.on_read(Ok(0)), Next::Continue);
+    assert!(!left.load(Ordering::Acquire));
 }

@@ -41,8 +41,93 @@ fn snapshot() -> Snapshot {
             worker(12, SlotState::Idle, 0),
         ],
         accepted: 42,
+        metrics: metrics(),
         now: Duration::from_secs(200),
     }
+}
+
+/// 10 x 200 in 3 ms, 3 x 404 in 7 ms, 2 x 500 at 300 ms, and refusals 4, 5 and 6.
+fn metrics() -> Metrics {
+    let mut buckets = [0; DURATION_BUCKETS.len() + 1];
+    buckets[0] = 10;
+    buckets[1] = 3;
+    buckets[6] = 2;
+    Metrics {
+        queue_timeouts: 4,
+        queue_full: 5,
+        abandoned: 6,
+        classes: [0, 10, 0, 3, 2],
+        buckets,
+        duration_sum: Duration::from_millis(10 * 3 + 3 * 7 + 2 * 300),
+    }
+}
+
+#[test]
+fn admission_counters_in_every_format() {
+    let (_, text) = render(&snapshot(), Format::Text, false);
+    assert!(
+        text.contains(
+            "queue timeouts:       4\nqueue full:           5\nabandoned in queue:   6\n"
+        ),
+        "{text}"
+    );
+    let (_, json) = render(&snapshot(), Format::Json, false);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(
+        (
+            &v["queue timeouts"],
+            &v["queue full"],
+            &v["abandoned in queue"]
+        ),
+        (&4.into(), &5.into(), &6.into())
+    );
+    assert_eq!(v["requests by status"]["2xx"], 10);
+    assert_eq!(v["requests by status"]["5xx"], 2);
+    assert_eq!(v["request duration"]["buckets"]["0.005"], 10);
+    assert_eq!(v["request duration"]["buckets"]["0.01"], 13);
+    assert_eq!(v["request duration"]["buckets"]["0.5"], 15);
+    assert_eq!(v["request duration"]["buckets"]["+Inf"], 15);
+    assert_eq!(v["request duration"]["count"], 15);
+    let (_, om) = render(&snapshot(), Format::OpenMetrics, false);
+    for line in [
+        "fcgi_pool_queue_timeouts_total{pool=\"www\"} 4\n",
+        "fcgi_pool_queue_full_total{pool=\"www\"} 5\n",
+        "fcgi_pool_abandoned_in_queue_total{pool=\"www\"} 6\n",
+    ] {
+        assert!(om.contains(line), "{line} in {om}");
+    }
+}
+
+#[test]
+fn openmetrics_request_classes_and_a_cumulative_histogram() {
+    let (_, om) = render(&snapshot(), Format::OpenMetrics, false);
+    let expected = "\
+# TYPE fcgi_pool_requests counter
+# HELP fcgi_pool_requests Requests the application answered, by status class.
+fcgi_pool_requests_total{pool=\"www\",class=\"1xx\"} 0
+fcgi_pool_requests_total{pool=\"www\",class=\"2xx\"} 10
+fcgi_pool_requests_total{pool=\"www\",class=\"3xx\"} 0
+fcgi_pool_requests_total{pool=\"www\",class=\"4xx\"} 3
+fcgi_pool_requests_total{pool=\"www\",class=\"5xx\"} 2
+# TYPE fcgi_pool_request_duration_seconds histogram
+# UNIT fcgi_pool_request_duration_seconds seconds
+# HELP fcgi_pool_request_duration_seconds How long the application took to answer requests.
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"0.005\"} 10
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"0.01\"} 13
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"0.025\"} 13
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"0.05\"} 13
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"0.1\"} 13
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"0.25\"} 13
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"0.5\"} 15
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"1.0\"} 15
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"2.5\"} 15
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"5.0\"} 15
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"10.0\"} 15
+fcgi_pool_request_duration_seconds_bucket{pool=\"www\",le=\"+Inf\"} 15
+fcgi_pool_request_duration_seconds_sum{pool=\"www\"} 0.651
+fcgi_pool_request_duration_seconds_count{pool=\"www\"} 15
+";
+    assert!(om.contains(expected), "{om}");
 }
 
 #[test]
