@@ -34,6 +34,8 @@
 //! - `app/`: what the application sees: [`Request`], [`Response`], [`Body`], and the body
 //!   streams. No runtime, no scoreboard.
 //! - `config/`: the operator's surface, each key declared once, validated once.
+//! - `task/`: a background task's process: the host lock, the run loop and its schedule, and
+//!   (feature `postgres`) the leader lease. The master only forks it (`master/tasks.rs`).
 //! - Shared leaves: `scoreboard` (the shared-memory table), `listener` (bind or adopt),
 //!   `passing` (SCM_RIGHTS), `logging`, `clock`, and `sys`, the only module with `unsafe`.
 //!
@@ -65,6 +67,7 @@ mod master;
 mod passing;
 mod scoreboard;
 mod sys;
+mod task;
 mod worker;
 
 /// Not API: the checks that fork, for `tests/fork.rs` (a process of one thread).
@@ -79,6 +82,10 @@ pub use app::request::Request;
 pub use app::response::{status, text, with_type, Body, Response};
 pub use fcgi::Role;
 pub use http;
+/// The PostgreSQL client the task lease uses, for the application's own task connections.
+#[cfg(feature = "postgres")]
+pub use postgres;
+pub use task::{Task, TaskContext, CLOCK_OFFSET_ENV};
 
 /// The application: one method, called for every request in a worker process, outside its
 /// event loop. Blocking is fine: the event loop goes on without the thread that blocks.
@@ -91,6 +98,16 @@ pub trait Responder: Send + Sync + 'static {
     /// ends the worker; the master replaces it, backing off if every worker fails the same way.
     fn init_worker(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// The application's background tasks (README, "Background tasks"): each one configured
+    /// with `[tasks.NAME]` runs in its own process beside the workers, one per host (one
+    /// across hosts with a lease). None by default.
+    fn tasks(&self) -> Vec<Task<Self>>
+    where
+        Self: Sized,
+    {
+        Vec::new()
     }
 }
 

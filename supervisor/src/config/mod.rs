@@ -8,6 +8,7 @@
 
 mod parse;
 mod raw;
+mod tasks;
 
 use std::fmt;
 use std::num::NonZeroUsize;
@@ -18,6 +19,7 @@ pub use parse::ListenAddr;
 use parse::{account_id, parse_duration, parse_mode, parse_size, Account};
 pub use raw::Cli;
 use raw::*;
+pub use tasks::{LeaseConfig, TaskConfig, TaskMode};
 
 /// How the pool is sized, like PHP-FPM's `pm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -117,6 +119,10 @@ pub struct Config {
     pub pool_name: String,
     /// Validate and exit.
     pub check_config: bool,
+    /// Background tasks: where their host lock files live.
+    pub task_lock_dir: PathBuf,
+    /// Background tasks, as configured (`[tasks.NAME]`).
+    pub tasks: Vec<TaskConfig>,
 }
 
 /// A configuration value that is not acceptable, or a file that cannot be read.
@@ -210,6 +216,7 @@ impl Config {
         let timeouts = timeouts(&raw)?;
         let logging = logging(&raw)?;
         let status = status(&raw)?;
+        let tasks = tasks::tasks(&raw)?;
         Ok(Config {
             listen,
             backlog,
@@ -233,6 +240,8 @@ impl Config {
             ping_response: status.ping_response,
             pool_name: status.pool_name,
             check_config: raw.check_config,
+            task_lock_dir: tasks.lock_dir,
+            tasks: tasks.tasks,
         })
     }
 }

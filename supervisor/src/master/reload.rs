@@ -58,6 +58,10 @@ impl<R: Responder> Master<R> {
                 return;
             }
         };
+        if let Err(e) = self.check_tasks(&cfg) {
+            tracing::error!(error = %e, "reload refused: still running the previous configuration");
+            return;
+        }
         // Bind what is new before changing anything, so a failure leaves everything as it was.
         let mut fresh = Vec::new();
         for addr in &cfg.listen {
@@ -85,6 +89,7 @@ impl<R: Responder> Master<R> {
         g.ready_sent = false;
         self.policies.pool = Pool::new(cfg.pool.clone());
         self.cfg = cfg;
+        self.reload_tasks(clock::now());
         self.systemd.notifier.reloading(clock::now());
         tracing::info!(
             generation = self.generations.current,

@@ -13,7 +13,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::scoreboard::{PoolStats, SlotSnapshot, SlotState};
+use crate::scoreboard::{PoolStats, SlotSnapshot, SlotState, TaskSnapshot};
+
+mod tasks;
 
 /// Where the status page and the ping live.
 #[derive(Debug, Clone, Default)]
@@ -62,6 +64,8 @@ pub struct Snapshot {
     pub stats: PoolStats,
     /// Every worker.
     pub workers: Vec<SlotSnapshot>,
+    /// Every background task process.
+    pub tasks: Vec<TaskSnapshot>,
     /// Connections accepted so far.
     pub accepted: u64,
     /// The monotonic clock now.
@@ -251,6 +255,7 @@ fn text(s: &Snapshot, full: bool) -> String {
             }
         }
     }
+    tasks::text(s, &mut out);
     out
 }
 
@@ -294,6 +299,9 @@ fn json(s: &Snapshot, full: bool) -> String {
             })
             .collect();
         pool.insert("processes".into(), serde_json::Value::Array(procs));
+    }
+    if !s.tasks.is_empty() {
+        pool.insert("tasks".into(), tasks::json(s));
     }
     serde_json::Value::Object(pool).to_string()
 }
@@ -382,6 +390,7 @@ fn openmetrics(s: &Snapshot, full: bool) -> String {
             }
         }
     }
+    tasks::openmetrics(s, &pool, &mut out);
     out.push_str("# EOF\n");
     out
 }
@@ -454,6 +463,7 @@ pub(crate) fn answer(
             pool: paths.pool.clone(),
             stats: board.stats(),
             workers: board.snapshot(),
+            tasks: board.task_snapshot(),
             accepted: board.accepted(),
             now: crate::clock::now(),
         };

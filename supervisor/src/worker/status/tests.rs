@@ -40,6 +40,7 @@ fn snapshot() -> Snapshot {
             worker(11, SlotState::Busy, 1),
             worker(12, SlotState::Idle, 0),
         ],
+        tasks: Vec::new(),
         accepted: 42,
         now: Duration::from_secs(200),
     }
