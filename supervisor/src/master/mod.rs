@@ -223,7 +223,7 @@ impl<R: Responder> Master<R> {
         if let Some(stop) = &self.stopping {
             wake = wake.min(stop.deadline.saturating_sub(now));
         }
-        if let Some(due) = self.tasks.next_due(now) {
+        if let Some(due) = self.tasks.next_due(&self.board, now) {
             wake = wake.min(due);
         }
         if let Some(due) = self.systemd.next_due(now) {
@@ -237,7 +237,9 @@ impl<R: Responder> Master<R> {
     }
 
     fn wait(&self, timeout: Duration) {
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // Rounded up: waking a fraction of a millisecond before a deadline would find it not
+        // yet due, and the next wait would be a whole tick.
+        let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
         let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
         if self.policies.watch_listeners {
             fds.extend(

@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use super::policy::{Respawn, YOUNG_DEATH};
 use super::Master;
 use crate::config::{Config, TaskConfig};
-use crate::scoreboard::TASK_SLOTS;
+use crate::scoreboard::{Scoreboard, TaskState, TASK_SLOTS};
 use crate::sys::{self, Fork};
 use crate::task::process::{self, Spec, EXIT_LEASE_LOST};
 use crate::task::Task;
@@ -28,6 +28,10 @@ use crate::{clock, Responder};
 /// SIGKILL this long after a stopping task's own `stop_timeout`, in case it cannot exit by
 /// itself (it exits at `stop_timeout`; the margin lets it log why).
 const STOP_KILL_GRACE: Duration = Duration::from_secs(1);
+
+/// Past a run's deadline before the master looks: the check is `elapsed > timeout`, so waking
+/// exactly at the deadline would find nothing to do and spin once more.
+const RUN_TIMEOUT_SLACK: Duration = Duration::from_millis(1);
 
 /// One task process.
 #[derive(Debug)]
@@ -118,14 +122,17 @@ impl<R> Tasks<R> {
         self.procs.keys().copied()
     }
 
-    /// The earliest time the master must look at the tasks again.
-    pub(super) fn next_due(&self, now: Duration) -> Option<Duration> {
+    /// How long until the master must look at the tasks again: a backoff ending, a stop or a
+    /// run overrunning.
+    pub(super) fn next_due(&self, board: &Scoreboard, now: Duration) -> Option<Duration> {
         let holds = self.list.iter().filter_map(|s| s.respawn.hold_until(now));
-        let kills = self
-            .procs
-            .values()
-            .filter(|p| !p.killed)
-            .filter_map(|p| p.kill_at);
+        let kills = self.procs.values().filter(|p| !p.killed).filter_map(|p| {
+            let run_timeout = self.list.get(p.task).and_then(|s| s.cfg.run_timeout);
+            let overrun = run_timeout
+                .zip(board.task(p.slot).running_since())
+                .map(|(timeout, since)| since + timeout + RUN_TIMEOUT_SLACK);
+            p.kill_at.into_iter().chain(overrun).min()
+        });
         holds.chain(kills).min().map(|t| t.saturating_sub(now))
     }
 }
@@ -303,8 +310,18 @@ impl<R: Responder> Master<R> {
     pub(super) fn task_reaped(&mut self, pid: Pid, status: WaitStatus, cause: &str) {
         let Some(p) = self.tasks.procs.remove(&pid) else {
             for i in 0..TASK_SLOTS {
-                if self.board.task(i).pid() == pid.as_raw() {
-                    self.board.task(i).free();
+                let slot = self.board.task(i);
+                if slot.pid() == pid.as_raw() && slot.state() != TaskState::Free {
+                    let snap = slot.snapshot();
+                    slot.free();
+                    tracing::info!(
+                        pid = pid.as_raw(),
+                        task = snap.name,
+                        generation = snap.generation,
+                        cause,
+                        iterations = snap.iterations,
+                        "task exited (started by the previous master, before the upgrade)"
+                    );
                 }
             }
             return;

@@ -281,7 +281,7 @@ fn set_panic_hook(task: &str) {
             pid = std::process::id(),
             task,
             location,
-            message,
+            panic = message,
             "task panicked"
         );
     }));
