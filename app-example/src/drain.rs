@@ -146,7 +146,7 @@ pub fn enqueue(n: i64) -> Result<u64, String> {
     let mut db = Client::connect(&url, NoTls).map_err(|e| format!("cannot connect: {e}"))?;
     db.batch_execute(SCHEMA).map_err(|e| e.to_string())?;
     db.execute(
-        "INSERT INTO example_queue (payload) SELECT 'item ' || g FROM generate_series(1, $1) g",
+        "INSERT INTO example_queue (payload) SELECT 'item ' || g FROM generate_series(1, $1::bigint) g",
         &[&n],
     )
     .map_err(|e| e.to_string())

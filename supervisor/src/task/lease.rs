@@ -30,6 +30,9 @@ use crate::scoreboard::{TaskRole, TaskState};
 /// sensible proof window, and a wake-up that costs nothing.
 const WATCHDOG_TICK: Duration = Duration::from_millis(20);
 
+/// The shortest TCP keepalive time the kernel takes (`TCP_KEEPIDLE` is in seconds, from 1).
+const MIN_KEEPALIVE: Duration = Duration::from_secs(1);
+
 /// The advisory lock key of `task`: FNV-1a of `supervisor.task.` and the name, so every host
 /// running the task computes the same key, and a task's key does not collide with the
 /// application's own small integer keys.
@@ -54,6 +57,18 @@ fn millis(d: Duration) -> u128 {
     d.as_millis().max(1)
 }
 
+/// An error with its causes: the client's own message alone ("error connecting to server")
+/// does not say why.
+fn full(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 /// A direct connection with the lease's timeouts: connecting, TCP keepalives and unacknowledged
 /// data all bounded by the check timeout, and the session's idle timeout set.
 fn connect(cfg: &LeaseConfig, task: &str) -> Result<Client, String> {
@@ -61,23 +76,25 @@ fn connect(cfg: &LeaseConfig, task: &str) -> Result<Client, String> {
         .url
         .parse()
         .map_err(|e| format!("lease url is not a PostgreSQL connection string: {e}"))?;
+    // The kernel counts keepalive times in whole seconds, and refuses 0.
+    let keepalive = cfg.check_interval.max(MIN_KEEPALIVE);
     pg.connect_timeout(cfg.check_timeout)
         .keepalives(true)
-        .keepalives_idle(cfg.check_interval)
-        .keepalives_interval(cfg.check_interval)
+        .keepalives_idle(keepalive)
+        .keepalives_interval(keepalive)
         .keepalives_retries(1)
         .tcp_user_timeout(cfg.check_timeout)
         .application_name(&format!("supervisor task {task}"));
     let mut client = pg
         .connect(NoTls)
-        .map_err(|e| format!("cannot connect to the lease database: {e}"))?;
+        .map_err(|e| format!("cannot connect to the lease database: {}", full(&e)))?;
     client
         .batch_execute(&format!(
             "SET idle_session_timeout = {}; SET statement_timeout = {}",
             millis(cfg.session_timeout),
             millis(cfg.check_timeout)
         ))
-        .map_err(|e| format!("cannot set the lease session's timeouts: {e}"))?;
+        .map_err(|e| format!("cannot set the lease session's timeouts: {}", full(&e)))?;
     // Every leader of every task creates the table if needed; the transaction lock keeps two
     // from racing on the catalog.
     client
@@ -88,7 +105,7 @@ fn connect(cfg: &LeaseConfig, task: &str) -> Result<Client, String> {
                acquired timestamptz, last_start timestamptz, last_end timestamptz); COMMIT",
             lock_key("")
         ))
-        .map_err(|e| format!("cannot create supervisor_lease: {e}"))?;
+        .map_err(|e| format!("cannot create supervisor_lease: {}", full(&e)))?;
     Ok(client)
 }
 
@@ -96,7 +113,7 @@ fn connect(cfg: &LeaseConfig, task: &str) -> Result<Client, String> {
 fn try_lead(client: &mut Client, task: &str) -> Result<Option<i64>, String> {
     let row = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(task)])
-        .map_err(|e| format!("lease check failed: {e}"))?;
+        .map_err(|e| format!("lease check failed: {}", full(&e)))?;
     if !row.get::<_, bool>(0) {
         return Ok(None);
     }
@@ -107,7 +124,7 @@ fn try_lead(client: &mut Client, task: &str) -> Result<Option<i64>, String> {
              holder = EXCLUDED.holder, acquired = now() RETURNING epoch",
             &[&task, &holder()],
         )
-        .map_err(|e| format!("cannot start a lease term: {e}"))?;
+        .map_err(|e| format!("cannot start a lease term: {}", full(&e)))?;
     Ok(Some(row.get(0)))
 }
 
@@ -279,7 +296,7 @@ fn watch_lease(
                     .simple_query("SELECT 1");
                 match answer {
                     Ok(_) => proved.store(sent.as_micros() as u64, Ordering::Release),
-                    Err(e) => lost(&task, epoch, &format!("lease check failed: {e}")),
+                    Err(e) => lost(&task, epoch, &format!("lease check failed: {}", full(&e))),
                 }
             })?;
     }
