@@ -104,6 +104,41 @@ fn log_lines(app: &App, message: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A JSON log line's time as Unix seconds (`2026-12-01T22:30:26.447302Z`).
+fn log_time(line: &serde_json::Value) -> f64 {
+    let ts = line["timestamp"].as_str().expect("timestamp");
+    let (date, clock) = ts
+        .trim_end_matches('Z')
+        .split_once('T')
+        .expect("date and time");
+    let d: Vec<i64> = date.split('-').map(|p| p.parse().expect("date")).collect();
+    let t: Vec<f64> = clock.split(':').map(|p| p.parse().expect("time")).collect();
+    // Days since 1970-01-01 (Howard Hinnant's days_from_civil).
+    let (y, m, day) = (d[0] - i64::from(d[1] <= 2), d[1], d[2]);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days as f64 * 86_400.0 + t[0] * 3600.0 + t[1] * 60.0 + t[2]
+}
+
+/// When `app` logged that its leader of term `epoch` lost the lease, if it did.
+fn lost_at(app: &App, epoch: i64) -> Option<f64> {
+    log_lines(app, "task lost its lease: stopping at once")
+        .iter()
+        .find(|l| l["epoch"] == epoch)
+        .map(log_time)
+}
+
+/// When the first run of term `epoch` started, on the database's clock (this machine's).
+fn first_run_of(pg: &Postgres, epoch: i64) -> Option<f64> {
+    db_runs(pg)
+        .iter()
+        .find(|r| r.epoch == epoch)
+        .map(|r| r.started)
+}
+
 fn status_tasks(app: &App) -> Vec<serde_json::Value> {
     let res = fcgi_request(&app.unix(), "GET", "/status?json", b"").expect("status");
     let text = String::from_utf8_lossy(&res.stdout).to_string();
@@ -216,19 +251,7 @@ fn a_task_that_panics_at_start_backs_off_exponentially() {
     wait_until(DEADLINE, "seven starts of the panicking task", || {
         started().len() >= 7
     });
-    let times: Vec<f64> = started()
-        .iter()
-        .map(|l| {
-            let ts = l["timestamp"].as_str().expect("timestamp");
-            // 2026-12-01T22:30:26.447302Z: seconds of the day are enough within a test.
-            let clock = ts.split('T').nth(1).expect("time").trim_end_matches('Z');
-            let parts: Vec<f64> = clock
-                .split(':')
-                .map(|p| p.parse().expect("number"))
-                .collect();
-            parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
-        })
-        .collect();
+    let times: Vec<f64> = started().iter().map(log_time).collect();
     let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
     // 100 ms doubling: the later gaps are several times the earlier ones.
     assert!(
@@ -526,13 +549,20 @@ fn a_terminated_or_black_holed_leader_stops_before_the_next_one_starts() {
         .get(0);
     assert!(terminated);
     wait_until(DEADLINE, "a's task to notice", || {
-        !log_lines(&a, "task lost its lease: stopping at once").is_empty()
+        lost_at(&a, first).is_some()
     });
     wait_until(TAKEOVER, "a new term", || epoch(&pg) > first);
     let second = epoch(&pg);
     wait_until(DEADLINE, "a run of the new term", || {
-        db_runs(&pg).iter().any(|r| r.epoch == second)
+        first_run_of(&pg, second).is_some()
     });
+    let (Some(stopped), Some(started)) = (lost_at(&a, first), first_run_of(&pg, second)) else {
+        unreachable!("both waited for")
+    };
+    assert!(
+        stopped < started,
+        "the terminated leader stopped ({stopped:.3}) before the next one ran ({started:.3})"
+    );
     assert_eq!(
         fenced_write(&pg, first),
         0,
@@ -557,7 +587,9 @@ fn a_terminated_or_black_holed_leader_stops_before_the_next_one_starts() {
     });
     let silent = Instant::now();
     proxy.go_silent();
-    let lost = a.wait_for_json_line("task lost its lease: stopping at once");
+    wait_until(DEADLINE, "the silent leader to stop", || {
+        lost_at(&a, held).is_some()
+    });
     let stopped = silent.elapsed();
     wait_until(
         TAKEOVER,
@@ -569,23 +601,32 @@ fn a_terminated_or_black_holed_leader_stops_before_the_next_one_starts() {
         took >= Duration::from_millis(2500),
         "the lock was only free once the server dropped the silent session (3s): {took:?}"
     );
-    assert!(
-        stopped < took,
-        "a stopped ({stopped:?}) before b took over ({took:?})"
-    );
+    let third = epoch(&pg);
     assert_eq!(
         fenced_write(&pg, held),
         0,
         "the silent leader's epoch is rejected"
     );
     wait_until(DEADLINE, "a run of the standby's term", || {
-        db_runs(&pg).iter().any(|r| r.epoch > held)
+        first_run_of(&pg, third).is_some()
     });
+    let (Some(a_stopped), Some(next_ran)) = (lost_at(&a, held), first_run_of(&pg, third)) else {
+        unreachable!("both waited for")
+    };
+    assert!(
+        a_stopped < next_ran,
+        "the silent leader stopped ({a_stopped:.3}) before the next one ran ({next_ran:.3})"
+    );
+    let lost = log_lines(&a, "task lost its lease: stopping at once")
+        .into_iter()
+        .find(|l| l["epoch"] == held)
+        .map(|l| l["cause"].to_string())
+        .unwrap_or_default();
     assert_schedule(&db_runs(&pg), TAKEOVER.as_secs_f64());
     assert!(
         pg.log().contains("idle-session timeout") || pg.log().contains("idle_session"),
         "postgres dropped the session for its idleness: {}",
         pg.log()
     );
-    eprintln!("black hole: leader stopped after {stopped:?}, standby led after {took:?}; {lost}");
+    eprintln!("black hole: leader stopped after {stopped:?} ({lost}), standby led after {took:?}");
 }
