@@ -19,7 +19,10 @@ pub use parse::ListenAddr;
 use parse::{account_id, parse_duration, parse_mode, parse_size, Account};
 pub use raw::Cli;
 use raw::*;
-pub use tasks::{LeaseConfig, TaskConfig, TaskMode};
+// The lease's settings are read only by the task process's lease (feature `postgres`).
+#[cfg_attr(not(feature = "postgres"), allow(unused_imports))]
+pub use tasks::LeaseConfig;
+pub use tasks::{TaskConfig, TaskMode};
 
 /// How the pool is sized, like PHP-FPM's `pm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]

@@ -63,3 +63,29 @@ pub(crate) fn acquire(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_waits_until_told_to_stop_and_gets_it_once_free() {
+        let dir = std::env::temp_dir().join(format!("task-lock-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = path(&dir, "www", "drain");
+        assert!(path.ends_with("www.task.drain.lock"));
+        let none = Stop::default();
+        let first = acquire(&path, &none, || {}).expect("lock").expect("free");
+        // flock conflicts between two opens of the file even in one process.
+        let stop = Stop::default();
+        stop.request();
+        let mut waited = false;
+        let second = acquire(&path, &stop, || waited = true).expect("lock");
+        assert!(second.is_none(), "held: the stopped waiter gives up");
+        assert!(waited, "and said it waited");
+        drop(first);
+        let third = acquire(&path, &none, || panic!("free now")).expect("lock");
+        assert!(third.is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -32,6 +32,7 @@ pub(crate) fn wait_before_next(
 
 /// `base` spread by half either way, from `seed` (any number that differs between hosts and
 /// tries): standbys of several hosts do not retry in step.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn jittered(base: Duration, seed: u64) -> Duration {
     // splitmix64: a good spread from consecutive seeds.
     let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
