@@ -210,7 +210,7 @@ impl Config {
     }
 
     /// Lays the flags over the file's keys, then validates each group of keys in turn.
-    fn merge(flags: &Cli, file: Cli) -> Result<Config, ConfigError> {
+    pub(crate) fn merge(flags: &Cli, file: Cli) -> Result<Config, ConfigError> {
         let raw = flags.clone().over(file);
         let listen = listen(&raw)?;
         let (backlog, socket) = socket(&raw)?;

@@ -330,42 +330,85 @@ impl<R: Responder> Master<R> {
         let snap = self.board.task(p.slot).snapshot();
         self.board.task(p.slot).free();
         let lifetime = now.saturating_sub(p.started);
-        let Some(s) = self.tasks.list.get_mut(p.task) else {
-            return;
-        };
         let code = match status {
             WaitStatus::Exited(_, code) => Some(code),
             _ => None,
         };
         let expected = p.kill_at.is_some() || code == Some(0) || code == Some(EXIT_LEASE_LOST);
-        let fields = (pid.as_raw(), lifetime.as_millis() as u64, snap.iterations);
+        let (pid, lifetime_ms) = (pid.as_raw(), lifetime.as_millis() as u64);
+        let (task, iterations) = (snap.name.as_str(), snap.iterations);
         if expected {
             tracing::info!(
-                pid = fields.0,
-                task = s.cfg.name,
+                pid,
+                task,
                 generation = p.generation,
                 cause,
-                lifetime_ms = fields.1,
-                iterations = fields.2,
+                lifetime_ms,
+                iterations,
                 "task exited"
             );
             return;
         }
         tracing::warn!(
-            pid = fields.0,
-            task = s.cfg.name,
+            pid,
+            task,
             generation = p.generation,
             cause,
-            lifetime_ms = fields.1,
-            iterations = fields.2,
+            lifetime_ms,
+            iterations,
             "task died unexpectedly"
         );
+        // A task the last reload removed is not restarted, so its crashes count for nothing.
+        let Some(s) = self.tasks.list.get_mut(p.task) else {
+            return;
+        };
         if let Some(delay) = s.respawn.on_crash(lifetime, now) {
             tracing::warn!(
-                task = s.cfg.name,
+                task,
                 delay_ms = delay.as_millis() as u64,
                 "task keeps dying young: delaying its restart (crash-loop backoff)"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Cli;
+
+    fn nothing(_: &(), _: &crate::TaskContext) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn cfg(toml_text: &str) -> Config {
+        let raw: Cli = toml::from_str(toml_text).expect("toml");
+        let flags = Cli {
+            listen: vec!["127.0.0.1:9000".into()],
+            ..Cli::default()
+        };
+        Config::merge(&flags, raw).expect("valid")
+    }
+
+    #[test]
+    fn configured_tasks_must_be_defined_by_the_application() {
+        let defined = vec![Task {
+            name: "drain",
+            run: nothing,
+        }];
+        let ok = matched(&defined, &cfg("[tasks.drain]\n")).expect("defined");
+        assert_eq!(ok.len(), 1);
+        assert_eq!(ok[0].1.name, "drain");
+        assert!(
+            matched(&defined, &cfg("")).expect("none").is_empty(),
+            "unconfigured: not run"
+        );
+        let e = matched(&defined, &cfg("[tasks.report]\n")).expect_err("unknown");
+        assert_eq!(
+            e,
+            "[tasks.report] is configured but the application defines no such task (it defines: drain)"
+        );
+        let e = matched::<()>(&[], &cfg("[tasks.report]\n")).expect_err("unknown");
+        assert!(e.ends_with("(it defines: none)"), "{e}");
     }
 }
