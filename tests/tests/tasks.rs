@@ -491,6 +491,10 @@ fn one_leader_across_two_hosts_survives_a_killed_master_on_the_database_clock() 
     assert!(queued.contains("queued 50"), "{queued}");
     let old = epoch(&pg);
     let killed = Instant::now();
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
     a.signal(Signal::SIGKILL);
     wait_until(TAKEOVER, "b to lead", || leaders(&[&b]) == [0]);
     let took = killed.elapsed();
@@ -499,6 +503,12 @@ fn one_leader_across_two_hosts_survives_a_killed_master_on_the_database_clock() 
     });
     let new = epoch(&pg);
     assert!(new > old, "a new term: {old} -> {new}");
+    // The database's clock is this machine's: the new term's first run, after the kill.
+    let first_run = first_run_of(&pg, new).expect("b's runs") - killed_at;
+    assert!(
+        first_run < TAKEOVER.as_secs_f64(),
+        "b ran {first_run:.3}s after the kill"
+    );
     assert_eq!(
         fenced_write(&pg, old),
         0,
@@ -519,7 +529,9 @@ fn one_leader_across_two_hosts_survives_a_killed_master_on_the_database_clock() 
         .expect("count")
         .get(0);
     assert_eq!(done, 50, "the queue was drained exactly once");
-    eprintln!("takeover after SIGKILL of the leader's master: {took:?}");
+    eprintln!(
+        "takeover after SIGKILL of the leader's master: leader after {took:?}, first run after {first_run:.3}s"
+    );
 }
 
 #[test]

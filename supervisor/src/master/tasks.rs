@@ -265,13 +265,16 @@ impl<R: Responder> Master<R> {
         let s = &self.tasks.list[index];
         let (task, cfg) = (s.task, s.cfg.clone());
         self.board.task(slot).reset(&cfg.name, generation, now);
+        // Taken before the fork: the child compares it with its parent to catch a master that
+        // died before the child asked to be told.
+        let master = Pid::this();
         match sys::fork() {
             Ok(Fork::Child) => {
                 let spec = Spec {
                     lock_dir: self.cfg.task_lock_dir.clone(),
                     pool: self.cfg.pool_name.clone(),
                     slot,
-                    master: nix::unistd::getppid(),
+                    master,
                     cfg,
                 };
                 process::run(Arc::clone(&self.app), task, spec, Arc::clone(&self.board))
