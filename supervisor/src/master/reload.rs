@@ -41,6 +41,12 @@ impl Generations {
         }
     }
 
+    /// In a forked child that never accepts (a task process): lets go of the retired
+    /// listeners' fds, so they close when the master closes them.
+    pub(super) fn close_retired_in_child(&mut self) {
+        self.retired.clear();
+    }
+
     /// Whether a reload (or an upgrade's start) waits for the current generation.
     pub(super) fn reloading(&self) -> bool {
         self.since.is_some()

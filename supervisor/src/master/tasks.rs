@@ -270,6 +270,11 @@ impl<R: Responder> Master<R> {
         let master = Pid::this();
         match sys::fork() {
             Ok(Fork::Child) => {
+                // A task never accepts. Without these fds, a listener a reload removes closes
+                // once the workers are gone, not when this task ends. (In this process the
+                // drop only closes: the socket files belong to the master.)
+                drop(std::mem::take(&mut self.listeners));
+                self.generations.close_retired_in_child();
                 let spec = Spec {
                     lock_dir: self.cfg.task_lock_dir.clone(),
                     pool: self.cfg.pool_name.clone(),
