@@ -1,10 +1,14 @@
 //! The example application: every route the README, the tests and the benchmarks use.
 
+mod drain;
+
 use std::io::{Read, Write};
 use std::time::Duration;
 
 use supervisor::http::{header, HeaderValue, StatusCode};
-use supervisor::{status, text, with_type, Body, Request, Responder, Response, Role};
+use supervisor::{
+    status, text, with_type, Body, Request, Responder, Response, Role, Task, TaskContext,
+};
 
 /// Preloaded once in the master, shared copy-on-write by every worker.
 struct App {
@@ -40,6 +44,7 @@ impl Responder for App {
             "/pid" => text(format!("{}\n", std::process::id())),
             "/panic" => panic!("/panic was requested"),
             "/crash" => std::process::abort(),
+            "/enqueue" => enqueue(req),
             _ => status(StatusCode::NOT_FOUND),
         }
     }
@@ -51,6 +56,31 @@ impl Responder for App {
                 "refused on purpose (APP_EXAMPLE_FAIL_WORKER_INIT={why})"
             )),
             Err(_) => Ok(()),
+        }
+    }
+
+    /// `drain`: empties the queue `/enqueue` fills (see `drain.rs`); runs once configured
+    /// with `[tasks.drain]`.
+    fn tasks(&self) -> Vec<Task<Self>> {
+        vec![Task {
+            name: "drain",
+            run: |_app: &App, ctx: &TaskContext| drain::run(ctx),
+        }]
+    }
+}
+
+/// `/enqueue?n=N`: N rows for the `drain` task.
+fn enqueue(req: &Request) -> Response {
+    let n = req
+        .query_param("n")
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(1);
+    match drain::enqueue(n) {
+        Ok(rows) => text(format!("queued {rows}\n")),
+        Err(e) => {
+            let mut res = text(format!("{e}\n"));
+            *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            res
         }
     }
 }

@@ -37,6 +37,8 @@
 //!   [`RequestBody`]). No runtime, no scoreboard.
 //! - `config/`: the operator's surface, each key declared once, validated once.
 //! - `status_command`: `<binary> status`, a FastCGI client that prints a running pool's page.
+//! - `task/`: a background task's process: the host lock, the run loop and its schedule, and
+//!   (feature `postgres`) the leader lease. The master only forks it (`master/tasks.rs`).
 //! - Shared leaves: `scoreboard` (the shared-memory table), `listener` (bind or adopt),
 //!   `passing` (SCM_RIGHTS), `logging`, `clock`, and `sys`, the only module with `unsafe`.
 //!
@@ -74,6 +76,7 @@ mod passing;
 mod scoreboard;
 mod status_command;
 mod sys;
+mod task;
 mod worker;
 
 /// Not API: the checks that fork, for `tests/fork.rs` (a process of one thread).
@@ -90,6 +93,10 @@ pub use app::response::{status, text, with_type, Body, Response};
 pub use fcgi::{Params, Role};
 pub use http;
 pub use http_body;
+/// The PostgreSQL client the task lease uses, for the application's own task connections.
+#[cfg(feature = "postgres")]
+pub use postgres;
+pub use task::{Task, TaskContext, CLOCK_OFFSET_ENV};
 use tower_service::Service;
 
 /// The application: one method, called for every request in a worker process, outside its
@@ -103,6 +110,16 @@ pub trait Responder: Send + Sync + 'static {
     /// ends the worker; the master replaces it, backing off if every worker fails the same way.
     fn init_worker(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// The application's background tasks (README, "Background tasks"): each one configured
+    /// with `[tasks.NAME]` runs in its own process beside the workers, one per host (one
+    /// across hosts with a lease). None by default.
+    fn tasks(&self) -> Vec<Task<Self>>
+    where
+        Self: Sized,
+    {
+        Vec::new()
     }
 }
 

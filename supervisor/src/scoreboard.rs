@@ -13,6 +13,11 @@ use std::time::Duration;
 
 use crate::sys::SharedWords;
 
+mod tasks;
+pub use tasks::{
+    TaskRole, TaskSlot, TaskSnapshot, TaskState, NAME_BYTES as TASK_NAME_BYTES, TASK_SLOTS,
+};
+
 /// Pool-wide figures before the slots: `accepted` and the [`Metrics`] are counted by the
 /// workers, the rest is written by the master ([`PoolStats`]).
 const HEADER_WORDS: usize = H_METRICS + METRIC_WORDS;
@@ -185,13 +190,13 @@ pub struct Scoreboard {
 impl Scoreboard {
     /// Maps a table of `slots` free slots. Call before forking.
     pub fn new(slots: usize) -> io::Result<Scoreboard> {
-        let mem = SharedWords::new(HEADER_WORDS + slots * SLOT_WORDS)?;
+        let mem = SharedWords::new(words_for(slots))?;
         Ok(Scoreboard { mem, slots })
     }
 
     /// The table of `slots` slots behind an inherited memfd (an upgrade's previous master).
     pub(crate) fn from_fd(fd: std::os::fd::OwnedFd, slots: usize) -> io::Result<Scoreboard> {
-        let mem = SharedWords::from_fd(fd, HEADER_WORDS + slots * SLOT_WORDS)?;
+        let mem = SharedWords::from_fd(fd, words_for(slots))?;
         Ok(Scoreboard { mem, slots })
     }
 
@@ -578,6 +583,11 @@ impl Slot<'_> {
             held: self.get(HELD),
         }
     }
+}
+
+/// The table's words: the header, the workers' slots, then the tasks' ([`tasks`]).
+fn words_for(slots: usize) -> usize {
+    HEADER_WORDS + slots * SLOT_WORDS + tasks::TASK_WORDS
 }
 
 fn micros(d: Duration) -> u64 {

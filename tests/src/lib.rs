@@ -19,6 +19,7 @@ pub mod http;
 pub mod log;
 mod nginx;
 pub mod openmetrics;
+pub mod pg;
 
 pub use app::{
     fcgi_request, fcgi_request_as, fcgi_request_with, fetch_pid, worker_pids, Addr, App, Via,

@@ -12,6 +12,7 @@ mod clients;
 mod parse;
 mod process;
 mod raw;
+mod tasks;
 
 use std::fmt;
 use std::num::NonZeroUsize;
@@ -24,6 +25,10 @@ pub use parse::{ListenAddr, Rlimit};
 pub use process::{Identity, WorkerProcess};
 use raw::*;
 pub use raw::{Cli, FD_RESERVE};
+// The lease's settings are read only by the task process's lease (feature `postgres`).
+#[cfg_attr(not(feature = "postgres"), allow(unused_imports))]
+pub use tasks::LeaseConfig;
+pub use tasks::{TaskConfig, TaskMode};
 
 /// How the pool is sized, like PHP-FPM's `pm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -136,6 +141,10 @@ pub struct Config {
     pub check_config: bool,
     /// What each worker becomes after the fork: its account, environment and limits.
     pub process: WorkerProcess,
+    /// Background tasks: where their host lock files live.
+    pub task_lock_dir: PathBuf,
+    /// Background tasks, as configured (`[tasks.NAME]`).
+    pub tasks: Vec<TaskConfig>,
 }
 
 /// A configuration value that is not acceptable, or a file that cannot be read.
@@ -241,7 +250,7 @@ impl Config {
     }
 
     /// Lays the flags over the file's keys, then validates each group of keys in turn.
-    fn merge(flags: &Cli, file: Cli) -> Result<Config, ConfigError> {
+    pub(crate) fn merge(flags: &Cli, file: Cli) -> Result<Config, ConfigError> {
         let raw = flags.clone().over(file);
         let listen = listen(&raw)?;
         let (backlog, socket) = socket(&raw)?;
@@ -260,6 +269,7 @@ impl Config {
             group: socket.group.or(process.identity.as_ref().map(|id| id.gid)),
             ..socket
         };
+        let tasks = tasks::tasks(&raw)?;
         Ok(Config {
             listen,
             backlog,
@@ -289,6 +299,8 @@ impl Config {
             pool_name: status.pool_name,
             check_config: raw.check_config,
             process,
+            task_lock_dir: tasks.lock_dir,
+            tasks: tasks.tasks,
         })
     }
 }

@@ -272,7 +272,77 @@ pub struct Cli {
     #[arg(skip)]
     #[serde(skip)]
     pub serves_async: bool,
+
+    // Background tasks (README "Background tasks"): `[tasks.NAME]` and `[lease]` are file-only
+    // sections, since a table of tables has no sensible flag form.
+    /// Background tasks: directory of the per-task host lock files.
+    #[arg(long, value_name = "DIR")]
+    pub task_lock_dir: Option<PathBuf>,
+    /// `[tasks.NAME]`: the tasks to run, by the names the application gives them.
+    #[arg(skip)]
+    #[serde(default)]
+    pub tasks: std::collections::BTreeMap<String, TaskKeys>,
+    /// `[lease]`: the PostgreSQL leader lease the tasks share unless one names its own.
+    #[arg(skip)]
+    #[serde(default)]
+    pub lease: Option<LeaseKeys>,
 }
+
+/// `[tasks.NAME]`: one background task.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskKeys {
+    /// Run it (default true once the section exists).
+    pub enabled: Option<bool>,
+    /// `interval`: the next run starts `interval` after the previous one ended; `loop`: it
+    /// starts at once, or `interval` after the previous one started.
+    pub mode: Option<String>,
+    /// The spacing of runs (see `mode`).
+    pub interval: Option<String>,
+    /// How long a stopping task may take to finish its run before it is killed.
+    pub stop_timeout: Option<String>,
+    /// A run longer than this is ended by killing the task process.
+    pub run_timeout: Option<String>,
+    /// The lease's connection string for this task, over `[lease] url`; `"none"` for none.
+    pub lease: Option<String>,
+}
+
+/// `[lease]`: one leader across hosts through a PostgreSQL session advisory lock.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseKeys {
+    /// Connection string of a direct connection (not through a transaction pooler).
+    pub url: Option<String>,
+    /// How often the leader proves, with `SELECT 1`, that its session still holds the lock.
+    pub check_interval: Option<String>,
+    /// A check not answered within this means the lease is lost.
+    pub check_timeout: Option<String>,
+    /// The session's `idle_session_timeout`: how soon PostgreSQL drops a silent leader's
+    /// session and so its lock. Must exceed `check_interval + check_timeout`.
+    pub session_timeout: Option<String>,
+    /// How often a standby tries to take the lease (jittered by half either way).
+    pub retry: Option<String>,
+}
+
+/// Task mode: `interval`, so a run that takes long never piles up behind itself.
+pub const DEFAULT_TASK_MODE: &str = "interval";
+/// Task spacing: a second, "polling a queue once a second", the usual job of such a loop.
+pub const DEFAULT_TASK_INTERVAL: Duration = Duration::from_secs(1);
+/// A stopping task's bound: the same as the pool's `shutdown_timeout`, well inside systemd's
+/// 90 s.
+pub const DEFAULT_TASK_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lease check spacing: a second, so a leader that lost its session stops within about a
+/// second plus `check_timeout`.
+pub const DEFAULT_LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Lease check bound: a round trip to a healthy database takes milliseconds; two seconds
+/// allows a busy one without letting a black-holed connection go unnoticed for long.
+pub const DEFAULT_LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// The lease session's `idle_session_timeout`: over three times `check_interval +
+/// check_timeout`, so a leader that cannot check always stops well before PostgreSQL frees
+/// its lock for a standby.
+pub const DEFAULT_LEASE_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Standby retry spacing: a second, so a takeover takes about a second once the lock is free.
+pub const DEFAULT_LEASE_RETRY: Duration = Duration::from_secs(1);
 
 impl Cli {
     /// Parses the process's arguments, with the defaults shown in `--help`.
@@ -343,6 +413,10 @@ impl Cli {
             env: env_over(self.env, file.env),
             rlimit_files: self.rlimit_files.or(file.rlimit_files),
             rlimit_core: self.rlimit_core.or(file.rlimit_core),
+            task_lock_dir: self.task_lock_dir.or(file.task_lock_dir),
+            // File-only sections.
+            tasks: file.tasks,
+            lease: file.lease,
             // Not file keys: they describe this invocation.
             config: self.config,
             check_config: self.check_config,
@@ -446,6 +520,7 @@ pub fn defaults() -> Vec<(&'static str, String)> {
         ("access_log", off(DEFAULT_ACCESS_LOG)),
         ("allow_root", off(DEFAULT_ALLOW_ROOT)),
         ("clear_env", off(DEFAULT_CLEAR_ENV)),
+        ("task_lock_dir", "the system's temporary directory".into()),
     ]
 }
 
@@ -509,6 +584,7 @@ mod tests {
         ("env", r#"{ GREETING = "x$HOME" }"#, &["GREETING=x$HOME"]),
         ("rlimit_files", "4096", &["4096"]),
         ("rlimit_core", r#""unlimited""#, &["unlimited"]),
+        ("task_lock_dir", r#""/run/app""#, &["/run/app"]),
     ];
 
     /// Flags that describe one invocation and are not file keys.

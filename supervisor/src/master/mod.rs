@@ -14,6 +14,7 @@ mod notify;
 mod policy;
 mod reload;
 mod signals;
+mod tasks;
 mod upgrade;
 
 use std::collections::HashMap;
@@ -120,6 +121,8 @@ pub(crate) struct Master<R> {
     generations: Generations,
     forwarding: Forwarding,
     systemd: Systemd,
+    /// The background tasks' processes (`tasks.rs`).
+    tasks: tasks::Tasks<R>,
 }
 
 impl<R: Application> Master<R> {
@@ -147,7 +150,9 @@ impl<R: Application> Master<R> {
             .map(|w| (w.pid, Worker::adopted(w)))
             .collect();
         let policies = Policies::new(cfg.pool.clone(), &board, now);
+        let tasks = tasks::Tasks::new(app.tasks(), &cfg)?;
         Ok(Master {
+            tasks,
             generations: Generations::new(inherited.generation, !workers.is_empty(), now),
             cfg,
             cli,
@@ -177,6 +182,7 @@ impl<R: Application> Master<R> {
             self.spawn(clock::now());
         }
         self.ready_if_nothing_to_start();
+        self.maintain_tasks(clock::now(), false);
         loop {
             let now = clock::now();
             self.wait(self.next_wake(now));
@@ -188,8 +194,9 @@ impl<R: Application> Master<R> {
             self.forward_connections();
             let now = clock::now();
             self.systemd.tick(now);
+            self.maintain_tasks(now, self.stopping.is_some());
             if let Some(stop) = &mut self.stopping {
-                if self.workers.is_empty() {
+                if self.workers.is_empty() && self.tasks.is_empty() {
                     tracing::info!(pid = std::process::id(), "master stopped");
                     return 0;
                 }
@@ -216,6 +223,9 @@ impl<R: Application> Master<R> {
         if let Some(stop) = &self.stopping {
             wake = wake.min(stop.deadline.saturating_sub(now));
         }
+        if let Some(due) = self.tasks.next_due(&self.board, now) {
+            wake = wake.min(due);
+        }
         if let Some(due) = self.systemd.next_due(now) {
             wake = wake.min(due);
         }
@@ -227,7 +237,9 @@ impl<R: Application> Master<R> {
     }
 
     fn wait(&self, timeout: Duration) {
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // Rounded up: waking a fraction of a millisecond before a deadline would find it not
+        // yet due, and the next wait would be a whole tick.
+        let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
         let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
         if self.policies.watch_listeners {
             fds.extend(
@@ -356,11 +368,12 @@ impl<R: Application> Master<R> {
             w.stopping = true;
             let _ = kill(*pid, Signal::SIGQUIT);
         }
+        self.stop_tasks(clock::now());
     }
 
     fn signal_all(&self, sig: Signal) {
-        for pid in self.workers.keys() {
-            let _ = kill(*pid, sig);
+        for pid in self.workers.keys().copied().chain(self.tasks.pids()) {
+            let _ = kill(pid, sig);
         }
     }
 
@@ -384,8 +397,9 @@ impl<R: Application> Master<R> {
                 ),
                 _ => continue,
             };
-            // Not ours to track: a worker not adopted across an upgrade (see `inherit`).
+            // Not a worker: a task process, or one not adopted across an upgrade (`inherit`).
             let Some(w) = self.workers.remove(&pid) else {
+                self.task_reaped(pid, status, &cause);
                 continue;
             };
             self.reaped(pid, w, &cause, clean);

@@ -41,6 +41,12 @@ impl Generations {
         }
     }
 
+    /// In a forked child that never accepts (a task process): lets go of the retired
+    /// listeners' fds, so they close when the master closes them.
+    pub(super) fn close_retired_in_child(&mut self) {
+        self.retired.clear();
+    }
+
     /// Whether a reload (or an upgrade's start) waits for the current generation.
     pub(super) fn reloading(&self) -> bool {
         self.since.is_some()
@@ -58,6 +64,10 @@ impl<R: Application> Master<R> {
                 return;
             }
         };
+        if let Err(e) = self.check_tasks(&cfg) {
+            tracing::error!(error = %e, "reload refused: still running the previous configuration");
+            return;
+        }
         // Bind what is new before changing anything, so a failure leaves everything as it was.
         let mut fresh = Vec::new();
         for addr in &cfg.listen {
@@ -85,6 +95,7 @@ impl<R: Application> Master<R> {
         g.ready_sent = false;
         self.policies.pool = Pool::new(cfg.pool.clone());
         self.cfg = cfg;
+        self.reload_tasks(clock::now());
         self.systemd.notifier.reloading(clock::now());
         tracing::info!(
             generation = self.generations.current,

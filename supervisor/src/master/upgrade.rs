@@ -36,6 +36,9 @@ impl<R: Application> Master<R> {
             tracing::error!("upgrade refused: {refusal}; still running the old one");
             return;
         }
+        // Task processes are not handed over: they finish their run and exit, and the
+        // successor's wait for the host lock until they have (see `tasks.rs`).
+        self.stop_tasks(clock::now());
         let workers: Vec<AdoptedWorker> = self
             .workers
             .iter()

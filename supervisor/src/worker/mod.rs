@@ -125,6 +125,15 @@ fn max_connections(configured: Option<std::num::NonZeroUsize>) -> usize {
 pub(crate) trait Application: Send + Sync + 'static {
     /// What serves this worker's requests, made right after the fork, on its runtime.
     fn for_worker(self: Arc<Self>, runtime: &tokio::runtime::Runtime) -> Result<Handler, String>;
+
+    /// The background tasks the application defines (`Responder::tasks`); an async service
+    /// defines none.
+    fn tasks(&self) -> Vec<crate::Task<Self>>
+    where
+        Self: Sized,
+    {
+        Vec::new()
+    }
 }
 
 impl<R: Responder> Application for R {
@@ -132,6 +141,10 @@ impl<R: Responder> Application for R {
         self.init_worker()
             .map_err(|why| format!("worker init failed: {why}"))?;
         Ok(Handler::Blocking(self))
+    }
+
+    fn tasks(&self) -> Vec<crate::Task<Self>> {
+        Responder::tasks(self)
     }
 }
 

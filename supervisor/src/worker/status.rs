@@ -13,7 +13,11 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::scoreboard::{Metrics, PoolStats, SlotSnapshot, SlotState, DURATION_BUCKETS};
+use crate::scoreboard::{
+    Metrics, PoolStats, SlotSnapshot, SlotState, TaskSnapshot, DURATION_BUCKETS,
+};
+
+mod tasks;
 
 /// Where the status page and the ping live.
 #[derive(Debug, Clone, Default)]
@@ -62,6 +66,8 @@ pub struct Snapshot {
     pub stats: PoolStats,
     /// Every worker.
     pub workers: Vec<SlotSnapshot>,
+    /// Every background task process.
+    pub tasks: Vec<TaskSnapshot>,
     /// Connections accepted so far.
     pub accepted: u64,
     /// Requests answered, by status and duration, and those refused while they waited.
@@ -289,6 +295,7 @@ fn text(s: &Snapshot, full: bool) -> String {
             }
         }
     }
+    tasks::text(s, &mut out);
     out
 }
 
@@ -350,6 +357,9 @@ fn json(s: &Snapshot, full: bool) -> String {
             })
             .collect();
         pool.insert("processes".into(), serde_json::Value::Array(procs));
+    }
+    if !s.tasks.is_empty() {
+        pool.insert("tasks".into(), tasks::json(s));
     }
     serde_json::Value::Object(pool).to_string()
 }
@@ -445,6 +455,7 @@ fn openmetrics(s: &Snapshot, full: bool) -> String {
             }
         }
     }
+    tasks::openmetrics(s, &pool, &mut out);
     out.push_str("# EOF\n");
     out
 }
@@ -545,6 +556,7 @@ pub(crate) fn answer(
             pool: paths.pool.clone(),
             stats: board.stats(),
             workers: board.snapshot(),
+            tasks: board.task_snapshot(),
             accepted: board.accepted(),
             metrics: board.metrics(),
             now: crate::clock::now(),

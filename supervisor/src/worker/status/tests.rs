@@ -40,6 +40,7 @@ fn snapshot() -> Snapshot {
             worker(11, SlotState::Busy, 1),
             worker(12, SlotState::Idle, 0),
         ],
+        tasks: Vec::new(),
         accepted: 42,
         metrics: metrics(),
         now: Duration::from_secs(200),
@@ -197,4 +198,51 @@ fn query_picks_format_and_full() {
 fn start_time_format() {
     assert_eq!(clf_time(0), "01/Jan/1970:00:00:00 +0000");
     assert_eq!(clf_time(1_795_000_000), "18/Nov/2026:11:06:40 +0000");
+}
+
+#[test]
+fn task_rows_appear_in_every_format() {
+    use crate::scoreboard::{TaskRole, TaskSnapshot, TaskState};
+    let mut s = snapshot();
+    s.tasks.push(TaskSnapshot {
+        index: 0,
+        name: "drain".into(),
+        pid: 31,
+        generation: 2,
+        state: TaskState::Idle,
+        role: TaskRole::Leader,
+        started: Duration::from_secs(120),
+        run_start: Duration::from_secs(190),
+        run_start_unix_ms: 1_795_000_100_000,
+        last_duration: Duration::from_millis(250),
+        iterations: 9,
+        errors: 1,
+        epoch: 4,
+        last_error: "database went away".into(),
+    });
+    let (_, text) = render(&s, Format::Text, false);
+    assert!(text.contains("task:                 drain\n"), "{text}");
+    assert!(text.contains("role:                 leader\n"), "{text}");
+    assert!(text.contains("last run duration:    250000\n"), "{text}");
+    assert!(
+        text.contains("last error:           database went away\n"),
+        "{text}"
+    );
+    let (_, json) = render(&s, Format::Json, false);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let t = &v["tasks"][0];
+    assert_eq!(t["task"], "drain");
+    assert_eq!(t["epoch"], 4);
+    assert_eq!(t["iterations"], 9);
+    assert_eq!(t["state"], "idle");
+    let (_, metrics) = render(&s, Format::OpenMetrics, false);
+    assert!(
+        metrics.contains(
+            "fcgi_pool_task_iterations_total{pool=\"www\",task=\"drain\",pid=\"31\"} 9\n"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.ends_with("# EOF\n"));
+    let (_, none) = render(&snapshot(), Format::Json, false);
+    assert!(!none.contains("tasks"), "no tasks, no key: {none}");
 }
