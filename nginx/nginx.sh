@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs nginx on loopback for development and tests, never the system's instance:
-#   nginx/nginx.sh render DIR --listen 127.0.0.1:8080 --upstream unix:/abs/app.sock [--keep-conn on|off]
+#   nginx/nginx.sh render DIR --listen 127.0.0.1:8080 --upstream unix:/abs/app.sock [--keep-conn on|off] [--root DIR]
 #   nginx/nginx.sh start DIR     (foreground: the caller owns the pid)
 #   nginx/nginx.sh stop DIR      (graceful: QUIT to the pid in DIR/nginx.pid)
 set -euo pipefail
@@ -16,12 +16,13 @@ shift 2
 
 case "$cmd" in
 render)
-    listen=127.0.0.1:8080 upstream= keep_conn=on
+    listen=127.0.0.1:8080 upstream= keep_conn=on root=$here/public
     while [ $# -gt 0 ]; do
         case "$1" in
         --listen) listen=$2; shift 2 ;;
         --upstream) upstream=$2; shift 2 ;;
         --keep-conn) keep_conn=$2; shift 2 ;;
+        --root) root=$2; shift 2 ;;
         *) usage ;;
         esac
     done
@@ -32,7 +33,7 @@ render)
     # As root, nginx's workers would run as nobody and could not reach a 0660 socket.
     [ "$(id -u)" -eq 0 ] && user="user $(id -un) $(id -gn);"
     sed -e "s|@PREFIX@|$dir|g" -e "s|@LISTEN@|$listen|g" -e "s|@UPSTREAM@|$upstream|g" \
-        -e "s|@KEEP_CONN@|$keep_conn|g" -e "s|@ROOT@|$here/public|g" -e "s|@USER@|$user|g" \
+        -e "s|@KEEP_CONN@|$keep_conn|g" -e "s|@ROOT@|$root|g" -e "s|@USER@|$user|g" \
         "$here/nginx.conf.in" > "$dir/nginx.conf"
     cp "$here/fastcgi_params" "$dir/fastcgi_params"
     "$nginx_bin" -t -q -p "$dir" -c "$dir/nginx.conf"

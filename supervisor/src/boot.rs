@@ -102,12 +102,13 @@ impl StartError {
     }
 }
 
-/// Starts the server and runs it to the end: the process's exit code.
+/// Starts the server and runs it to the end: the process's exit code. `setup` sees the
+/// validated configuration.
 pub(crate) fn run<R, E, F>(setup: F) -> i32
 where
     R: Responder,
     E: Display,
-    F: FnOnce() -> Result<R, E>,
+    F: FnOnce(&Config) -> Result<R, E>,
 {
     let program = std::env::args().next().unwrap_or_else(|| "server".into());
     match start(&program, setup) {
@@ -123,7 +124,7 @@ fn start<R, E, F>(program: &str, setup: F) -> Result<i32, StartError>
 where
     R: Responder,
     E: Display,
-    F: FnOnce() -> Result<R, E>,
+    F: FnOnce(&Config) -> Result<R, E>,
 {
     let mut cli = match Cli::parse_from_env() {
         Ok(cli) => cli,
@@ -135,7 +136,7 @@ where
     if cfg.check_config {
         // The application's setup runs too: a binary upgrade checks the new binary this way
         // before it replaces the running one.
-        setup().map_err(|e| StartError::CheckSetup(e.to_string()))?;
+        setup(&cfg).map_err(|e| StartError::CheckSetup(e.to_string()))?;
         println!("{program}: configuration ok");
         return Ok(0);
     }
@@ -146,7 +147,7 @@ where
         write_pid_file(path)?;
     }
     let pid_file = cfg.pid_file.clone();
-    let master = setup()
+    let master = setup(&cfg)
         .map_err(|e| StartError::Setup(e.to_string()))
         .and_then(|app| {
             Master::new(cli, cfg, Arc::new(app), listeners, inherited).map_err(StartError::Master)

@@ -34,6 +34,8 @@
 //! - `app/`: what the application sees: [`Request`], [`Response`], [`Body`], and the body
 //!   streams. No runtime, no scoreboard.
 //! - `config/`: the operator's surface, each key declared once, validated once.
+//! - `foreign`: any FastCGI program (php-cgi, Perl, C, fcgiwrap) as the application: each
+//!   worker runs one child and relays its requests to it ([`run_program`], `fcgi-pool`).
 //! - Shared leaves: `scoreboard` (the shared-memory table), `listener` (bind or adopt),
 //!   `passing` (SCM_RIGHTS), `logging`, `clock`, and `sys`, the only module with `unsafe`.
 //!
@@ -59,6 +61,7 @@ mod app;
 mod boot;
 mod clock;
 mod config;
+mod foreign;
 mod listener;
 mod logging;
 mod master;
@@ -78,6 +81,7 @@ pub use app::body::{BodyReader, BodyWriter};
 pub use app::request::Request;
 pub use app::response::{status, text, with_type, Body, Response};
 pub use fcgi::Role;
+pub use foreign::run_program;
 pub use http;
 
 /// The application: one method, called for every request in a worker process, outside its
@@ -104,5 +108,5 @@ where
     E: Display,
     F: FnOnce() -> Result<R, E>,
 {
-    std::process::exit(boot::run(setup))
+    std::process::exit(boot::run(|_: &config::Config| setup()))
 }

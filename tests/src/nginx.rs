@@ -1,6 +1,7 @@
 //! Real nginx on loopback, configured by the project's own `nginx/nginx.sh` so the tests run
 //! the shipped configuration.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,6 +19,12 @@ impl Nginx {
     /// Renders the shipped config for `upstream` (`unix:/path` or `127.0.0.1:9000`) into
     /// `dir/nginx-N` and starts nginx on a free loopback port.
     pub fn start(dir: &TempDir, upstream: &str, keep_conn: bool) -> Nginx {
+        Nginx::start_with_root(dir, upstream, keep_conn, &repo_root().join("nginx/public"))
+    }
+
+    /// As [`Nginx::start`], with `root` as the document root (what `SCRIPT_FILENAME` points
+    /// into: the scripts a PHP or CGI program runs).
+    pub fn start_with_root(dir: &TempDir, upstream: &str, keep_conn: bool, root: &Path) -> Nginx {
         let script = repo_root().join("nginx/nginx.sh");
         for attempt in 0..5 {
             let prefix = dir.path().join(format!("nginx-{attempt}"));
@@ -32,6 +39,8 @@ impl Nginx {
                     upstream,
                 ])
                 .args(["--keep-conn", if keep_conn { "on" } else { "off" }])
+                .arg("--root")
+                .arg(root)
                 .output()
                 .expect("run nginx/nginx.sh (is nginx installed? scripts/install-deps)");
             assert!(

@@ -7,6 +7,7 @@
 //! - here: [`Config`], [`ConfigError`], [`Config::load`] and one validator per group of keys.
 
 mod parse;
+mod program;
 mod raw;
 
 use std::fmt;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 pub use parse::ListenAddr;
 use parse::{account_id, parse_duration, parse_mode, parse_size, Account};
+pub use program::Program;
 pub use raw::Cli;
 use raw::*;
 
@@ -117,6 +119,8 @@ pub struct Config {
     pub pool_name: String,
     /// Validate and exit.
     pub check_config: bool,
+    /// The foreign FastCGI program each worker runs (`fcgi-pool`).
+    pub program: Option<Program>,
 }
 
 /// A configuration value that is not acceptable, or a file that cannot be read.
@@ -233,6 +237,7 @@ impl Config {
             ping_response: status.ping_response,
             pool_name: status.pool_name,
             check_config: raw.check_config,
+            program: program::program(&raw.program, std::env::var("PATH").ok().as_deref())?,
         })
     }
 }
