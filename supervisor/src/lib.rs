@@ -108,5 +108,14 @@ where
     E: Display,
     F: FnOnce() -> Result<R, E>,
 {
-    std::process::exit(boot::run(|_: &config::Config| setup()))
+    std::process::exit(boot::run(|cfg: &config::Config| {
+        if let Some(program) = &cfg.program {
+            return Err(format!(
+                "program {} is for fcgi-pool; this binary is a Rust application: remove the \
+                 program key (or the words after --)",
+                program.path.display()
+            ));
+        }
+        setup().map_err(|e| e.to_string())
+    }))
 }

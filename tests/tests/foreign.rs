@@ -278,6 +278,10 @@ fn php_cgi_exiting_after_php_fcgi_max_requests_never_fails_a_request() {
         ));
     }
     assert_eq!(pids.len(), 8, "3 requests per php-cgi: {pids:?}");
+    let log = app.stderr();
+    let replaced = log.matches("program exited between requests").count()
+        + log.matches("program exited as the request arrived").count();
+    assert_eq!(replaced, 7, "each exit is logged once: {log}");
     assert_eq!(worker_pids(app.pid()), workers, "the worker itself stays");
 }
 
@@ -586,4 +590,59 @@ fn a_program_that_exits_at_start_is_reported_and_backed_off() {
         app.stderr().contains("broken on purpose"),
         "the program's own stderr is logged"
     );
+}
+
+#[test]
+fn a_request_timeout_names_the_uri_and_ends_the_worker_with_its_php_cgi() {
+    require(PHP_CGI);
+    let dir = TempDir::new("foreign-php-timeout");
+    let root = php_root(&dir);
+    let app = pool(
+        &dir,
+        &[
+            "--workers",
+            "1",
+            "--request-timeout",
+            "1s",
+            "--request-timeout-grace",
+            "500ms",
+        ],
+        &[PHP_CGI],
+        &[],
+    );
+    app.wait_for_workers(1);
+    let [(_, nginx), _] = both_nginx(&dir, &app, &root);
+    let php = pid_of(&get(&nginx, "/app.php/pid"), "before");
+    let t = Instant::now();
+    let r = get(&nginx, "/app.php/sleep?ms=20000");
+    assert!(r.status >= 500, "the hung request fails: {}", r.status);
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "ended by the timeout, not the sleep"
+    );
+    app.wait_for_log("request timeout");
+    let log = app.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("request timeout"))
+        .expect("a timeout line");
+    assert!(line.contains("/app.php/sleep?ms=20000"), "{line}");
+    wait_until(
+        Duration::from_secs(10),
+        "the old php-cgi to be gone",
+        || {
+            std::fs::read_to_string(format!("/proc/{php}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or_default()
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(true)
+        },
+    );
+    app.wait_for_workers(1);
+    let after = pid_of(&get(&nginx, "/app.php/pid"), "after");
+    assert_ne!(after, php, "a new worker, a new php-cgi");
 }
