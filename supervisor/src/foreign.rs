@@ -262,6 +262,7 @@ impl Responder for Foreign {
             let failure = match upstream.conn.write_all(&outgoing) {
                 Err(e) => Failure {
                     answered: false,
+                    refused: None,
                     why: format!("cannot send the request: {e}"),
                 },
                 Ok(()) => {
@@ -278,6 +279,22 @@ impl Responder for Foreign {
                     }
                 }
             };
+            if let Some(refusal) = failure.refused {
+                // Overloaded is the program's word for "not now": 503, as nginx answers it.
+                let code = if refusal == ProtocolStatus::Overloaded {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                tracing::warn!(
+                    pid = std::process::id(),
+                    uri,
+                    error = failure.why,
+                    status = code.as_u16(),
+                    "program refused the request"
+                );
+                return status(code);
+            }
             let exit = self.reap();
             if let Some((program_pid, exit_status)) = exit {
                 if first_try && !failure.answered && !streamed && exit_status.success() {
@@ -359,6 +376,8 @@ fn pump_body(conn: &UnixStream, mut body: BodyReader, role: Role) -> io::Result<
 struct Failure {
     /// The program sent part of an answer: the request ran, so it is not sent again.
     answered: bool,
+    /// The program turned the request down (END_REQUEST `FCGI_OVERLOADED`, ...): it is alive.
+    refused: Option<ProtocolStatus>,
     why: String,
 }
 
@@ -374,6 +393,8 @@ struct Head {
 enum Piece {
     Stdout(Bytes),
     End,
+    /// END_REQUEST with a protocol status other than complete: the program turned it down.
+    Refused(ProtocolStatus),
 }
 
 /// One connection to the child, read record by record.
@@ -406,9 +427,7 @@ impl Upstream {
                     protocol_status, ..
                 }) => {
                     if protocol_status != ProtocolStatus::RequestComplete {
-                        return Err(io::Error::other(format!(
-                            "the program refused the request: {protocol_status:?}"
-                        )));
+                        return Ok(Some(Piece::Refused(protocol_status)));
                     }
                     return Ok(Some(Piece::End));
                 }
@@ -453,7 +472,11 @@ impl Upstream {
         let mut head = BytesMut::new();
         let mut answered = false;
         loop {
-            let fail = |answered, why: String| Failure { answered, why };
+            let fail = |answered, why: String| Failure {
+                answered,
+                refused: None,
+                why,
+            };
             match self.next_piece() {
                 Ok(Some(Piece::Stdout(data))) => {
                     answered = true;
@@ -484,6 +507,13 @@ impl Upstream {
                         ended: true,
                     })
                 }
+                Ok(Some(Piece::Refused(protocol_status))) => {
+                    return Err(Failure {
+                        answered: true,
+                        refused: Some(protocol_status),
+                        why: format!("it refused the request ({protocol_status:?})"),
+                    })
+                }
                 Ok(None) => return Err(fail(answered, "it closed the connection".into())),
                 Err(e) => return Err(fail(answered, e.to_string())),
             }
@@ -500,7 +530,7 @@ impl Upstream {
             match self.buffered_piece() {
                 Ok(Some(Piece::Stdout(data))) => head.rest.extend_from_slice(&data),
                 Ok(Some(Piece::End)) => head.ended = true,
-                Ok(None) | Err(_) => break,
+                Ok(Some(Piece::Refused(_)) | None) | Err(_) => break,
             }
         }
         // A HEAD answer's Content-Length is the program's to give, not the empty body's.
@@ -527,6 +557,9 @@ impl Upstream {
                     continue;
                 }
                 Ok(Some(Piece::End)) => return Ok(()),
+                Ok(Some(Piece::Refused(refusal))) => {
+                    io::Error::other(format!("it ended the request with {refusal:?}"))
+                }
                 Ok(None) => {
                     io::Error::new(io::ErrorKind::UnexpectedEof, "it closed the connection")
                 }
@@ -713,6 +746,63 @@ mod tests {
         assert_eq!(std::fs::read_dir(&path).expect("listed").count(), 0);
         drop(dir);
         assert!(!path.exists(), "the master removes it");
+    }
+
+    /// An upstream reading what `records` holds, the program's side closed after them.
+    fn upstream_of(records: &[u8]) -> Upstream {
+        let (ours, mut theirs) = UnixStream::pair().expect("a socket pair");
+        theirs.write_all(records).expect("buffered");
+        drop(theirs);
+        Upstream::new(ours, "/test")
+    }
+
+    fn stdout_records(chunks: &[&[u8]], end: ProtocolStatus) -> BytesMut {
+        let mut dst = BytesMut::new();
+        for chunk in chunks {
+            record::encode_stream(kind::STDOUT, REQUEST_ID, chunk, &mut dst);
+        }
+        record::encode_end_of_stream(kind::STDOUT, REQUEST_ID, &mut dst);
+        record::encode_end_request(REQUEST_ID, 0, end, &mut dst);
+        dst
+    }
+
+    #[test]
+    fn a_head_split_across_records_is_found_and_the_rest_is_the_body() {
+        let records = stdout_records(
+            &[b"Status: 201 Created\r\nX-A: 1\r", b"\n\r\nbo", b"dy"],
+            ProtocolStatus::RequestComplete,
+        );
+        let mut up = upstream_of(&records);
+        let head = up.read_head().ok().expect("a head");
+        assert_eq!(&head.head[..], b"Status: 201 Created\r\nX-A: 1\r\n\r\n");
+        let res = up.into_response(head, false);
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert_eq!(res.headers()["x-a"], "1");
+        match res.body() {
+            Body::Full(b) => assert_eq!(&b[..], b"body"),
+            other => panic!("the whole answer had arrived: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn silence_then_close_may_be_resent_but_a_refusal_or_a_partial_answer_may_not() {
+        let Err(f) = upstream_of(b"").read_head() else {
+            panic!("no answer")
+        };
+        assert!(!f.answered && f.refused.is_none(), "{}", f.why);
+
+        let refused = stdout_records(&[], ProtocolStatus::Overloaded);
+        let Err(f) = upstream_of(&refused).read_head() else {
+            panic!("refused")
+        };
+        assert_eq!(f.refused, Some(ProtocolStatus::Overloaded));
+
+        let mut partial = BytesMut::new();
+        record::encode_stream(kind::STDOUT, REQUEST_ID, b"Content-Type: te", &mut partial);
+        let Err(f) = upstream_of(&partial).read_head() else {
+            panic!("cut off")
+        };
+        assert!(f.answered, "part of a head was sent: the request ran");
     }
 
     #[test]
