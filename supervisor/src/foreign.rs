@@ -6,8 +6,9 @@
 //! a directory only this user can enter) on which the program calls `accept`. The worker's
 //! event loop keeps accepting nginx's connections and holding idle kept-alive ones, as for any
 //! application; a request that gets the worker's one room is run by [`Foreign::respond`],
-//! which opens a connection to the child, relays the request's records (params, then the body
-//! as it arrives) and reads the answer back: the CGI header block becomes the response's
+//! which relays the request's records over a connection to the child (kept open between
+//! requests when the program honours `FCGI_KEEP_CONN`; params, then the body as it arrives)
+//! and reads the answer back: the CGI header block becomes the response's
 //! status and headers, the rest streams to nginx, stderr goes to the log. The scoreboard slot
 //! is the worker's, so the status page, the pool's sizing and request timeouts see the program
 //! as they see a Rust application; a worker killed for a timeout takes its child along
@@ -22,7 +23,7 @@
 mod cgi;
 
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -42,7 +43,7 @@ use crate::app::body::{BodyReader, BodyWriter};
 use crate::config::{Config, Program};
 use crate::{status, Body, Request, Responder, Response};
 
-/// The request id on a connection to the child: one request per connection.
+/// The request id on a connection to the child: one request at a time on each.
 const REQUEST_ID: u16 = 1;
 /// Request bodies up to this size are read before the request is sent and sent in one write,
 /// and can be sent again to a replacement if the child was exiting. With the chunk that
@@ -161,6 +162,7 @@ impl Foreign {
         let mut process = Process {
             child,
             socket,
+            kept: None,
             served: 0,
         };
         process.wait_ready(&program)?;
@@ -173,8 +175,9 @@ impl Foreign {
         Ok(process)
     }
 
-    /// A connection to a live child, starting one first if there is none or it has exited.
-    fn connect(&self) -> Result<UnixStream, String> {
+    /// A connection to a live child, starting one first if there is none or it has exited:
+    /// the one kept from its last request if the child has not closed it, else a new one.
+    fn connect(&self) -> Result<Link, String> {
         let mut child = self.lock();
         if let Some(process) = child.as_mut() {
             if let Ok(Some(status)) = process.child.try_wait() {
@@ -193,12 +196,34 @@ impl Foreign {
         }
         let process = child.as_mut().ok_or("no program")?;
         process.served += 1;
-        UnixStream::connect(&process.socket).map_err(|e| {
+        let program_pid = process.child.id();
+        if let Some(conn) = process.kept.take().filter(quiet) {
+            return Ok(Link {
+                conn,
+                program_pid,
+                reused: true,
+            });
+        }
+        let conn = UnixStream::connect(&process.socket).map_err(|e| {
             format!(
                 "cannot connect to the program's socket {}: {e}",
                 process.socket.display()
             )
+        })?;
+        Ok(Link {
+            conn,
+            program_pid,
+            reused: false,
         })
+    }
+
+    /// Keeps `conn`, whose request is over, for the next request to the same child.
+    fn keep(&self, conn: UnixStream, program_pid: u32) {
+        if let Some(process) = self.lock().as_mut() {
+            if process.child.id() == program_pid {
+                process.kept = Some(conn);
+            }
+        }
     }
 
     /// After a connection failed: waits briefly for the child to exit, and if it did, drops it
@@ -226,7 +251,9 @@ impl Responder for Foreign {
         let uri = req.uri().to_string();
         let role = req.role();
         let mut outgoing = BytesMut::new();
-        record::encode_begin_request(REQUEST_ID, role, false, &mut outgoing);
+        // keep_conn: a program that honours it (php-cgi, libfcgi) saves an accept and a close
+        // per request; one that does not closes it, and the next request opens another.
+        record::encode_begin_request(REQUEST_ID, role, true, &mut outgoing);
         fcgi::client::encode_params(REQUEST_ID, req.params(), &mut outgoing);
         let (prefix, whole) = match read_prefix(req.body()) {
             Ok(read) => read,
@@ -243,10 +270,12 @@ impl Responder for Foreign {
             rest_of_body = Some(req.take_body());
         }
         let head_only = req.method() == http::Method::HEAD;
-        // Two tries: the second only when the first child was exiting on its own.
-        for first_try in [true, false] {
-            let conn = match self.connect() {
-                Ok(conn) => conn,
+        // Sent again at most once on a fresh connection when a kept one was closing, and at most
+        // once to a new child when the child was exiting on its own.
+        let (mut fresh_retried, mut replayed) = (false, false);
+        loop {
+            let link = match self.connect() {
+                Ok(link) => link,
                 Err(why) => {
                     tracing::error!(
                         pid = std::process::id(),
@@ -257,7 +286,7 @@ impl Responder for Foreign {
                     return status(StatusCode::BAD_GATEWAY);
                 }
             };
-            let mut upstream = Upstream::new(conn, &uri);
+            let mut upstream = Upstream::new(link.conn, &uri);
             let mut streamed = false;
             let failure = match upstream.conn.write_all(&outgoing) {
                 Err(e) => Failure {
@@ -274,7 +303,13 @@ impl Responder for Foreign {
                         }
                     }
                     match upstream.read_head() {
-                        Ok(head) => return upstream.into_response(head, head_only),
+                        Ok(head) => {
+                            let (response, done) = upstream.into_response(head, head_only);
+                            if let Some(conn) = done {
+                                self.keep(conn, link.program_pid);
+                            }
+                            return response;
+                        }
                         Err(failure) => failure,
                     }
                 }
@@ -295,9 +330,16 @@ impl Responder for Foreign {
                 );
                 return status(code);
             }
+            let unanswered = !failure.answered && !streamed;
             let exit = self.reap();
+            if exit.is_none() && link.reused && unanswered && !fresh_retried {
+                // The child lives and closed the kept connection as the request arrived.
+                fresh_retried = true;
+                continue;
+            }
             if let Some((program_pid, exit_status)) = exit {
-                if first_try && !failure.answered && !streamed && exit_status.success() {
+                if unanswered && !replayed && exit_status.success() {
+                    replayed = true;
                     tracing::info!(
                         pid = std::process::id(),
                         program_pid,
@@ -318,7 +360,6 @@ impl Responder for Foreign {
             );
             return status(StatusCode::BAD_GATEWAY);
         }
-        status(StatusCode::BAD_GATEWAY)
     }
 
     fn init_worker(&self) -> Result<(), String> {
@@ -520,8 +561,9 @@ impl Upstream {
         }
     }
 
-    /// The response: in one piece when the whole answer has already arrived, else streamed.
-    fn into_response(mut self, mut head: Head, head_only: bool) -> Response {
+    /// The response: in one piece when the whole answer has already arrived, with the
+    /// connection, free for another request; else streamed.
+    fn into_response(mut self, mut head: Head, head_only: bool) -> (Response, Option<UnixStream>) {
         let (parts, skipped) = cgi::parse_head(&head.head);
         if !skipped.is_empty() {
             tracing::warn!(pid = std::process::id(), uri = self.uri, lines = ?skipped, "program sent header lines that are not valid HTTP; dropped them");
@@ -535,7 +577,11 @@ impl Upstream {
         }
         // A HEAD answer's Content-Length is the program's to give, not the empty body's.
         if head.ended && !head_only {
-            return http::Response::from_parts(parts, Body::Full(head.rest.freeze()));
+            let done = self.buf.is_empty().then_some(self.conn);
+            return (
+                http::Response::from_parts(parts, Body::Full(head.rest.freeze())),
+                done,
+            );
         }
         let rest = head.rest;
         let body = Body::stream(move |w: &mut BodyWriter| {
@@ -545,7 +591,7 @@ impl Upstream {
             }
             self.relay(w)
         });
-        http::Response::from_parts(parts, body)
+        (http::Response::from_parts(parts, body), None)
     }
 
     /// Relays the rest of stdout to `w`.
@@ -571,10 +617,28 @@ impl Upstream {
     }
 }
 
+/// A connection to the child, and which child.
+struct Link {
+    conn: UnixStream,
+    program_pid: u32,
+    /// Kept from an earlier request rather than opened for this one.
+    reused: bool,
+}
+
+/// Whether a kept connection is still open and silent: the child closed it otherwise (it does
+/// not keep connections, or it exited), and anything unread on it is not an answer to anything.
+fn quiet(conn: &UnixStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+}
+
 /// A running child and its socket.
 struct Process {
     child: Child,
     socket: PathBuf,
+    /// The connection of its last request, if it kept it open.
+    kept: Option<UnixStream>,
     /// Requests sent to it.
     served: u64,
 }
@@ -775,7 +839,8 @@ mod tests {
         let mut up = upstream_of(&records);
         let head = up.read_head().ok().expect("a head");
         assert_eq!(&head.head[..], b"Status: 201 Created\r\nX-A: 1\r\n\r\n");
-        let res = up.into_response(head, false);
+        let (res, done) = up.into_response(head, false);
+        assert!(done.is_some(), "the connection is free for another request");
         assert_eq!(res.status(), StatusCode::CREATED);
         assert_eq!(res.headers()["x-a"], "1");
         match res.body() {
