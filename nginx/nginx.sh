@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs nginx on loopback for development and tests, never the system's instance:
-#   nginx/nginx.sh render DIR --listen 127.0.0.1:8080 --upstream unix:/abs/app.sock [--keep-conn on|off]
+#   nginx/nginx.sh render DIR --listen 127.0.0.1:8080 --upstream unix:/abs/app.sock [--keep-conn on|off] [--root DIR]
 #   nginx/nginx.sh render DIR --listen 127.0.0.1:8080 --hosts A:9000,B:9000 [--keep-conn on|off]
 #        [--connect-timeout 1s] [--read-timeout 60s] [--fail-timeout 10s]   (upstream-hosts.conf.in)
 #   nginx/nginx.sh start DIR     (foreground: the caller owns the pid)
@@ -18,7 +18,7 @@ shift 2
 
 case "$cmd" in
 render)
-    listen=127.0.0.1:8080 upstream= hosts= keep_conn=on
+    listen=127.0.0.1:8080 upstream= hosts= keep_conn=on root=$here/public
     connect_timeout=1s read_timeout=60s fail_timeout=10s
     while [ $# -gt 0 ]; do
         case "$1" in
@@ -29,6 +29,7 @@ render)
         --connect-timeout) connect_timeout=$2; shift 2 ;;
         --read-timeout) read_timeout=$2; shift 2 ;;
         --fail-timeout) fail_timeout=$2; shift 2 ;;
+        --root) root=$2; shift 2 ;;
         *) usage ;;
         esac
     done
@@ -46,7 +47,7 @@ render)
     # As root, nginx's workers would run as nobody and could not reach a 0660 socket.
     [ "$(id -u)" -eq 0 ] && user="user $(id -un) $(id -gn);"
     sed -e "s|@PREFIX@|$dir|g" -e "s|@LISTEN@|$listen|g" -e "s|@UPSTREAM@|$upstream|g" \
-        -e "s|@KEEP_CONN@|$keep_conn|g" -e "s|@ROOT@|$here/public|g" -e "s|@USER@|$user|g" \
+        -e "s|@KEEP_CONN@|$keep_conn|g" -e "s|@ROOT@|$root|g" -e "s|@USER@|$user|g" \
         -e "s|@SERVERS@|$servers|g" -e "s|@CONNECT_TIMEOUT@|$connect_timeout|g" \
         -e "s|@READ_TIMEOUT@|$read_timeout|g" "$template" > "$dir/nginx.conf"
     cp "$here/fastcgi_params" "$dir/fastcgi_params"

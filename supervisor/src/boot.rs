@@ -103,14 +103,14 @@ impl StartError {
     }
 }
 
-/// Starts the server and runs it to the end: the process's exit code. `serves_async`: the
-/// application is an async service (`serve`), which changes a default
-/// (`max_requests_in_flight`).
+/// Starts the server and runs it to the end: the process's exit code. `setup` sees the
+/// validated configuration; `serves_async`: the application is an async service (`serve`),
+/// which changes a default (`max_requests_in_flight`).
 pub(crate) fn run<R, E, F>(setup: F, serves_async: bool) -> i32
 where
     R: Application,
     E: Display,
-    F: FnOnce() -> Result<R, E>,
+    F: FnOnce(&Config) -> Result<R, E>,
 {
     let program = std::env::args().next().unwrap_or_else(|| "server".into());
     // Before the server's own parsing: `status` is a command, not a value of a flag.
@@ -131,7 +131,7 @@ fn start<R, E, F>(program: &str, setup: F, serves_async: bool) -> Result<i32, St
 where
     R: Application,
     E: Display,
-    F: FnOnce() -> Result<R, E>,
+    F: FnOnce(&Config) -> Result<R, E>,
 {
     let mut cli = match Cli::parse_from_env() {
         Ok(cli) => cli,
@@ -144,7 +144,7 @@ where
     if cfg.check_config {
         // The application's setup runs too: a binary upgrade checks the new binary this way
         // before it replaces the running one.
-        setup().map_err(|e| StartError::CheckSetup(e.to_string()))?;
+        setup(&cfg).map_err(|e| StartError::CheckSetup(e.to_string()))?;
         println!("{program}: configuration ok");
         return Ok(0);
     }
@@ -156,7 +156,7 @@ where
         write_pid_file(path)?;
     }
     let pid_file = cfg.pid_file.clone();
-    let master = setup()
+    let master = setup(&cfg)
         .map_err(|e| StartError::Setup(e.to_string()))
         .and_then(|app| {
             Master::new(cli, cfg, Arc::new(app), listeners, inherited).map_err(StartError::Master)

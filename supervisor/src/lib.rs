@@ -39,6 +39,8 @@
 //! - `status_command`: `<binary> status`, a FastCGI client that prints a running pool's page.
 //! - `task/`: a background task's process: the host lock, the run loop and its schedule, and
 //!   (feature `postgres`) the leader lease. The master only forks it (`master/tasks.rs`).
+//! - `foreign`: any FastCGI program (php-cgi, Perl, C, fcgiwrap) as the application: each
+//!   worker runs one child and relays its requests to it ([`run_program`], `fcgi-pool`).
 //! - Shared leaves: `scoreboard` (the shared-memory table), `listener` (bind or adopt),
 //!   `passing` (SCM_RIGHTS), `logging`, `clock`, and `sys`, the only module with `unsafe`.
 //!
@@ -69,6 +71,7 @@ mod app;
 mod boot;
 mod clock;
 mod config;
+mod foreign;
 mod listener;
 mod logging;
 mod master;
@@ -91,6 +94,7 @@ pub use app::http::{BodyError, HttpRequest, RemoteAddr, RequestBody};
 pub use app::request::Request;
 pub use app::response::{status, text, with_type, Body, Response};
 pub use fcgi::{Params, Role};
+pub use foreign::run_program;
 pub use http;
 pub use http_body;
 /// The PostgreSQL client the task lease uses, for the application's own task connections.
@@ -133,7 +137,19 @@ where
     E: Display,
     F: FnOnce() -> Result<R, E>,
 {
-    std::process::exit(boot::run(setup, false))
+    std::process::exit(boot::run(
+        |cfg: &config::Config| {
+            if let Some(program) = &cfg.program {
+                return Err(format!(
+                    "program {} is for fcgi-pool; this binary is a Rust application: remove the \
+                     program key (or the words after --)",
+                    program.path.display()
+                ));
+            }
+            setup().map_err(|e| e.to_string())
+        },
+        false,
+    ))
 }
 
 /// Runs the server for an async service: an axum `Router` or any tower `Service` taking an
@@ -202,6 +218,7 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let setup = move || setup().map(|shared| worker::ServiceApp::new(shared, per_worker));
+    let setup =
+        move |_: &config::Config| setup().map(|shared| worker::ServiceApp::new(shared, per_worker));
     std::process::exit(boot::run(setup, true))
 }

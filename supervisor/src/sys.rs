@@ -1,5 +1,6 @@
 //! The one module allowed `unsafe`: fork, shared memory, adopting inherited file descriptors,
-//! and one `getsockopt` that nix does not wrap. Every block says why it is sound.
+//! one `getsockopt` that nix does not wrap, and the pre-exec setup of a foreign program. Every
+//! block says why it is sound.
 #![allow(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -158,6 +159,51 @@ pub(crate) fn tcp_accept_queue(fd: BorrowedFd<'_>) -> Option<u32> {
     // valid `tcp_info` (plain integers).
     let info = unsafe { info.assume_init() };
     (info.tcpi_state == TCP_LISTEN).then_some(info.tcpi_unacked)
+}
+
+/// `close_range(2)`'s flag that marks the range close-on-exec instead of closing it
+/// (linux/close_range.h).
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+/// Where the fallback for kernels before 5.11 stops marking fds: well above what a worker
+/// holds open (its listeners, its scoreboard, a few connections of its own).
+const CLOEXEC_FALLBACK_FDS: libc::c_int = 4096;
+
+/// Sets up `cmd` for a foreign FastCGI program: the child gets SIGKILL when the thread that
+/// spawned it dies (a worker killed for a timeout takes its program along), and no fd above 2
+/// survives its exec (the worker's listeners and connections are not the program's to hold).
+pub(crate) fn dies_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = nix::unistd::getpid().as_raw();
+    // SAFETY: the closure runs in the forked child of a multi-threaded process, before exec,
+    // where only async-signal-safe calls are allowed: it makes raw system calls (prctl,
+    // getppid, close_range, fcntl) and builds an `io::Error` from an errno, which does not
+    // allocate; it takes no lock and touches no memory shared with other threads.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent died before prctl: the signal will never come, so do not start.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            let marked = libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC,
+            );
+            if marked != 0 {
+                for fd in 3..CLOEXEC_FALLBACK_FDS {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags >= 0 {
+                        libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Real nginx on loopback, configured by the project's own `nginx/nginx.sh` so the tests run
 //! the shipped configuration.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -31,6 +31,23 @@ impl Nginx {
         keep_conn: bool,
         log_format: Option<&str>,
     ) -> Nginx {
+        let root = repo_root().join("nginx/public");
+        Nginx::start_full(dir, upstream, keep_conn, &root, log_format)
+    }
+
+    /// As [`Nginx::start`], with `root` as the document root (what `SCRIPT_FILENAME` points
+    /// into: the scripts a PHP or CGI program runs).
+    pub fn start_with_root(dir: &TempDir, upstream: &str, keep_conn: bool, root: &Path) -> Nginx {
+        Nginx::start_full(dir, upstream, keep_conn, root, None)
+    }
+
+    fn start_full(
+        dir: &TempDir,
+        upstream: &str,
+        keep_conn: bool,
+        root: &Path,
+        log_format: Option<&str>,
+    ) -> Nginx {
         let script = repo_root().join("nginx/nginx.sh");
         for attempt in 0..5 {
             let prefix = dir.path().join(format!("nginx-{attempt}"));
@@ -45,6 +62,8 @@ impl Nginx {
                     upstream,
                 ])
                 .args(["--keep-conn", if keep_conn { "on" } else { "off" }])
+                .arg("--root")
+                .arg(root)
                 .output()
                 .expect("run nginx/nginx.sh (is nginx installed? scripts/install-deps)");
             assert!(

@@ -11,6 +11,7 @@
 mod clients;
 mod parse;
 mod process;
+mod program;
 mod raw;
 mod tasks;
 
@@ -23,6 +24,7 @@ pub use clients::AllowedClients;
 use parse::{account_id, parse_duration, parse_mode, parse_size, Account};
 pub use parse::{ListenAddr, Rlimit};
 pub use process::{Identity, WorkerProcess};
+pub use program::Program;
 use raw::*;
 pub use raw::{Cli, FD_RESERVE};
 // The lease's settings are read only by the task process's lease (feature `postgres`).
@@ -145,6 +147,8 @@ pub struct Config {
     pub task_lock_dir: PathBuf,
     /// Background tasks, as configured (`[tasks.NAME]`).
     pub tasks: Vec<TaskConfig>,
+    /// The foreign FastCGI program each worker runs (`fcgi-pool`).
+    pub program: Option<Program>,
 }
 
 /// A configuration value that is not acceptable, or a file that cannot be read.
@@ -301,6 +305,7 @@ impl Config {
             process,
             task_lock_dir: tasks.lock_dir,
             tasks: tasks.tasks,
+            program: program::program(&raw.program, std::env::var("PATH").ok().as_deref())?,
         })
     }
 }

@@ -258,6 +258,12 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE")]
     #[serde(default, deserialize_with = "number_or_text")]
     pub rlimit_core: Option<String>,
+    /// A FastCGI program to run as each worker's process (php-cgi, a Perl FCGI script, a
+    /// libfcgi binary, fcgiwrap): its path (searched in `PATH` when it has no `/`) and its
+    /// arguments, after `--` on the command line; `fcgi-pool` needs it.
+    #[arg(last = true, value_name = "PROGRAM")]
+    #[serde(default)]
+    pub program: Vec<String>,
     /// Validate the configuration and exit: 0 when valid, 2 when not (1 when the application's
     /// setup fails).
     #[arg(long)]
@@ -417,6 +423,11 @@ impl Cli {
             // File-only sections.
             tasks: file.tasks,
             lease: file.lease,
+            program: if self.program.is_empty() {
+                file.program
+            } else {
+                self.program
+            },
             // Not file keys: they describe this invocation.
             config: self.config,
             check_config: self.check_config,
@@ -585,6 +596,8 @@ mod tests {
         ("rlimit_files", "4096", &["4096"]),
         ("rlimit_core", r#""unlimited""#, &["unlimited"]),
         ("task_lock_dir", r#""/run/app""#, &["/run/app"]),
+        // Last: everything after `--` is the program's.
+        ("program", r#"["/bin/cat", "-u"]"#, &["/bin/cat", "-u"]),
     ];
 
     /// Flags that describe one invocation and are not file keys.
@@ -603,8 +616,17 @@ mod tests {
         format!("--{}", key.replace('_', "-"))
     }
 
+    /// What introduces `key`'s words on a command line: `program` is what follows `--`.
+    fn lead(key: &str) -> String {
+        if key == "program" {
+            "--".into()
+        } else {
+            flag(key)
+        }
+    }
+
     fn from_flags(key: &str, words: &[&str]) -> Cli {
-        let mut args = vec!["app".to_string(), flag(key)];
+        let mut args = vec!["app".to_string(), lead(key)];
         args.extend(words.iter().map(|w| w.to_string()));
         Cli::parse_args(&args).unwrap_or_else(|e| panic!("--{key}: {e}"))
     }
@@ -632,7 +654,7 @@ mod tests {
             let by_file = from_file(&format!("{key} = {toml_value}"));
             assert_ne!(by_flag, Cli::default(), "--{key} lands in a field");
             assert_eq!(by_flag, by_file, "{key}: the flag and the file key agree");
-            all_flags.push(flag(key));
+            all_flags.push(lead(key));
             all_flags.extend(words.iter().map(|w| w.to_string()));
             all_file.push_str(&format!("{key} = {toml_value}\n"));
         }
