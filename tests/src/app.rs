@@ -65,9 +65,10 @@ impl App {
         cmd.arg("--listen")
             .arg(format!("unix:{}", unix.display()))
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .args(args);
+            .arg(format!("127.0.0.1:{port}"));
+        // Before `args`: they may end with `-- program args`, which are not the server's.
         opt_in_if_root(&mut cmd);
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -171,7 +172,7 @@ impl App {
 /// Run as root, the server refuses workers that stay root unless told `--allow-root`. The
 /// tests about something else run the server as whoever runs them, so they opt in here, in
 /// one place; `hardening.rs` starts its servers itself to test the refusal and `user`.
-fn opt_in_if_root(cmd: &mut Command) {
+pub fn opt_in_if_root(cmd: &mut Command) {
     if nix::unistd::geteuid().is_root() {
         cmd.arg("--allow-root");
     }

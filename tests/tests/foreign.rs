@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use e2e::http::{self, Body};
 use e2e::{
-    assert_throughout, bin_path, fcgi_request, wait_until, worker_pids, App, Nginx, TempDir,
+    assert_throughout, bin_path, fcgi_request, opt_in_if_root, wait_until, worker_pids, App, Nginx,
+    TempDir,
 };
 use fcgi::Params;
 use nix::sys::signal::Signal;
@@ -538,7 +539,9 @@ fn check_config_names_a_missing_or_unexecutable_program() {
     std::fs::write(&plain, "#!/bin/sh\n").expect("file");
     let sock = format!("unix:{}", dir.path().join("s.sock").display());
     let check = |program: &str| {
-        let out = Command::new(bin_path("fcgi-pool"))
+        let mut cmd = Command::new(bin_path("fcgi-pool"));
+        opt_in_if_root(&mut cmd);
+        let out = cmd
             .args(["--listen", &sock, "--check-config", "--", program])
             .output()
             .expect("run fcgi-pool");
@@ -556,7 +559,9 @@ fn check_config_names_a_missing_or_unexecutable_program() {
     let (code, err) = check("/bin/sh");
     assert_eq!(code, Some(0), "{err}");
     // Without a program there is nothing to run.
-    let out = Command::new(bin_path("fcgi-pool"))
+    let mut cmd = Command::new(bin_path("fcgi-pool"));
+    opt_in_if_root(&mut cmd);
+    let out = cmd
         .args(["--listen", &sock, "--check-config"])
         .output()
         .expect("run fcgi-pool");
