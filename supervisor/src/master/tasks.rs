@@ -372,12 +372,13 @@ impl<R: Application> Master<R> {
         let Some(s) = self.tasks.list.get_mut(p.task) else {
             return;
         };
-        // A task process that finished no run is one that cannot start (the workers' rule for
-        // never serving); one that ran is replaced at once.
+        // A task process has no requests to prove it healthy: it counts towards the backoff
+        // when it dies younger than YOUNG_DEATH (a panic at start, a failing first run), and
+        // is replaced at once when it had run longer.
         let death = Death {
             lifetime,
-            ready: iterations > 0,
-            served: iterations > 0,
+            ready: true,
+            served: false,
         };
         if let Some(delay) = s.respawn.on_crash(death, now) {
             tracing::warn!(
