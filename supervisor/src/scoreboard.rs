@@ -527,40 +527,11 @@ impl Slot<'_> {
     }
 
     fn write_text(&self, method: &str, uri: &str) {
-        let method = truncate(method, METHOD_BYTES);
-        let uri = truncate(uri, URI_BYTES);
-        let seq = self.w[SEQ].load(Ordering::Relaxed);
-        self.w[SEQ].store(seq.wrapping_add(1), Ordering::Relaxed);
-        fence(Ordering::Release);
-        pack(&self.w[METHOD..URI], method.as_bytes());
-        pack(&self.w[URI..SLOT_WORDS], uri.as_bytes());
-        self.w[TEXT_LENS].store(
-            method.len() as u64 | (uri.len() as u64) << 16,
-            Ordering::Relaxed,
-        );
-        self.w[SEQ].store(seq.wrapping_add(2), Ordering::Release);
+        SLOT_TEXT.write(self.w, method, uri);
     }
 
     fn read_text(&self) -> (String, String) {
-        for _ in 0..SEQLOCK_RETRIES {
-            let before = self.w[SEQ].load(Ordering::Acquire);
-            if before % 2 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let lens = self.w[TEXT_LENS].load(Ordering::Relaxed);
-            let method = unpack(&self.w[METHOD..URI], (lens & 0xffff) as usize);
-            let uri = unpack(&self.w[URI..SLOT_WORDS], (lens >> 16 & 0xffff) as usize);
-            fence(Ordering::Acquire);
-            if self.w[SEQ].load(Ordering::Relaxed) == before {
-                // Only whole writes are read, and they were cut on char boundaries.
-                return (
-                    String::from_utf8_lossy(&method).into_owned(),
-                    String::from_utf8_lossy(&uri).into_owned(),
-                );
-            }
-        }
-        (String::new(), String::new())
+        SLOT_TEXT.read(self.w)
     }
 
     /// A copy of the slot.
@@ -592,6 +563,70 @@ fn words_for(slots: usize) -> usize {
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The request's method and URI in a worker's slot.
+const SLOT_TEXT: TextPair = TextPair {
+    seq: SEQ,
+    lens: TEXT_LENS,
+    first: (METHOD, URI),
+    second: (URI, SLOT_WORDS),
+    max: (METHOD_BYTES, URI_BYTES),
+};
+
+/// Where two strings of a slot live, behind its sequence counter (the seqlock described at
+/// the top): word indexes of the counter, of the packed lengths, and of each string's words,
+/// with each string's byte limit.
+pub(crate) struct TextPair {
+    pub(crate) seq: usize,
+    pub(crate) lens: usize,
+    pub(crate) first: (usize, usize),
+    pub(crate) second: (usize, usize),
+    pub(crate) max: (usize, usize),
+}
+
+impl TextPair {
+    /// Writer (the slot's one owner): both strings, cut to their limits on char boundaries.
+    pub(crate) fn write(&self, w: &[AtomicU64], first: &str, second: &str) {
+        let first = truncate(first, self.max.0);
+        let second = truncate(second, self.max.1);
+        let seq = w[self.seq].load(Ordering::Relaxed);
+        w[self.seq].store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        pack(&w[self.first.0..self.first.1], first.as_bytes());
+        pack(&w[self.second.0..self.second.1], second.as_bytes());
+        w[self.lens].store(
+            first.len() as u64 | (second.len() as u64) << 16,
+            Ordering::Relaxed,
+        );
+        w[self.seq].store(seq.wrapping_add(2), Ordering::Release);
+    }
+
+    /// Any reader: a whole write, or two empty strings after [`SEQLOCK_RETRIES`] torn reads.
+    pub(crate) fn read(&self, w: &[AtomicU64]) -> (String, String) {
+        for _ in 0..SEQLOCK_RETRIES {
+            let before = w[self.seq].load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let lens = w[self.lens].load(Ordering::Relaxed);
+            let first = unpack(&w[self.first.0..self.first.1], (lens & 0xffff) as usize);
+            let second = unpack(
+                &w[self.second.0..self.second.1],
+                (lens >> 16 & 0xffff) as usize,
+            );
+            fence(Ordering::Acquire);
+            if w[self.seq].load(Ordering::Relaxed) == before {
+                // Only whole writes are read, and they were cut on char boundaries.
+                return (
+                    String::from_utf8_lossy(&first).into_owned(),
+                    String::from_utf8_lossy(&second).into_owned(),
+                );
+            }
+        }
+        (String::new(), String::new())
+    }
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.

@@ -3,12 +3,10 @@
 //! Apart from the workers' slots so that nothing counting workers (saturation, the pool's
 //! figures) ever sees a task.
 
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{
-    micros, pack, truncate, unpack, Scoreboard, HEADER_WORDS, SEQLOCK_RETRIES, SLOT_WORDS,
-};
+use super::{micros, Scoreboard, TextPair, HEADER_WORDS, SLOT_WORDS};
 
 /// Task slots in the table: two per task (the process finishing its iteration and the one of
 /// the next generation waiting for it, during a reload or upgrade) for up to 16 tasks, which is
@@ -36,6 +34,15 @@ const ERROR: usize = NAME + NAME_BYTES / 8;
 /// Bytes of the last error kept, enough for a database error's first line.
 pub const ERROR_BYTES: usize = 256;
 const TASK_SLOT_WORDS: usize = ERROR + ERROR_BYTES / 8;
+
+/// The task's name and last error in its slot.
+const TASK_TEXT: TextPair = TextPair {
+    seq: SEQ,
+    lens: TEXT_LENS,
+    first: (NAME, ERROR),
+    second: (ERROR, TASK_SLOT_WORDS),
+    max: (NAME_BYTES, ERROR_BYTES),
+};
 /// The task range's words.
 pub(super) const TASK_WORDS: usize = TASK_SLOTS * TASK_SLOT_WORDS;
 
@@ -274,42 +281,11 @@ impl TaskSlot<'_> {
     }
 
     fn write_text(&self, name: &str, error: &str) {
-        let name = truncate(name, NAME_BYTES);
-        let error = truncate(error, ERROR_BYTES);
-        let seq = self.w[SEQ].load(Ordering::Relaxed);
-        self.w[SEQ].store(seq.wrapping_add(1), Ordering::Relaxed);
-        fence(Ordering::Release);
-        pack(&self.w[NAME..ERROR], name.as_bytes());
-        pack(&self.w[ERROR..TASK_SLOT_WORDS], error.as_bytes());
-        self.w[TEXT_LENS].store(
-            name.len() as u64 | (error.len() as u64) << 16,
-            Ordering::Relaxed,
-        );
-        self.w[SEQ].store(seq.wrapping_add(2), Ordering::Release);
+        TASK_TEXT.write(self.w, name, error);
     }
 
     fn read_text(&self) -> (String, String) {
-        for _ in 0..SEQLOCK_RETRIES {
-            let before = self.w[SEQ].load(Ordering::Acquire);
-            if before % 2 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let lens = self.w[TEXT_LENS].load(Ordering::Relaxed);
-            let name = unpack(&self.w[NAME..ERROR], (lens & 0xffff) as usize);
-            let error = unpack(
-                &self.w[ERROR..TASK_SLOT_WORDS],
-                (lens >> 16 & 0xffff) as usize,
-            );
-            fence(Ordering::Acquire);
-            if self.w[SEQ].load(Ordering::Relaxed) == before {
-                return (
-                    String::from_utf8_lossy(&name).into_owned(),
-                    String::from_utf8_lossy(&error).into_owned(),
-                );
-            }
-        }
-        (String::new(), String::new())
+        TASK_TEXT.read(self.w)
     }
 
     /// A copy of the slot.
