@@ -30,7 +30,7 @@ pub(crate) enum StartError {
     CheckSetup(String),
     /// The log file cannot be opened.
     Logging(io::Error),
-    /// What a previous master or systemd handed over cannot be taken over.
+    /// What a previous master or systemd passed on cannot be taken over.
     Inherit(io::Error),
     /// A listening socket cannot be bound.
     Listen {

@@ -200,7 +200,7 @@ impl Scoreboard {
         Ok(Scoreboard { mem, slots })
     }
 
-    /// The memfd behind the table, to hand over across an upgrade's exec.
+    /// The memfd behind the table, to pass on across an upgrade's exec.
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.mem.fd()
     }

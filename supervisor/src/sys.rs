@@ -90,7 +90,7 @@ impl SharedWords {
         })
     }
 
-    /// The memfd behind the table, to hand over across exec.
+    /// The memfd behind the table, to pass on across exec.
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }

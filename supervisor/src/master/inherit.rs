@@ -29,8 +29,8 @@ const ENV_WORKERS: &str = "SUPERVISOR_WORKERS";
 /// The generation the running workers belong to.
 const ENV_GENERATION: &str = "SUPERVISOR_GENERATION";
 
-/// Every variable a master hands over, to clear once read (or once an exec failed).
-pub(crate) const HANDOVER_VARS: [&str; 4] =
+/// Every variable a master passes to its successor, to clear once read (or once an exec failed).
+pub(crate) const INHERITED_VARS: [&str; 4] =
     [ENV_LISTENERS, ENV_SCOREBOARD, ENV_WORKERS, ENV_GENERATION];
 
 /// systemd's socket-activation variables, cleared so no child takes them for its own.
@@ -39,7 +39,7 @@ const SYSTEMD_VARS: [&str; 3] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
 /// "sd_listen_fds: file descriptors start at 3" (after stdin, stdout and stderr).
 const SD_LISTEN_FDS_START: RawFd = 3;
 
-/// One listening socket handed over, as the variable describes it.
+/// One listening socket passed on, as the variable describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ListenerEntry {
     pub fd: RawFd,
@@ -56,7 +56,7 @@ pub(crate) struct AdoptedWorker {
     pub slot: usize,
     pub generation: u64,
     pub started: Duration,
-    /// The master's end of its connection channel, as an fd number handed over.
+    /// The master's end of its connection channel, as an fd number passed on.
     pub channel: Option<RawFd>,
 }
 
@@ -87,7 +87,7 @@ impl From<EnvError> for io::Error {
 }
 
 /// A listed worker whose slot is past the end of the inherited scoreboard (a previous master
-/// that disagrees about the table, or no table handed over at all). Adopting it would index
+/// that disagrees about the table, or no table passed on at all). Adopting it would index
 /// past the table; it is not adopted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Misfit {
@@ -102,7 +102,7 @@ impl fmt::Display for Misfit {
         if self.slots == 0 {
             write!(
                 f,
-                "{ENV_WORKERS} puts worker {pid} in slot {slot}, but no scoreboard was handed over \
+                "{ENV_WORKERS} puts worker {pid} in slot {slot}, but no scoreboard was passed on \
                  in {ENV_SCOREBOARD}; not adopting it"
             )
         } else {
@@ -238,7 +238,7 @@ pub(crate) fn parse_generation(value: &str) -> Result<u64, EnvError> {
 }
 
 /// The variables a master sets for its successor, in the order [`inherit`] reads them.
-pub(crate) fn handover_env(
+pub(crate) fn inheritance_env(
     listeners: &[ListenerEntry],
     board: (RawFd, usize),
     workers: &[AdoptedWorker],
@@ -252,7 +252,7 @@ pub(crate) fn handover_env(
     ]
 }
 
-/// Reads and clears what a previous master (or systemd) handed over.
+/// Reads and clears what a previous master (or systemd) passed on.
 pub(crate) fn inherit() -> io::Result<Inherited> {
     let mut got = Inherited::default();
     if let Ok(list) = std::env::var(ENV_LISTENERS) {
@@ -284,7 +284,7 @@ pub(crate) fn inherit() -> io::Result<Inherited> {
                 .push(Listener::adopt(sys::adopt_fd(fd)?, false, true)?);
         }
     }
-    for var in HANDOVER_VARS.iter().chain(&SYSTEMD_VARS) {
+    for var in INHERITED_VARS.iter().chain(&SYSTEMD_VARS) {
         std::env::remove_var(var);
     }
     Ok(got)
@@ -385,7 +385,7 @@ mod tests {
         for part in ["SUPERVISOR_WORKERS", "worker 2", "slot 4", "4 slots"] {
             assert!(said.contains(part), "{said:?} names {part:?}");
         }
-        // No table handed over: no slot fits.
+        // No table passed on: no slot fits.
         let parsed = parse_workers(&value, 0).expect("well-formed");
         assert!(parsed.adopted.is_empty());
         assert_eq!(parsed.misfits.len(), 2);
@@ -411,16 +411,16 @@ mod tests {
     }
 
     #[test]
-    fn handover_env_is_what_inherit_reads() {
+    fn inheritance_env_is_what_inherit_reads() {
         let listeners = [ListenerEntry {
             fd: 3,
             created: false,
             activated: false,
         }];
         let workers = [worker(4242, 1, Some(8))];
-        let env = handover_env(&listeners, (5, 256), &workers, 9);
+        let env = inheritance_env(&listeners, (5, 256), &workers, 9);
         let names: Vec<&str> = env.iter().map(|(k, _)| *k).collect();
-        assert_eq!(names, HANDOVER_VARS);
+        assert_eq!(names, INHERITED_VARS);
         assert_eq!(parse_listeners(&env[0].1), Ok(listeners.to_vec()));
         assert_eq!(parse_scoreboard(&env[1].1), Ok((5, 256)));
         let (_, slots) = parse_scoreboard(&env[1].1).expect("well-formed");

@@ -36,7 +36,7 @@ impl<R: Application> Master<R> {
             tracing::error!("upgrade refused: {refusal}; still running the old one");
             return;
         }
-        // Task processes are not handed over: they finish their run and exit, and the
+        // Task processes are not passed on: they finish their run and exit, and the
         // successor's wait for the host lock until they have (see `tasks.rs`).
         self.stop_tasks(clock::now());
         let workers: Vec<AdoptedWorker> = self
@@ -114,7 +114,7 @@ fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Re-executes `argv` in this process with everything handed over. Returns only on failure,
+/// Re-executes `argv` in this process with everything passed on. Returns only on failure,
 /// with everything as it was.
 fn exec_successor(
     argv: &[OsString],
@@ -152,7 +152,7 @@ fn exec_successor(
             })
             .collect();
         let board = (board.fd().as_raw_fd(), board.len());
-        for (var, value) in inherit::handover_env(&entries, board, workers, generation) {
+        for (var, value) in inherit::inheritance_env(&entries, board, workers, generation) {
             std::env::set_var(var, value);
         }
         Ok(nix::unistd::execvp(program, &args)?)
@@ -161,7 +161,7 @@ fn exec_successor(
     for fd in &fds {
         let _ = set_cloexec(*fd, true);
     }
-    for var in inherit::HANDOVER_VARS {
+    for var in inherit::INHERITED_VARS {
         std::env::remove_var(var);
     }
     match result {
