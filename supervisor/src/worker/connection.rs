@@ -109,8 +109,9 @@ const HOLD_CHECKS: u32 = 1;
 /// How long another worker must have been idle before a request moves to it. Between two fast
 /// requests a worker shows idle for microseconds; moving to it then ping-pongs connections
 /// under saturation (bench/ab measured 47,100 moves for 25,495 requests and 0.35x the
-/// throughput). A worker idle this long is free for real; a slow neighbour's victims still move.
-const MOVE_TO_IDLE_FOR: Duration = Duration::from_millis(2);
+/// throughput). A worker idle this long is free for real, and a slow neighbour's victims still
+/// move (at 2 ms one request in 87,000 waited behind a 1.5 s one; at 0.5 ms none did).
+const MOVE_TO_IDLE_FOR: Duration = Duration::from_micros(500);
 
 /// How many times one request may move between workers: each move is to a worker that showed
 /// room, so more than one is rare (it filled up as the request arrived); the bound keeps a
