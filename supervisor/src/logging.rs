@@ -101,3 +101,19 @@ impl<'a> MakeWriter<'a> for Target {
         }
     }
 }
+
+/// Where a panic happened (`file:line`) and its message, for the one log line a panic hook
+/// writes (workers and task processes alike).
+pub(crate) fn panic_parts(info: &std::panic::PanicHookInfo<'_>) -> (String, String) {
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    let payload = info.payload();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    (location, message)
+}

@@ -267,16 +267,7 @@ fn watch_signals(stop: Arc<Stop>, board: Arc<Scoreboard>, spec: &Spec) -> std::i
 fn set_panic_hook(task: &str) {
     let task = task.to_string();
     std::panic::set_hook(Box::new(move |info| {
-        let location = info
-            .location()
-            .map(|l| format!("{}:{}", l.file(), l.line()))
-            .unwrap_or_default();
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let (location, message) = crate::logging::panic_parts(info);
         tracing::error!(
             pid = std::process::id(),
             task,

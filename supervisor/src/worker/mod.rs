@@ -364,16 +364,7 @@ fn set_up_process() -> std::io::Result<bool> {
     }
     // One log line per panic, with its place; the handler adds which request it cost.
     std::panic::set_hook(Box::new(|info| {
-        let location = info
-            .location()
-            .map(|l| format!("{}:{}", l.file(), l.line()))
-            .unwrap_or_default();
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let (location, message) = crate::logging::panic_parts(info);
         tracing::error!(pid = std::process::id(), location, message, "panic");
     }));
     // The master blocks signals to read them synchronously; a worker takes them normally.
