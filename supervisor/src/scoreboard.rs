@@ -301,15 +301,6 @@ impl Scoreboard {
         (0..self.slots).any(|i| i != slot && self.slot(i).state() == SlotState::Idle)
     }
 
-    /// True when some worker other than the one in `slot` has had room for a request since
-    /// `before` at least: free for real, not between two fast requests.
-    pub fn other_idle_since(&self, slot: usize, before: Duration) -> bool {
-        (0..self.slots).any(|i| {
-            let s = self.slot(i);
-            i != slot && s.state() == SlotState::Idle && s.since() <= before
-        })
-    }
-
     /// True when some worker other than the one in `slot` has room for a request or is about
     /// to (idle or starting): a connection waiting in the kernel will be taken.
     pub fn other_ready(&self, slot: usize) -> bool {

@@ -95,23 +95,20 @@ const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// `shutdown_timeout`.
 pub(crate) const LEAVING_IDLE: Duration = Duration::from_secs(1);
 
-/// How long a request that found no room anywhere first waits, undecoded, before it looks
-/// again; each further look waits twice as long as the one before.
-const HOLD_FIRST: Duration = Duration::ZERO;
+/// How long the request holding this worker's room must have run before a request that finds
+/// no room here moves to a worker with room. A fast request ends within microseconds, so a
+/// request that arrives behind one waits for it here, undecoded, and is served here; moving
+/// costs both workers more than that (bench/ab: with a move whenever another worker showed
+/// room, one request in five moved under saturation and the pool did 0.78x the requests). One
+/// that has run this long is slow: the request behind it moves, so it waits at most this long
+/// behind a slow neighbour while another worker has room.
+const SLOW_AFTER: Duration = Duration::from_millis(1);
 
-/// Looks a request that finds no room anywhere takes before it queues here: one, at once
-/// (after the runtime's other tasks ran: a worker that answered on this turn shows its room).
-/// Holding it longer (1, 2 and 4 ms were tried) made every request of a saturated pool wait,
-/// which cost more than the race it guarded (a worker that answered but has not yet recorded
-/// the end on its handler thread).
-const HOLD_CHECKS: u32 = 1;
-
-/// How long another worker must have been idle before a request moves to it. Between two fast
-/// requests a worker shows idle for microseconds; moving to it then ping-pongs connections
-/// under saturation (bench/ab measured 47,100 moves for 25,495 requests and 0.35x the
-/// throughput). A worker idle this long is free for real, and a slow neighbour's victims still
-/// move (at 2 ms one request in 87,000 waited behind a 1.5 s one; at 0.5 ms none did).
-const MOVE_TO_IDLE_FOR: Duration = Duration::from_micros(500);
+/// Looks a request takes while it waits undecoded for room (each woken by a room freed here,
+/// or [`SLOW_AFTER`] later) before it queues here: behind a slow request in a pool with no room
+/// anywhere, it looks for about this many milliseconds, then waits in the worker's queue, where
+/// `queue_timeout` and `max_queue` govern it.
+const MAX_LOOKS: u8 = 8;
 
 /// How many times one request may move between workers: each move is to a worker that showed
 /// room, so more than one is rare (it filled up as the request arrived); the bound keeps a
@@ -139,7 +136,7 @@ pub(crate) enum Place {
     Here,
     /// At a worker with room: hand the connection over with the bytes read.
     Elsewhere,
-    /// Not decided: no worker has room this instant; look again at `recheck_at`.
+    /// Not yet: wait undecoded for room here, and look again at `relook_at` at the latest.
     Wait,
 }
 
@@ -224,11 +221,11 @@ pub(crate) struct Conn {
     /// How many times the request whose first bytes are in `buf` has moved between workers
     /// already: at [`MAX_MOVES`] it is served here, room or not (see [`Conn::place`]).
     moves: u8,
-    /// A request arrived while no worker had room: looks again at this moment rather than
-    /// queueing here at once (see [`HOLD_CHECKS`]).
-    recheck_at: Option<Instant>,
-    /// Looks taken for the request that arrived.
-    holds: u32,
+    /// A request waits undecoded for room (see [`Conn::place`]): when it looks again at the
+    /// latest.
+    pub(crate) relook_at: Option<Instant>,
+    /// Looks taken for the request that waits.
+    looks: u8,
     /// The request delivered and not yet answered, and its flag saying its client left: set
     /// at an abort or at the connection's end, so that if it still waits it is never run.
     left: Option<(u16, Arc<AtomicBool>)>,
@@ -287,8 +284,8 @@ impl Conn {
             running: None,
             timed_out: false,
             moves,
-            recheck_at: None,
-            holds: 0,
+            relook_at: None,
+            looks: 0,
             left: None,
         }
     }
@@ -379,20 +376,22 @@ impl Conn {
         self.idle() && self.buf.is_empty() && self.reserved.is_none() && self.rules.can_hand_over
     }
 
-    /// Bytes of a new request reached this idle connection: where it is served. It moves, with
-    /// them, to a worker with room rather than wait here behind a long request. Only before
-    /// anything is decoded (nothing of the request is in the protocol core, so the next owner
-    /// starts from the carried bytes), with nothing reserved here, not with a request that
-    /// moved [`MAX_MOVES`] times already, and only if it carries at most [`MAX_CARRIED`].
-    /// With no room anywhere it waits undecoded for a moment and looks again
-    /// ([`HOLD_CHECKS`]): a worker that just answered shows busy until its handler thread
-    /// records the end, and a request queued here meanwhile would wait for the whole long
-    /// request. `room_here` and `room_elsewhere` are asked last, only when the rest allows a
-    /// move: both are cheap, but this runs on every read.
+    /// Bytes of a new request reached this idle connection: where it is served. With room here,
+    /// here. Without, it waits undecoded while the request holding the room is fast (has run
+    /// less than [`SLOW_AFTER`]), and looks again when a room frees here or when that request
+    /// turns slow; behind a slow one it moves, with the bytes read, to a worker with room. With
+    /// no room anywhere it looks again every [`SLOW_AFTER`], and after [`MAX_LOOKS`] it queues
+    /// here. Only before anything is decoded (nothing of the request is in the protocol core,
+    /// so the next owner starts from the carried bytes), with nothing reserved here, not with a
+    /// request that moved [`MAX_MOVES`] times already, and only if it carries at most
+    /// [`MAX_CARRIED`]. `room_here` (is a room free), `running_here` (how long the youngest
+    /// request holding a room here has run) and `room_elsewhere` are asked only as far as the
+    /// decision needs them: this runs on every read.
     pub(crate) fn place(
         &mut self,
         now: Instant,
         room_here: impl FnOnce() -> bool,
+        running_here: impl FnOnce() -> Option<Duration>,
         room_elsewhere: impl FnOnce() -> bool,
     ) -> Place {
         let movable = self.rules.can_hand_over
@@ -404,32 +403,31 @@ impl Conn {
             && !self.close_when_written
             && self.idle()
             && !self.fcgi.expects_input();
-        if !movable {
+        self.relook_at = None;
+        if !movable || self.looks >= MAX_LOOKS || room_here() {
             return Place::Here;
         }
-        if self.recheck_at.is_some_and(|at| now < at) {
+        let Some(running) = running_here() else {
+            // The room goes to a request about to start: this one queues to start next.
+            return Place::Here;
+        };
+        self.looks += 1;
+        if running < SLOW_AFTER {
+            self.relook_at = Some(now + (SLOW_AFTER - running));
             return Place::Wait;
-        }
-        self.recheck_at = None;
-        if room_here() {
-            return Place::Here;
         }
         if room_elsewhere() {
             return Place::Elsewhere;
         }
-        if self.holds >= HOLD_CHECKS {
-            return Place::Here;
-        }
-        self.recheck_at = Some(now + HOLD_FIRST * 2u32.pow(self.holds));
-        self.holds += 1;
+        self.relook_at = Some(now + SLOW_AFTER);
         Place::Wait
     }
 
     /// A request was decoded: the next one is placed afresh.
     fn request_placed(&mut self) {
         self.moves = 0;
-        self.recheck_at = None;
-        self.holds = 0;
+        self.relook_at = None;
+        self.looks = 0;
     }
 
     /// The bytes read and not yet decoded, for the connection's next owner: one move more for
@@ -741,18 +739,26 @@ where
     let request_timer =
         tokio::time::sleep(worker.settings.request_timeout.unwrap_or(Duration::ZERO));
     let keepalive = tokio::time::sleep(worker.settings.keepalive_timeout);
-    tokio::pin!(drain_starts, migrate, read_timer, request_timer, keepalive);
+    let relook = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(
+        drain_starts,
+        migrate,
+        read_timer,
+        request_timer,
+        keepalive,
+        relook
+    );
     loop {
-        // A request that would wait here behind a long one goes to a worker with room.
+        // A request that would wait here behind a slow one goes to a worker with room.
         let place = conn.place(
             Instant::now(),
             || worker.rooms.has_room(),
-            || {
-                let now = crate::clock::now();
-                let before = now.saturating_sub(MOVE_TO_IDLE_FOR);
-                worker.board.other_idle_since(worker.slot, before)
-            },
+            || worker.running_for(),
+            || worker.board.other_idle(worker.slot),
         );
+        if let Some(at) = conn.relook_at {
+            relook.as_mut().reset(at);
+        }
         if place == Place::Elsewhere {
             tracing::debug!(
                 pid = std::process::id(),
@@ -819,7 +825,10 @@ where
                 _ = &mut drain_starts, if conn.idle() && !conn.drain_seen => conn.on_drain_started(),
                 () = sleep_until_opt(conn.quiet_until), if conn.idle() && conn.quiet_until.is_some() => Next::Close,
                 () = &mut migrate, if conn.may_migrate() => Next::HandOver,
-                () = sleep_until_opt(conn.recheck_at), if conn.recheck_at.is_some() => Next::Continue,
+                // Waiting undecoded for room: a room freed here (a room freed before this
+                // select's `Notified` was made is seen by the relook at the latest).
+                () = worker.rooms.freed(), if conn.relook_at.is_some() => Next::Continue,
+                () = &mut relook, if conn.relook_at.is_some() => Next::Continue,
             },
             decided => decided,
         };

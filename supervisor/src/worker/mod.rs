@@ -265,6 +265,14 @@ impl Worker {
             can_hand_over: self.handover.is_some(),
         }
     }
+
+    /// How long the youngest request holding a room here has run, once every room is held by
+    /// a request that started (the slot shows Busy from when the last of them did); `None`
+    /// while a room is held by a request given it and not yet started.
+    fn running_for(&self) -> Option<Duration> {
+        let slot = self.board.slot(self.slot);
+        (slot.state() == SlotState::Busy).then(|| clock::now().saturating_sub(slot.since()))
+    }
 }
 
 /// Held by every connection and every request of the worker: once the last is dropped the

@@ -71,6 +71,9 @@ pub(crate) struct Rooms<T> {
     /// A job queued: the expiry timer has something to watch (a permit is kept if it is not
     /// waiting at that moment).
     queued: Notify,
+    /// A room became free or was parked: a request waiting undecoded on its connection for
+    /// room here looks again.
+    freed: Notify,
     admission: Admission,
     hooks: Hooks<T>,
 }
@@ -99,6 +102,7 @@ impl<T> Rooms<T> {
             }),
             wanted: Notify::new(),
             queued: Notify::new(),
+            freed: Notify::new(),
             admission,
             hooks,
         })
@@ -148,6 +152,12 @@ impl<T> Rooms<T> {
 
     fn lock(&self) -> Option<MutexGuard<'_, State<T>>> {
         self.state.lock().ok()
+    }
+
+    /// Resolves once a room became free or was parked: one waiter is woken for each (or the
+    /// next to wait, if none waits).
+    pub(crate) fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
     }
 
     /// Resolves when a request took the room the accept loop parked.
@@ -270,6 +280,7 @@ impl<T> Room<T> {
             if let Some(mut state) = rooms.lock() {
                 state.parked = true;
             }
+            rooms.freed.notify_one();
         }
     }
 }
@@ -305,6 +316,7 @@ impl<T> Drop for Room<T> {
                 if let Some(accept) = accept {
                     accept.wake();
                 }
+                rooms.freed.notify_one();
             }
         }
     }
@@ -434,6 +446,32 @@ mod tests {
         }
         assert_eq!(order, [2, 3, 4]);
         assert_eq!(held.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_room_freed_with_nobody_queued_wakes_one_request_waiting_on_its_connection() {
+        let (rooms, rx, _) = rooms(1);
+        rooms.start_or_wait(1, None, T0);
+        let (_, first) = started(&rx).pop().expect("job 1 runs");
+        let (a, b) = (wakes(), wakes());
+        let mut freed_a = pin!(rooms.freed());
+        let mut freed_b = pin!(rooms.freed());
+        assert!(poll(freed_a.as_mut(), &a).is_pending());
+        assert!(poll(freed_b.as_mut(), &b).is_pending());
+        drop(first);
+        let woken = a.0.load(Ordering::SeqCst) + b.0.load(Ordering::SeqCst);
+        assert_eq!(woken, 1, "one waiter for one room");
+        assert!(rooms.has_room());
+        // A room handed straight to a queued job wakes nobody: it is not free.
+        rooms.start_or_wait(2, None, T0);
+        rooms.start_or_wait(3, None, T0);
+        let (_, second) = started(&rx).pop().expect("job 2 runs");
+        let c = wakes();
+        let mut freed_c = pin!(rooms.freed());
+        assert!(poll(freed_c.as_mut(), &c).is_pending());
+        drop(second);
+        assert_eq!(started(&rx).len(), 1, "job 3 got the room");
+        assert_eq!(c.0.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -248,9 +248,11 @@ fn moved(bytes: &[u8], moves: u8) -> Carried {
     }
 }
 
-/// Whether `conn` moves given room here and elsewhere.
+/// Whether `conn` moves given room here and elsewhere, with a slow request holding the room
+/// here when there is none.
 fn moves(conn: &mut Conn, room_here: bool, room_elsewhere: bool) -> bool {
-    conn.place(Instant::now(), || room_here, || room_elsewhere) == Place::Elsewhere
+    let slow = || Some(SLOW_AFTER);
+    conn.place(Instant::now(), || room_here, slow, || room_elsewhere) == Place::Elsewhere
 }
 
 #[test]
@@ -311,41 +313,68 @@ fn a_connection_with_a_request_under_way_or_without_a_channel_is_served_here() {
 }
 
 #[test]
-fn a_request_that_finds_no_room_anywhere_looks_again_a_few_times_then_queues_here() {
+fn a_request_behind_a_fast_one_waits_for_it_and_one_behind_a_slow_one_moves() {
+    let t0 = Instant::now();
+    let us = Duration::from_micros;
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), t0);
+    receive(&mut conn, &request(1, true, b""));
+    // The room goes to a request not yet started: this one queues behind it, undecoded no more.
+    let place = conn.place(t0, || false, || None, || panic!("not asked"));
+    assert_eq!(place, Place::Here);
+    // Behind one that started 200 us ago: it waits, to look again when that one turns slow.
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), t0);
+    receive(&mut conn, &request(1, true, b""));
+    let place = conn.place(t0, || false, || Some(us(200)), || panic!("not asked"));
+    assert_eq!(place, Place::Wait);
+    assert_eq!(conn.relook_at, Some(t0 + SLOW_AFTER - us(200)));
+    // A room freed here meanwhile: served here.
+    assert_eq!(
+        conn.place(t0 + us(10), || true, || panic!(), || panic!()),
+        Place::Here
+    );
+    assert_eq!(conn.relook_at, None, "no longer waiting");
+    // Still no room when that one turned slow: it moves to a worker with room.
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), t0);
+    receive(&mut conn, &request(1, true, b""));
+    assert_eq!(
+        conn.place(t0, || false, || Some(us(200)), || panic!()),
+        Place::Wait
+    );
+    let at = conn.relook_at.expect("a moment to look again");
+    assert_eq!(
+        conn.place(at, || false, || Some(SLOW_AFTER), || true),
+        Place::Elsewhere
+    );
+}
+
+#[test]
+fn a_request_behind_a_slow_one_with_no_room_anywhere_looks_a_few_times_then_queues_here() {
     let t0 = Instant::now();
     let mut conn = Conn::new(rules(true), None, &Carried::default(), t0);
     receive(&mut conn, &request(1, true, b""));
     let mut now = t0;
-    let mut waits = Vec::new();
+    let mut looks = 0;
     loop {
-        match conn.place(now, || false, || false) {
+        match conn.place(now, || false, || Some(SLOW_AFTER * 5), || false) {
             Place::Wait => {
-                let at = conn.recheck_at.expect("a moment to look again");
+                let at = conn.relook_at.expect("a moment to look again");
                 assert_eq!(
-                    conn.place(at - Duration::from_micros(1), || panic!(), || panic!()),
-                    Place::Wait,
-                    "nothing is asked before that moment"
+                    at - now,
+                    SLOW_AFTER,
+                    "looks again a slow request's time later"
                 );
-                waits.push(at - now);
+                looks += 1;
                 now = at;
             }
             Place::Here => break,
             Place::Elsewhere => panic!("no room elsewhere"),
         }
     }
-    let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
-    // One look again, at once, then it queues here.
-    assert_eq!(ms, [0]);
+    assert_eq!(looks, MAX_LOOKS);
     assert!(
         conn.next_request().expect("well-formed").is_some(),
         "decoded here"
     );
-    // A look that finds room elsewhere moves it.
-    let mut conn = Conn::new(rules(true), None, &Carried::default(), t0);
-    receive(&mut conn, &request(1, true, b""));
-    assert_eq!(conn.place(t0, || false, || false), Place::Wait);
-    let at = conn.recheck_at.expect("a moment to look again");
-    assert_eq!(conn.place(at, || false, || true), Place::Elsewhere);
 }
 
 #[test]
