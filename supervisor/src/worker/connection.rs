@@ -9,7 +9,9 @@
 //! Body bytes go to the handler through a small bounded channel. While a chunk waits for room,
 //! the connection stops reading the socket, so a slow application slows the client instead of
 //! growing memory. Responses come back as encoded records; the tail of each (last STDOUT, empty
-//! STDOUT, END_REQUEST) is written in one write. The bodies are `connection/bodies.rs`.
+//! STDOUT, END_REQUEST) is written in one write. The bodies are `connection/bodies.rs`, where a
+//! request is served (here or at another worker) `connection/placement.rs`, and the read and
+//! request deadlines `connection/timers.rs`.
 //!
 //! What a connection holds while it has not sent a complete request: no room (after
 //! [`FIRST_REQUEST_GRACE`]), a read buffer of at most one record plus a read (64 KiB + 255
@@ -41,7 +43,6 @@ use tokio::time::Instant;
 
 use crate::app::body::{BodyReader, Out};
 use crate::app::request::Request;
-use crate::passing::MAX_CARRIED;
 use crate::worker::episode::EPISODES;
 use crate::worker::output::send_in_runtime;
 use crate::worker::rooms::Refused;
@@ -50,6 +51,12 @@ use crate::worker::{Alive, Worker};
 use bodies::{Bodies, Closed};
 
 mod bodies;
+mod placement;
+mod timers;
+
+pub(crate) use placement::{Carried, Place};
+use timers::{read_timed_out, request_timed_out};
+pub(crate) use timers::{Running, Timer};
 
 /// Bytes the read buffer starts with: a typical request (params and a small body) arrives in
 /// one read, and a full-size record in a few.
@@ -95,50 +102,10 @@ const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// `shutdown_timeout`.
 pub(crate) const LEAVING_IDLE: Duration = Duration::from_secs(1);
 
-/// How long the request holding this worker's room must have run before a request that finds
-/// no room here moves to a worker with room. A fast request ends within microseconds, so a
-/// request that arrives behind one waits for it here, undecoded, and is served here; moving
-/// costs both workers more than that (bench/ab: with a move whenever another worker showed
-/// room, one request in five moved under saturation and the pool did 0.78x the requests). One
-/// that has run this long is slow: the request behind it moves, so it waits at most this long
-/// behind a slow neighbour while another worker has room.
-const SLOW_AFTER: Duration = Duration::from_millis(1);
-
-/// Looks a request takes while it waits undecoded for room (each woken by a room freed here,
-/// or [`SLOW_AFTER`] later) before it queues here: behind a slow request in a pool with no room
-/// anywhere, it looks for about this many milliseconds, then waits in the worker's queue, where
-/// `queue_timeout` and `max_queue` govern it.
-const MAX_LOOKS: u8 = 8;
-
-/// How many times one request may move between workers: each move is to a worker that showed
-/// room, so more than one is rare (it filled up as the request arrived); the bound keeps a
-/// request from bouncing between workers that keep filling up.
-const MAX_MOVES: u8 = 3;
-
 /// `Retry-After` of a 503 for a full queue, in seconds: a queue overflows in bursts that last
 /// seconds, and a client told 1 s comes back once the pool has turned over its requests a few
 /// times; longer would keep people waiting on a pool that is free again.
 const RETRY_AFTER_SECS: u32 = 1;
-
-/// What a connection brings from its previous owner.
-#[derive(Debug, Default)]
-pub(crate) struct Carried {
-    /// Read and not yet decoded: they come first.
-    pub bytes: Bytes,
-    /// How many times the request they begin has moved, this move included (0 if none).
-    pub moves: u8,
-}
-
-/// Where a request that reached an idle connection is served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Place {
-    /// Here: decode it.
-    Here,
-    /// At a worker with room: hand the connection over with the bytes read.
-    Elsewhere,
-    /// Not yet: wait undecoded for room here, and look again at `relook_at` at the latest.
-    Wait,
-}
 
 /// What the loop does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,7 +186,7 @@ pub(crate) struct Conn {
     /// closes once the answer is written.
     timed_out: bool,
     /// How many times the request whose first bytes are in `buf` has moved between workers
-    /// already: at [`MAX_MOVES`] it is served here, room or not (see [`Conn::place`]).
+    /// already: at [`MAX_MOVES`](placement::MAX_MOVES) it is served here, room or not (see [`Conn::place`]).
     moves: u8,
     /// A request waits undecoded for room (see [`Conn::place`]): when it looks again at the
     /// latest.
@@ -229,27 +196,6 @@ pub(crate) struct Conn {
     /// The request delivered and not yet answered, and its flag saying its client left: set
     /// at an abort or at the connection's end, so that if it still waits it is never run.
     left: Option<(u16, Arc<AtomicBool>)>,
-}
-
-/// A request running in the application, as its connection watches it for `request_timeout`.
-pub(crate) struct Running {
-    id: u16,
-    /// When it got its room and started, in microseconds of [`crate::clock::now`]; 0 while it
-    /// waits for room (a queued request has not started, and its worker is not stuck).
-    started: Arc<AtomicU64>,
-    method: String,
-    uri: String,
-    /// Part of its response went out: the status is sent, so a timeout cannot answer 504.
-    sent: bool,
-}
-
-/// What a request timer found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Timer {
-    /// The bound is reached.
-    Expired,
-    /// Not yet: fire again then.
-    Until(Instant),
 }
 
 impl Conn {
@@ -368,78 +314,6 @@ impl Conn {
     /// Output from requests is taken only while the outbox is below its high-water mark.
     pub(crate) fn may_take_output(&self) -> bool {
         self.queued < OUTBOX_HIGH_WATER
-    }
-
-    /// This worker is busy with a long request and another has room: an idle connection moves
-    /// there, so nginx's next request on it does not wait behind the long one.
-    pub(crate) fn may_migrate(&self) -> bool {
-        self.idle() && self.buf.is_empty() && self.reserved.is_none() && self.rules.can_hand_over
-    }
-
-    /// Bytes of a new request reached this idle connection: where it is served. With room here,
-    /// here. Without, it waits undecoded while the request holding the room is fast (has run
-    /// less than [`SLOW_AFTER`]), and looks again when a room frees here or when that request
-    /// turns slow; behind a slow one it moves, with the bytes read, to a worker with room. With
-    /// no room anywhere it looks again every [`SLOW_AFTER`], and after [`MAX_LOOKS`] it queues
-    /// here. Only before anything is decoded (nothing of the request is in the protocol core,
-    /// so the next owner starts from the carried bytes), with nothing reserved here, not with a
-    /// request that moved [`MAX_MOVES`] times already, and only if it carries at most
-    /// [`MAX_CARRIED`]. `room_here` (is a room free), `running_here` (how long the youngest
-    /// request holding a room here has run) and `room_elsewhere` are asked only as far as the
-    /// decision needs them: this runs on every read.
-    pub(crate) fn place(
-        &mut self,
-        now: Instant,
-        room_here: impl FnOnce() -> bool,
-        running_here: impl FnOnce() -> Option<Duration>,
-        room_elsewhere: impl FnOnce() -> bool,
-    ) -> Place {
-        let movable = self.rules.can_hand_over
-            && !self.buf.is_empty()
-            && self.buf.len() <= MAX_CARRIED
-            && self.moves < MAX_MOVES
-            && self.reserved.is_none()
-            && !self.eof
-            && !self.close_when_written
-            && self.idle()
-            && !self.fcgi.expects_input();
-        self.relook_at = None;
-        if !movable || self.looks >= MAX_LOOKS || room_here() {
-            return Place::Here;
-        }
-        let Some(running) = running_here() else {
-            // The room goes to a request about to start: this one queues to start next.
-            return Place::Here;
-        };
-        self.looks += 1;
-        if running < SLOW_AFTER {
-            self.relook_at = Some(now + (SLOW_AFTER - running));
-            return Place::Wait;
-        }
-        if room_elsewhere() {
-            return Place::Elsewhere;
-        }
-        self.relook_at = Some(now + SLOW_AFTER);
-        Place::Wait
-    }
-
-    /// A request was decoded: the next one is placed afresh.
-    fn request_placed(&mut self) {
-        self.moves = 0;
-        self.relook_at = None;
-        self.looks = 0;
-    }
-
-    /// The bytes read and not yet decoded, for the connection's next owner: one move more for
-    /// the request they begin, if any.
-    pub(crate) fn take_read(&mut self) -> Carried {
-        let bytes = self.buf.split().freeze();
-        let moves = if bytes.is_empty() {
-            0
-        } else {
-            self.moves.saturating_add(1)
-        };
-        Carried { bytes, moves }
     }
 
     /// What to do before waiting again, given whether the worker is `draining`.
@@ -589,95 +463,6 @@ impl Conn {
         }
     }
 
-    /// Whether the read timer matters: a reserved room to give back, or a request being read.
-    pub(crate) fn read_timer_armed(&self) -> bool {
-        self.reserved.is_some() || self.read_deadline.is_some()
-    }
-
-    /// The read timer fired: past [`FIRST_REQUEST_GRACE`] the reserved room goes back to the
-    /// worker; past the read deadline the connection is to close.
-    pub(crate) fn on_read_timer(&mut self, now: Instant) -> Timer {
-        if self.reserved.is_some() && now >= self.grace_until {
-            self.reserved = None;
-        }
-        match self.read_deadline {
-            Some(deadline) if now >= deadline => Timer::Expired,
-            deadline => {
-                let grace = self.reserved.as_ref().map(|_| self.grace_until);
-                let next = match (grace, deadline) {
-                    (Some(g), Some(d)) => g.min(d),
-                    (g, d) => g.or(d).unwrap_or(now),
-                };
-                Timer::Until(next)
-            }
-        }
-    }
-
-    /// Watches request `id`, started (once it has its room) at the time `started` holds.
-    pub(crate) fn track(&mut self, id: u16, started: Arc<AtomicU64>, method: String, uri: String) {
-        self.running = Some(Running {
-            id,
-            started,
-            method,
-            uri,
-            sent: false,
-        });
-    }
-
-    /// Whether the request timer matters: a request runs and `request_timeout` is set.
-    pub(crate) fn request_timer_armed(&self) -> bool {
-        self.running.is_some() && self.rules.request_timeout.is_some()
-    }
-
-    /// The request timer fired at `now` (`clock` is [`crate::clock::now`] at the same moment):
-    /// whether the running request is past `request_timeout`, counted from when it started.
-    pub(crate) fn on_request_timer(&self, now: Instant, clock: Duration) -> Timer {
-        let (Some(running), Some(timeout)) = (&self.running, self.rules.request_timeout) else {
-            // Disarmed (see `request_timer_armed`): the deadline is not looked at.
-            return Timer::Until(now);
-        };
-        let started = running.started.load(Ordering::Acquire);
-        if started == 0 {
-            // Still waiting for room: it cannot time out before a full timeout from now.
-            return Timer::Until(now + timeout);
-        }
-        let elapsed = clock.saturating_sub(Duration::from_micros(started));
-        if elapsed >= timeout {
-            Timer::Expired
-        } else {
-            Timer::Until(now + (timeout - elapsed))
-        }
-    }
-
-    /// Answers the running request at its timeout: `504` if nothing of it went out, else the
-    /// end of what did; then the connection closes once that is written. Returns the request's
-    /// method and URI, and whether it was answered 504, for the log.
-    pub(crate) fn time_out(&mut self, now: Instant) -> Option<(String, String, bool)> {
-        let running = self.running.take()?;
-        let id = running.id;
-        let mut tail = if running.sent {
-            let mut tail = BytesMut::new();
-            fcgi::response::ResponseWriter::new(id).finish(&mut tail);
-            tail
-        } else {
-            let res = crate::app::response::status(http::StatusCode::GATEWAY_TIMEOUT);
-            // A buffered response: encoded whole, nothing sent on the channel.
-            let (unused, _) = mpsc::channel(1);
-            match crate::worker::output::encode(id, res, &unused) {
-                Out::Last(_, tail) => tail,
-                Out::Chunk(_) => BytesMut::new(),
-            }
-        };
-        self.idle_since = now;
-        self.in_flight = self.in_flight.saturating_sub(1);
-        self.bodies.end(id);
-        self.fcgi.end_request(id, 0, &mut tail);
-        self.queue(tail.freeze());
-        self.timed_out = true;
-        self.close_when_written = true;
-        Some((running.method, running.uri, !running.sent))
-    }
-
     /// The whole host is leaving (the master stops): no other worker will take this
     /// connection, so it is not handed over (the master would close it under nginx). It
     /// serves what arrives, closes right after its next answer, and closes idle after
@@ -749,9 +534,11 @@ where
         relook
     );
     loop {
+        // One reading of the clock for this turn's decisions: they take microseconds.
+        let now = Instant::now();
         // A request that would wait here behind a slow one goes to a worker with room.
         let place = conn.place(
-            Instant::now(),
+            now,
             || worker.rooms.has_room(),
             || worker.running_for(),
             || worker.board.other_idle(worker.slot),
@@ -788,9 +575,9 @@ where
         let draining = *worker.drain.borrow();
         // Set before the drain it comes with, so no decision hands over on a leaving host.
         if !conn.leaving() && worker.leaving.load(std::sync::atomic::Ordering::Acquire) {
-            conn.leave(Instant::now());
+            conn.leave(now);
         }
-        let next = match conn.decide(Instant::now(), draining) {
+        let next = match conn.decide(now, draining) {
             Next::Continue => tokio::select! {
                 written = write_front(&mut wr, &conn.outbox), if !conn.outbox.is_empty() => conn.on_written(written),
                 read = rd.read_buf(&mut conn.buf), if conn.may_read() => conn.on_read(read),
@@ -859,55 +646,6 @@ pub(crate) enum Arrived {
         /// Which limit.
         reason: fcgi::server::Rejection,
     },
-}
-
-/// A connection closed for not sending a complete request in time: counted, logged once per
-/// episode.
-fn read_timed_out(timeout: Duration) {
-    EPISODES.read_timeout.hit(
-        || {
-            tracing::warn!(
-                pid = std::process::id(),
-                timeout_ms = timeout.as_millis() as u64,
-                "closing connections that sent no complete request within request_read_timeout (counted until quiet)"
-            )
-        },
-        |connections| {
-            tracing::info!(
-                pid = std::process::id(),
-                connections,
-                "connections closed without a complete request: episode over"
-            )
-        },
-    );
-}
-
-/// The running request passed `request_timeout`: it is answered now, and the worker, which has
-/// a stuck thread, drains so the master replaces it.
-fn request_timed_out(worker: &Worker, conn: &mut Conn) {
-    let elapsed = conn
-        .running
-        .as_ref()
-        .map(|r| Duration::from_micros(r.started.load(Ordering::Acquire)))
-        .map(|started| crate::clock::now().saturating_sub(started))
-        .unwrap_or_default();
-    if let Some((method, uri, answered_504)) = conn.time_out(Instant::now()) {
-        tracing::error!(
-            pid = std::process::id(),
-            method,
-            uri,
-            elapsed_ms = elapsed.as_millis() as u64,
-            status = if answered_504 { 504 } else { 0 },
-            "request past request_timeout: answered {}; worker draining to be replaced",
-            if answered_504 {
-                "504"
-            } else {
-                "with what it had sent"
-            }
-        );
-        worker.timed_out.store(true, Ordering::Release);
-        worker.drain.send_replace(true);
-    }
 }
 
 /// Answers a refused request `431 Request Header Fields Too Large` (nginx passes the status to

@@ -8,7 +8,9 @@ use std::task::{Context, Poll, Waker};
 use fcgi::client::encode_request;
 use fcgi::Params;
 
+use super::placement::{MAX_LOOKS, MAX_MOVES, SLOW_AFTER};
 use super::*;
+use crate::passing::MAX_CARRIED;
 use crate::worker::rooms::Rooms;
 use std::sync::atomic::{AtomicU64, Ordering};
 
