@@ -188,8 +188,10 @@ pub(crate) struct Conn {
     /// How many times the request whose first bytes are in `buf` has moved between workers
     /// already: at [`MAX_MOVES`](placement::MAX_MOVES) it is served here, room or not (see [`Conn::place`]).
     moves: u8,
-    /// A request waits undecoded for room (see [`Conn::place`]): when it looks again at the
-    /// latest.
+    /// A request waits undecoded for room (see [`Conn::place`]).
+    pub(crate) waiting: bool,
+    /// When a waiting request looks again at the latest, if it waits behind a request that
+    /// started (see [`Conn::place`]).
     pub(crate) relook_at: Option<Instant>,
     /// Looks taken for the request that waits.
     looks: u8,
@@ -230,6 +232,7 @@ impl Conn {
             running: None,
             timed_out: false,
             moves,
+            waiting: false,
             relook_at: None,
             looks: 0,
             left: None,
@@ -611,10 +614,19 @@ where
                 }
                 _ = &mut drain_starts, if conn.idle() && !conn.drain_seen => conn.on_drain_started(),
                 () = sleep_until_opt(conn.quiet_until), if conn.idle() && conn.quiet_until.is_some() => Next::Close,
-                () = &mut migrate, if conn.may_migrate() => Next::HandOver,
-                // Waiting undecoded for room: a room freed here (a room freed before this
-                // select's `Notified` was made is seen by the relook at the latest).
-                () = worker.rooms.freed(), if conn.relook_at.is_some() => Next::Continue,
+                () = &mut migrate, if conn.may_migrate() || conn.waiting => {
+                    if conn.waiting {
+                        // The busy check says one request has held the worker for long: the
+                        // waiting request looks again, and this wait is made anew.
+                        migrate.set(worker.migrate.notified());
+                        Next::Continue
+                    } else {
+                        Next::HandOver
+                    }
+                }
+                // Waiting undecoded for room: a room freed here (one freed while nobody waited
+                // leaves a permit, so none is missed between `place` and this wait).
+                () = worker.rooms.freed(), if conn.waiting => Next::Continue,
                 () = &mut relook, if conn.relook_at.is_some() => Next::Continue,
             },
             decided => decided,

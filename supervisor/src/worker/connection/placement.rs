@@ -20,10 +20,10 @@ use crate::passing::MAX_CARRIED;
 /// behind a slow neighbour while another worker has room.
 pub(super) const SLOW_AFTER: Duration = Duration::from_millis(1);
 
-/// Looks a request takes while it waits undecoded for room (each woken by a room freed here,
-/// or [`SLOW_AFTER`] later) before it queues here: behind a slow request in a pool with no room
-/// anywhere, it looks for about this many milliseconds, then waits in the worker's queue, where
-/// `queue_timeout` and `max_queue` govern it.
+/// Looks a request takes behind a slow request, in a pool with no room anywhere, before it
+/// queues here: one every [`SLOW_AFTER`], so about this many milliseconds; then it waits in the
+/// worker's queue, where `queue_timeout` and `max_queue` govern it. (Waits for a room freed
+/// here are not counted: the rooms freed bound them.)
 pub(super) const MAX_LOOKS: u8 = 8;
 
 /// How many times one request may move between workers: each move is to a worker that showed
@@ -59,16 +59,20 @@ impl Conn {
     }
 
     /// Bytes of a new request reached this idle connection: where it is served. With room here,
-    /// here. Without, it waits undecoded while the request holding the room is fast (has run
-    /// less than [`SLOW_AFTER`]), and looks again when a room frees here or when that request
-    /// turns slow; behind a slow one it moves, with the bytes read, to a worker with room. With
-    /// no room anywhere it looks again every [`SLOW_AFTER`], and after [`MAX_LOOKS`] it queues
-    /// here. Only before anything is decoded (nothing of the request is in the protocol core,
-    /// so the next owner starts from the carried bytes), with nothing reserved here, not with a
-    /// request that moved [`MAX_MOVES`] times already, and only if it carries at most
-    /// [`MAX_CARRIED`]. `room_here` (is a room free), `running_here` (how long the youngest
-    /// request holding a room here has run) and `room_elsewhere` are asked only as far as the
-    /// decision needs them: this runs on every read.
+    /// here. Without, what decides is the request holding the room. Not started yet (it starts
+    /// as soon as the event loop's turn ends): this one waits undecoded for a room freed here,
+    /// or for the busy check's word that the worker has been held by one request for
+    /// `BUSY_MIGRATE_AFTER`. Started less than [`SLOW_AFTER`] ago: it waits for a room freed
+    /// here, or until that request turns slow. Slow: it moves, with the bytes read, to a worker
+    /// with room; with no room anywhere it looks again every [`SLOW_AFTER`], and after
+    /// [`MAX_LOOKS`] it queues here. A fast request ends within microseconds, so fast traffic is
+    /// served where it arrives, with no timer set. Only before anything is decoded (nothing of
+    /// the request is in the protocol core, so the next owner starts from the carried bytes),
+    /// with nothing reserved here, not with a request that moved [`MAX_MOVES`] times already,
+    /// and only if it carries at most [`MAX_CARRIED`]. `room_here` (is a room free),
+    /// `running_here` (how long the youngest request holding a room here has run, `None` if it
+    /// has not started) and `room_elsewhere` are asked only as far as the decision needs them:
+    /// this runs on every read.
     pub(crate) fn place(
         &mut self,
         now: Instant,
@@ -86,21 +90,26 @@ impl Conn {
             && self.idle()
             && !self.fcgi.expects_input();
         self.relook_at = None;
+        self.waiting = false;
         if !movable || self.looks >= MAX_LOOKS || room_here() {
             return Place::Here;
         }
+        self.waiting = true;
         let Some(running) = running_here() else {
-            // The room goes to a request about to start: this one queues to start next.
-            return Place::Here;
+            // No timer: registering one on every such request costs fast traffic a wake-up of
+            // the event loop each (an eventfd write), and the busy check covers a slow one.
+            return Place::Wait;
         };
-        self.looks += 1;
         if running < SLOW_AFTER {
             self.relook_at = Some(now + (SLOW_AFTER - running));
             return Place::Wait;
         }
         if room_elsewhere() {
+            self.waiting = false;
             return Place::Elsewhere;
         }
+        // Counted only here: waits for a room freed here are bounded by the rooms freed.
+        self.looks += 1;
         self.relook_at = Some(now + SLOW_AFTER);
         Place::Wait
     }
@@ -109,6 +118,7 @@ impl Conn {
     pub(super) fn request_placed(&mut self) {
         self.moves = 0;
         self.relook_at = None;
+        self.waiting = false;
         self.looks = 0;
     }
 

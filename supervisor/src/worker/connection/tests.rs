@@ -320,9 +320,17 @@ fn a_request_behind_a_fast_one_waits_for_it_and_one_behind_a_slow_one_moves() {
     let us = Duration::from_micros;
     let mut conn = Conn::new(rules(true), None, &Carried::default(), t0);
     receive(&mut conn, &request(1, true, b""));
-    // The room goes to a request not yet started: this one queues behind it, undecoded no more.
+    // The room goes to a request not yet started: this one waits for it, with no timer (the
+    // busy check wakes it if that one turns out slow).
     let place = conn.place(t0, || false, || None, || panic!("not asked"));
-    assert_eq!(place, Place::Here);
+    assert_eq!(place, Place::Wait);
+    assert!(conn.waiting);
+    assert_eq!(conn.relook_at, None);
+    assert_eq!(
+        conn.place(t0, || true, || panic!(), || panic!()),
+        Place::Here
+    );
+    assert!(!conn.waiting, "no longer waiting");
     // Behind one that started 200 us ago: it waits, to look again when that one turns slow.
     let mut conn = Conn::new(rules(true), None, &Carried::default(), t0);
     receive(&mut conn, &request(1, true, b""));
