@@ -609,14 +609,15 @@ pub(crate) fn schedule_busy_check(worker: &Arc<Worker>) {
     let worker = Arc::clone(worker);
     // Also called from handler threads, outside the runtime.
     worker.runtime.clone().spawn(async move {
-        let slot = worker.board.slot(worker.slot);
         loop {
             tokio::time::sleep(BUSY_MIGRATE_AFTER).await;
-            if slot.state() != SlotState::Busy || *worker.drain.borrow() {
+            let Some(running) = worker.running_for() else {
+                break;
+            };
+            if *worker.drain.borrow() {
                 break;
             }
             // Busy with one request that has run that long, not with a stream of fast ones.
-            let running = crate::clock::now().saturating_sub(slot.since());
             if running >= BUSY_MIGRATE_AFTER && worker.board.other_idle(worker.slot) {
                 worker.migrate.notify_waiters();
                 tracing::debug!(

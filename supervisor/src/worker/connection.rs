@@ -546,8 +546,12 @@ where
             || worker.running_for(),
             || worker.board.other_idle(worker.slot),
         );
+        // Re-armed only when it would fire too late: one that fires early just has the request
+        // placed again (every registration costs the event loop a wake-up).
         if let Some(at) = conn.relook_at {
-            relook.as_mut().reset(at);
+            if relook.deadline() <= now || at < relook.deadline() {
+                relook.as_mut().reset(at);
+            }
         }
         if place == Place::Elsewhere {
             tracing::debug!(

@@ -269,7 +269,7 @@ impl Worker {
     /// How long the youngest request holding a room here has run, once every room is held by
     /// a request that started (the slot shows Busy from when the last of them did); `None`
     /// while a room is held by a request given it and not yet started.
-    fn running_for(&self) -> Option<Duration> {
+    pub(crate) fn running_for(&self) -> Option<Duration> {
         let slot = self.board.slot(self.slot);
         (slot.state() == SlotState::Busy).then(|| clock::now().saturating_sub(slot.since()))
     }
