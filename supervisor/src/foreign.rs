@@ -5,44 +5,48 @@
 //! way FastCGI programs expect to be started: file descriptor 0 is a listening unix socket (in
 //! a directory only this user can enter) on which the program calls `accept`. The worker's
 //! event loop keeps accepting nginx's connections and holding idle kept-alive ones, as for any
-//! application; a request that gets the worker's one room is run by [`Foreign::respond`],
-//! which relays the request's records over a connection to the child (kept open between
-//! requests when the program honours `FCGI_KEEP_CONN`; params, then the body as it arrives)
-//! and reads the answer back: the CGI header block becomes the response's
-//! status and headers, the rest streams to nginx, stderr goes to the log. The scoreboard slot
-//! is the worker's, so the status page, the pool's sizing and request timeouts see the program
-//! as they see a Rust application; a worker killed for a timeout takes its child along
-//! (`PR_SET_PDEATHSIG`).
+//! application; a request that gets the worker's one room is relayed to the child as a task on
+//! that same event loop ([`relay`]), over a connection kept open between requests when the
+//! program honours `FCGI_KEEP_CONN`: its records are sent, the body as it arrives, and the
+//! answer's records go back to nginx as they come, relabelled with nginx's request id. Nothing
+//! waits on the program but that task: status pages, pings, accepting and moving connections
+//! go on meanwhile. The scoreboard slot is the worker's, so the status page, the pool's sizing
+//! and request timeouts see the program as they see a Rust application. At `request_timeout`
+//! the task is dropped: the child running the request is killed (it is stuck, and would hold
+//! the next request too), the client gets a 504, and the next request starts another child.
 //!
 //! A child that exits between requests (`PHP_FCGI_MAX_REQUESTS`) is replaced before the next
 //! request, or, when it was exiting just as that request was sent, replaced and the request
 //! sent again: a program that exits 0 without a byte of answer did not run it. A child that
 //! dies while it runs a request costs that request a `502 Bad Gateway` (or a short body once
-//! the header is out); the connection from nginx stays open.
+//! the header is out); the connection from nginx stays open. A worker killed by the master
+//! takes its child along (`PR_SET_PDEATHSIG`).
 
 mod cgi;
 mod process;
-mod upstream;
+mod relay;
 
-use std::io::{self, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::BytesMut;
 use fcgi::record::{self, kind, ProtocolStatus};
-use fcgi::Role;
 use http::StatusCode;
+use http_body::Body as _;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
 
-use crate::app::body::BodyReader;
+use crate::app::body::Out;
 use crate::config::{Config, Program};
-use crate::{status, Request, Responder, Response};
+use crate::worker::{Application, Exchange, Handler, Progress, Runner};
+use crate::{Request, RequestBody};
 use process::{quiet, Link, PoolDir, Process, EXIT_WAIT, POLL_STEP};
-use upstream::{Failure, Upstream};
+use relay::{Done, Nginx};
 
 /// The request id on a connection to the child: one request at a time on each.
 const REQUEST_ID: u16 = 1;
@@ -50,7 +54,7 @@ const REQUEST_ID: u16 = 1;
 /// and can be sent again to a replacement if the child was exiting. With the chunk that
 /// crosses it (at most a record, 64 KiB) it stays under what a unix socket buffers for a
 /// connection not yet accepted (`net.core.wmem_default`, 208 KiB), so the write never waits
-/// for the program. Larger bodies stream from a thread of their own.
+/// for the program. Larger bodies stream alongside the answer.
 const INLINE_BODY_MAX: usize = 64 * 1024;
 /// Environment variables that are the pool's business, not the program's: what systemd and a
 /// previous master hand over (a program that saw `LISTEN_FDS` might try to use fds it does not
@@ -160,37 +164,50 @@ impl Foreign {
 
     /// A connection to a live child, starting one first if there is none or it has exited:
     /// the one kept from its last request if the child has not closed it, else a new one.
-    fn connect(&self) -> Result<Link, String> {
-        let mut child = self.lock();
-        if let Some(process) = child.as_mut() {
-            if let Ok(Some(status)) = process.child.try_wait() {
-                tracing::info!(
-                    pid = std::process::id(),
-                    program_pid = process.child.id(),
-                    %status,
-                    served = process.served,
-                    "program exited between requests; starting another"
-                );
-                *child = None;
+    async fn connect(self: &Arc<Self>) -> Result<Link, String> {
+        let missing = {
+            let mut child = self.lock();
+            if let Some(process) = child.as_mut() {
+                if let Ok(Some(status)) = process.child.try_wait() {
+                    tracing::info!(
+                        pid = std::process::id(),
+                        program_pid = process.child.id(),
+                        %status,
+                        served = process.served,
+                        "program exited between requests; starting another"
+                    );
+                    *child = None;
+                }
             }
+            child.is_none()
+        };
+        if missing {
+            // Starting waits for the program to answer (tens of milliseconds for php-cgi):
+            // on a thread of its own, so the event loop goes on meanwhile.
+            let me = Arc::clone(self);
+            let started = tokio::task::spawn_blocking(move || me.start())
+                .await
+                .map_err(|e| format!("the thread starting the program failed: {e}"))??;
+            *self.lock() = Some(started);
         }
-        if child.is_none() {
-            *child = Some(self.start()?);
-        }
-        let process = child.as_mut().ok_or("no program")?;
-        process.served += 1;
-        let program_pid = process.child.id();
-        if let Some(conn) = process.kept.take().filter(quiet) {
-            return Ok(Link {
-                conn,
-                program_pid,
-                reused: true,
-            });
-        }
-        let conn = UnixStream::connect(&process.socket).map_err(|e| {
+        let (socket, program_pid) = {
+            let mut child = self.lock();
+            let process = child.as_mut().ok_or("no program")?;
+            process.served += 1;
+            let program_pid = process.child.id();
+            if let Some(conn) = process.kept.take().filter(quiet) {
+                return Ok(Link {
+                    conn,
+                    program_pid,
+                    reused: true,
+                });
+            }
+            (process.socket.clone(), program_pid)
+        };
+        let conn = UnixStream::connect(&socket).await.map_err(|e| {
             format!(
                 "cannot connect to the program's socket {}: {e}",
-                process.socket.display()
+                socket.display()
             )
         })?;
         Ok(Link {
@@ -211,53 +228,66 @@ impl Foreign {
 
     /// After a connection failed: waits briefly for the child to exit, and if it did, drops it
     /// (the next request starts another) and says how it ended.
-    fn reap(&self) -> Option<(u32, ExitStatus)> {
-        let mut child = self.lock();
-        let process = child.as_mut()?;
+    async fn reap(&self) -> Option<(u32, ExitStatus)> {
         let deadline = Instant::now() + EXIT_WAIT;
         loop {
-            match process.child.try_wait() {
-                Ok(Some(status)) => {
-                    let pid = process.child.id();
-                    *child = None;
-                    return Some((pid, status));
+            {
+                let mut child = self.lock();
+                let process = child.as_mut()?;
+                match process.child.try_wait() {
+                    Ok(Some(status)) => {
+                        let pid = process.child.id();
+                        *child = None;
+                        return Some((pid, status));
+                    }
+                    Ok(None) if Instant::now() < deadline => {}
+                    _ => return None,
                 }
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_STEP),
-                _ => return None,
             }
+            tokio::time::sleep(POLL_STEP).await;
         }
     }
-}
 
-impl Responder for Foreign {
-    fn respond(&self, req: &mut Request) -> Response {
+    /// Relays one request to the child, sending it again where that is safe (see the module
+    /// doc), and answers 502 (503 for a program that says it is overloaded) when no answer
+    /// came.
+    async fn relay(
+        self: Arc<Self>,
+        mut req: Request,
+        id: u16,
+        out: &mpsc::Sender<Out>,
+        progress: &mut Progress,
+    ) {
         let uri = req.uri().to_string();
         let role = req.role();
-        let mut outgoing = BytesMut::new();
+        let mut records = BytesMut::new();
         // keep_conn: a program that honours it (php-cgi, libfcgi) saves an accept and a close
         // per request; one that does not closes it, and the next request opens another.
-        record::encode_begin_request(REQUEST_ID, role, true, &mut outgoing);
-        fcgi::client::encode_params(REQUEST_ID, req.params(), &mut outgoing);
-        let (prefix, whole) = match read_prefix(req.body()) {
-            Ok(read) => read,
+        record::encode_begin_request(REQUEST_ID, role, true, &mut records);
+        fcgi::client::encode_params(REQUEST_ID, req.params(), &mut records);
+        let content_length = req.content_length();
+        let mut body = RequestBody::new(req.take_body(), content_length);
+        let whole = match read_prefix(&mut body, &mut records).await {
+            Ok(whole) => whole,
             Err(e) => {
                 tracing::warn!(pid = std::process::id(), uri, error = %e, "cannot read the request body");
-                return status(StatusCode::BAD_REQUEST);
+                return progress
+                    .answer_status(StatusCode::BAD_REQUEST, id, out)
+                    .await;
             }
         };
-        record::encode_stream(kind::STDIN, REQUEST_ID, &prefix, &mut outgoing);
         let mut rest_of_body = None;
         if whole {
-            end_streams(role, &mut outgoing);
+            relay::end_streams(role, &mut records);
         } else {
-            rest_of_body = Some(req.take_body());
+            rest_of_body = Some(body);
         }
-        let head_only = req.method() == http::Method::HEAD;
+        let to = Nginx { id, out, uri: &uri };
         // Sent again at most once on a fresh connection when a kept one was closing, and at most
         // once to a new child when the child was exiting on its own.
         let (mut fresh_retried, mut replayed) = (false, false);
         loop {
-            let link = match self.connect() {
+            let link = match self.connect().await {
                 Ok(link) => link,
                 Err(why) => {
                     tracing::error!(
@@ -266,37 +296,47 @@ impl Responder for Foreign {
                         error = why,
                         "no program to run the request; answered 502"
                     );
-                    return status(StatusCode::BAD_GATEWAY);
+                    return progress
+                        .answer_status(StatusCode::BAD_GATEWAY, id, out)
+                        .await;
                 }
             };
-            let mut upstream = Upstream::new(link.conn, &uri);
-            let mut streamed = false;
-            let failure = match upstream.conn.write_all(&outgoing) {
-                Err(e) => Failure {
-                    answered: false,
-                    refused: None,
-                    why: format!("cannot send the request: {e}"),
-                },
-                Ok(()) => {
-                    if let Some(body) = rest_of_body.take() {
-                        streamed = true;
-                        if let Err(e) = pump_body(&upstream.conn, body, role) {
-                            tracing::error!(pid = std::process::id(), uri, error = %e, "cannot stream the request body; answered 502");
-                            return status(StatusCode::BAD_GATEWAY);
-                        }
-                    }
-                    match upstream.read_head() {
-                        Ok(head) => {
-                            let (response, done) = upstream.into_response(head, head_only);
-                            if let Some(conn) = done {
-                                self.keep(conn, link.program_pid);
-                            }
-                            return response;
-                        }
-                        Err(failure) => failure,
-                    }
-                }
+            let streamed = rest_of_body.is_some();
+            let running = Running {
+                foreign: &self,
+                program_pid: link.program_pid,
+                uri: &uri,
             };
+            let attempt = relay::attempt(
+                link.conn,
+                &records,
+                rest_of_body.take(),
+                role,
+                &to,
+                progress,
+            )
+            .await;
+            running.over();
+            let failure = match attempt {
+                Ok(Done::Answered(conn)) => {
+                    if let Some(conn) = conn {
+                        self.keep(conn, link.program_pid);
+                    }
+                    return;
+                }
+                Ok(Done::ClientGone) => return,
+                Err(failure) => failure,
+            };
+            if progress.head_sent {
+                tracing::error!(
+                    pid = std::process::id(),
+                    uri,
+                    error = failure.why,
+                    "program stopped mid-response; the body is cut short"
+                );
+                self.reap().await;
+                return progress.cut_short(id, out).await;
+            }
             if let Some(refusal) = failure.refused {
                 // Overloaded is the program's word for "not now": 503, as nginx answers it.
                 let code = if refusal == ProtocolStatus::Overloaded {
@@ -311,10 +351,10 @@ impl Responder for Foreign {
                     status = code.as_u16(),
                     "program refused the request"
                 );
-                return status(code);
+                return progress.answer_status(code, id, out).await;
             }
             let unanswered = !failure.answered && !streamed;
-            let exit = self.reap();
+            let exit = self.reap().await;
             if exit.is_none() && link.reused && unanswered && !fresh_retried {
                 // The child lives and closed the kept connection as the request arrived.
                 fresh_retried = true;
@@ -341,74 +381,118 @@ impl Responder for Foreign {
                 program_exit = died.as_deref().unwrap_or("still running"),
                 "program gave no answer; answered 502"
             );
-            return status(StatusCode::BAD_GATEWAY);
+            return progress
+                .answer_status(StatusCode::BAD_GATEWAY, id, out)
+                .await;
         }
     }
+}
 
-    fn init_worker(&self) -> Result<(), String> {
+/// A request the child is running. Dropped before it is forgotten (the request's task was
+/// dropped at `request_timeout`, or the worker is exiting), it kills the child: a program
+/// stuck in a request would hold the next one too, and nothing could tell it to stop.
+struct Running<'a> {
+    foreign: &'a Foreign,
+    program_pid: u32,
+    uri: &'a str,
+}
+
+impl Running<'_> {
+    /// The attempt ended (well or not): the child is not to be killed for it.
+    fn over(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut child = self.foreign.lock();
+        if child
+            .as_ref()
+            .is_some_and(|p| p.child.id() == self.program_pid)
+        {
+            tracing::warn!(
+                pid = std::process::id(),
+                program_pid = self.program_pid,
+                uri = self.uri,
+                "request abandoned (request timeout): killing the program running it; the next request starts another"
+            );
+            // Dropping the process kills it and waits for it.
+            *child = None;
+        }
+    }
+}
+
+/// The relay as each request's [`Exchange`] on the worker's runtime.
+#[derive(Clone)]
+struct Relay(Arc<Foreign>);
+
+impl Exchange for Relay {
+    fn answer<'a>(
+        self,
+        request: Request,
+        id: u16,
+        out: &'a mpsc::Sender<Out>,
+        progress: &'a mut Progress,
+    ) -> impl std::future::Future<Output = ()> + Send + 'a {
+        self.0.relay(request, id, out, progress)
+    }
+}
+
+impl Application for Foreign {
+    fn for_worker(self: Arc<Self>, _: &tokio::runtime::Runtime) -> Result<Handler, String> {
         self.dir.remove_stale_sockets();
-        let process = self.start()?;
+        let process = self
+            .start()
+            .map_err(|why| format!("worker init failed: {why}"))?;
         *self.lock() = Some(process);
-        Ok(())
+        Ok(Handler::Service(Arc::new(Runner::new(Relay(self)))))
     }
 }
 
-/// The first bytes of the body, up to [`INLINE_BODY_MAX`], and whether that is all of it.
-fn read_prefix(body: &mut BodyReader) -> io::Result<(Vec<u8>, bool)> {
-    let mut prefix = Vec::new();
-    while prefix.len() < INLINE_BODY_MAX {
-        match body.next_chunk() {
-            Some(chunk) => prefix.extend_from_slice(&chunk),
-            None => return Ok((prefix, true)),
+/// Reads the body into `records` as STDIN records, up to [`INLINE_BODY_MAX`]; whether that was
+/// all of it.
+async fn read_prefix(body: &mut RequestBody, records: &mut BytesMut) -> Result<bool, String> {
+    let mut read = 0;
+    while read < INLINE_BODY_MAX {
+        if body.is_end_stream() {
+            return Ok(true);
         }
-    }
-    Ok((prefix, false))
-}
-
-/// The empty records that end the input streams: STDIN, and DATA for a filter.
-fn end_streams(role: Role, dst: &mut BytesMut) {
-    record::encode_end_of_stream(kind::STDIN, REQUEST_ID, dst);
-    if role == Role::Filter {
-        record::encode_end_of_stream(kind::DATA, REQUEST_ID, dst);
-    }
-}
-
-/// Streams the rest of a large body to the child from a thread of its own, so that a program
-/// that answers before it has read its input cannot deadlock against this one.
-fn pump_body(conn: &UnixStream, mut body: BodyReader, role: Role) -> io::Result<()> {
-    let mut conn = conn.try_clone()?;
-    std::thread::Builder::new()
-        .name("program-stdin".into())
-        .spawn(move || {
-            let mut out = BytesMut::new();
-            while let Some(chunk) = body.next_chunk() {
-                out.clear();
-                record::encode_stream(kind::STDIN, REQUEST_ID, &chunk, &mut out);
-                // The program stopped reading (it answered, or died): the rest is not needed.
-                if conn.write_all(&out).is_err() {
-                    return;
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *body).poll_frame(cx)).await;
+        match frame {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    read += data.len();
+                    record::encode_stream(kind::STDIN, REQUEST_ID, &data, records);
                 }
             }
-            out.clear();
-            end_streams(role, &mut out);
-            let _ = conn.write_all(&out);
-        })?;
-    Ok(())
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Ok(true),
+        }
+    }
+    Ok(body.is_end_stream())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BodyReader;
 
-    #[test]
-    fn a_small_body_is_read_whole_and_a_large_one_is_cut_at_the_inline_bound() {
-        let (small, whole) =
-            read_prefix(&mut BodyReader::from_bytes(vec![1u8; 10])).expect("in memory");
-        assert_eq!((small.len(), whole), (10, true));
-        let mut large = BodyReader::from_bytes(vec![2u8; INLINE_BODY_MAX + 1]);
-        let (prefix, whole) = read_prefix(&mut large).expect("in memory");
-        // One chunk in memory: it is all read, and the end is not seen yet.
-        assert_eq!((prefix.len(), whole), (INLINE_BODY_MAX + 1, false));
-        assert!(large.next_chunk().is_none());
+    #[tokio::test]
+    async fn a_small_body_is_read_whole_and_a_large_one_is_cut_at_the_inline_bound() {
+        let mut records = BytesMut::new();
+        let mut small = RequestBody::new(BodyReader::from_bytes(vec![1u8; 10]), Some(10));
+        assert_eq!(read_prefix(&mut small, &mut records).await, Ok(true));
+        assert_eq!(records.len(), 8 + 10 + 6, "one record, padded to 8");
+
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let len = INLINE_BODY_MAX + 1;
+        let mut large = RequestBody::new(BodyReader::new(rx), Some(2 * len as u64));
+        tx.send(vec![2u8; len].into()).await.expect("open");
+        records.clear();
+        // One chunk that crosses the bound: it is all read, and the rest is left to stream.
+        assert_eq!(read_prefix(&mut large, &mut records).await, Ok(false));
+        assert!(records.len() > len);
+        drop(tx);
     }
 }

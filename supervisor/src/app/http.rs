@@ -61,7 +61,7 @@ impl fmt::Display for BodyError {
 impl std::error::Error for BodyError {}
 
 impl RequestBody {
-    fn new(reader: BodyReader, content_length: Option<u64>) -> RequestBody {
+    pub(crate) fn new(reader: BodyReader, content_length: Option<u64>) -> RequestBody {
         let (rx, first) = reader.into_parts();
         RequestBody {
             rx,

@@ -1,7 +1,7 @@
 //! The CGI header block a foreign program writes (`Status: 404 Not Found`, `Content-Type: ...`,
-//! a blank line), read into the `http` response the worker encodes again. Pure: unit-tested.
-
-use http::{HeaderName, HeaderValue, StatusCode};
+//! a blank line). It goes to nginx as the program wrote it (nginx parses it, as it does
+//! PHP-FPM's); the worker only finds where it ends and reads the status, for its log, its
+//! metrics and the status page. Pure: unit-tested.
 
 /// Where the header block ends in `stdout`: the offset of the body, if the blank line has
 /// arrived. CGI allows LF or CRLF line ends.
@@ -20,46 +20,41 @@ pub(crate) fn head_end(stdout: &[u8]) -> Option<usize> {
     None
 }
 
-/// The status and headers of a header block; the names of lines that could not be used.
-pub(crate) fn parse_head(head: &[u8]) -> (http::response::Parts, Vec<String>) {
-    let (mut parts, ()) = http::Response::new(()).into_parts();
-    let mut skipped = Vec::new();
-    let mut status = None;
+/// The status a header block gives, as nginx reads it: its `Status` line, else 302 with a
+/// `Location` (CGI, RFC 3875 6.2.3), else 200. A `Status` nginx cannot read counts as 502,
+/// the answer nginx gives for it.
+pub(crate) fn status_of(head: &[u8]) -> u16 {
+    let mut location = false;
     for line in head.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            continue;
-        }
         let Some(colon) = line.iter().position(|&b| b == b':') else {
-            skipped.push(String::from_utf8_lossy(line).into_owned());
             continue;
         };
         let name = line[..colon].trim_ascii();
         let value = line[colon + 1..].trim_ascii();
         if name.eq_ignore_ascii_case(b"status") {
-            match value
+            return value
                 .get(..3)
-                .and_then(|code| StatusCode::from_bytes(code).ok())
-            {
-                Some(code) => status = Some(code),
-                None => skipped.push(String::from_utf8_lossy(line).into_owned()),
-            }
-            continue;
+                .and_then(|code| std::str::from_utf8(code).ok())
+                .and_then(|code| code.parse::<u16>().ok())
+                .filter(|code| (100..=999).contains(code))
+                .unwrap_or(502);
         }
-        match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-            (Ok(name), Ok(value)) => {
-                parts.headers.append(name, value);
-            }
-            _ => skipped.push(String::from_utf8_lossy(line).into_owned()),
-        }
+        location |= name.eq_ignore_ascii_case(b"location");
     }
-    // CGI (RFC 3875 6.2.3) and nginx: a Location without a Status is a redirect.
-    parts.status = match status {
-        Some(code) => code,
-        None if parts.headers.contains_key(http::header::LOCATION) => StatusCode::FOUND,
-        None => StatusCode::OK,
-    };
-    (parts, skipped)
+    if location {
+        302
+    } else {
+        200
+    }
+}
+
+/// A header block the program ended without its blank line (all of its output was header
+/// lines), completed so that nginx reads it as one.
+pub(crate) fn complete(head: &mut Vec<u8>) {
+    if !head.ends_with(b"\n") {
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]
@@ -76,23 +71,30 @@ mod tests {
     }
 
     #[test]
-    fn status_headers_and_duplicates_are_kept() {
-        let (parts, skipped) = parse_head(
-            b"Status: 404 Not Found\r\nContent-type: text/html\r\nSet-Cookie: a=1\r\n\
-              Set-Cookie: b=2\r\nX-Powered-By: PHP/8.2\r\n",
+    fn the_status_line_wins_then_a_location_redirects() {
+        assert_eq!(
+            status_of(b"Content-type: text/html\r\nStatus: 404 Not Found\r\n\r\n"),
+            404
         );
-        assert_eq!(parts.status, StatusCode::NOT_FOUND);
-        assert_eq!(parts.headers["content-type"], "text/html");
-        assert_eq!(parts.headers.get_all("set-cookie").iter().count(), 2);
-        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!(status_of(b"status:201\n\n"), 201);
+        assert_eq!(status_of(b"Location: /there\nX-A: 1\n\n"), 302);
+        assert_eq!(
+            status_of(b"Location: /there\r\nStatus: 301 Moved\r\n\r\n"),
+            301
+        );
+        assert_eq!(status_of(b"Content-Type: text/plain\n\n"), 200);
+        assert_eq!(status_of(b"Status: abc\n\n"), 502);
+        assert_eq!(status_of(b"Status: 42\n\n"), 502);
     }
 
     #[test]
-    fn a_location_without_status_redirects_and_bad_lines_are_named() {
-        let (parts, skipped) = parse_head(b"Location: /there\nno colon here\nStatus: abc\n");
-        assert_eq!(parts.status, StatusCode::FOUND);
-        assert_eq!(skipped, vec!["no colon here", "Status: abc"]);
-        let (parts, _) = parse_head(b"Content-Type: text/plain\n");
-        assert_eq!(parts.status, StatusCode::OK);
+    fn a_head_without_its_blank_line_is_completed() {
+        let mut head = b"Status: 204 No Content".to_vec();
+        complete(&mut head);
+        assert_eq!(head_end(&head), Some(head.len()));
+        let mut lf = b"X-A: 1\n".to_vec();
+        complete(&mut lf);
+        assert_eq!(&lf[..], b"X-A: 1\n\r\n");
+        assert_eq!(head_end(&lf), Some(lf.len()));
     }
 }

@@ -27,7 +27,7 @@ const DIR_ATTEMPTS: u32 = 16;
 
 /// A connection to the child, and which child.
 pub(super) struct Link {
-    pub(super) conn: UnixStream,
+    pub(super) conn: tokio::net::UnixStream,
     pub(super) program_pid: u32,
     /// Kept from an earlier request rather than opened for this one.
     pub(super) reused: bool,
@@ -35,7 +35,7 @@ pub(super) struct Link {
 
 /// Whether a kept connection is still open and silent: the child closed it otherwise (it does
 /// not keep connections, or it exited), and anything unread on it is not an answer to anything.
-pub(super) fn quiet(conn: &UnixStream) -> bool {
+pub(super) fn quiet(conn: &impl AsFd) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
@@ -46,7 +46,7 @@ pub(super) struct Process {
     pub(super) child: Child,
     pub(super) socket: PathBuf,
     /// The connection of its last request, if it kept it open.
-    pub(super) kept: Option<UnixStream>,
+    pub(super) kept: Option<tokio::net::UnixStream>,
     /// Requests sent to it.
     pub(super) served: u64,
 }

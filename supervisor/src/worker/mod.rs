@@ -35,7 +35,7 @@ use crate::Responder;
 use inline::Inline;
 use rooms::Rooms;
 use run::{Job, Recycle, Waiting};
-pub(crate) use service::ServiceApp;
+pub(crate) use service::{Exchange, Progress, Runner, ServiceApp};
 
 /// Everything a worker needs to know, decided by the master before the fork.
 #[derive(Debug, Clone)]

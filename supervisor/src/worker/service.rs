@@ -31,6 +31,7 @@ use tower_service::Service;
 
 use crate::app::body::Out;
 use crate::app::http::{to_http, HttpRequest};
+use crate::app::request::Request;
 use crate::app::response::{self, encode_head};
 use crate::clock;
 use crate::scoreboard::Slot;
@@ -83,10 +84,44 @@ where
         let service = runtime
             .block_on(per_worker(shared))
             .map_err(|e| format!("per-worker service setup failed: {e}"))?;
-        Ok(Handler::Service(Arc::new(Runner {
-            service: Mutex::new(service),
-            in_flight: Arc::new(Mutex::new(InFlight::default())),
-        })))
+        Ok(Handler::Service(Arc::new(Runner::new(Called(service)))))
+    }
+}
+
+/// What answers one request on the worker's runtime: an async service ([`Called`]), or the
+/// relay to a foreign FastCGI program (`foreign`). Cloned for each request.
+pub(crate) trait Exchange: Clone + Send + 'static {
+    /// Answers `request`, sending its records for request `id` on `out` and recording in
+    /// `progress` how far it got. Dropped at `request_timeout`; a panic is caught.
+    fn answer<'a>(
+        self,
+        request: Request,
+        id: u16,
+        out: &'a mpsc::Sender<Out>,
+        progress: &'a mut Progress,
+    ) -> impl Future<Output = ()> + Send + 'a;
+}
+
+/// An async service as an [`Exchange`]: the request mapped to `http`, the response streamed.
+#[derive(Clone)]
+struct Called<S>(S);
+
+impl<S, B> Exchange for Called<S>
+where
+    S: Service<HttpRequest, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    fn answer<'a>(
+        self,
+        request: Request,
+        id: u16,
+        out: &'a mpsc::Sender<Out>,
+        progress: &'a mut Progress,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        respond(self.0, to_http(request), id, out, progress)
     }
 }
 
@@ -98,22 +133,25 @@ pub(crate) trait Serve: Send + Sync {
     fn in_flight(&self) -> Arc<Mutex<InFlight>>;
 }
 
-struct Runner<S> {
+/// Runs each request of an [`Exchange`] as a task of its own.
+pub(crate) struct Runner<X> {
     /// Cloned for each request (an axum `Router` is an `Arc`): `call` takes `&mut self`.
-    service: Mutex<S>,
+    exchange: Mutex<X>,
     in_flight: Arc<Mutex<InFlight>>,
 }
 
-impl<S, B> Serve for Runner<S>
-where
-    S: Service<HttpRequest, Response = http::Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
+impl<X> Runner<X> {
+    pub(crate) fn new(exchange: X) -> Runner<X> {
+        Runner {
+            exchange: Mutex::new(exchange),
+            in_flight: Arc::new(Mutex::new(InFlight::default())),
+        }
+    }
+}
+
+impl<X: Exchange> Serve for Runner<X> {
     fn start(&self, worker: &Arc<Worker>, job: Job) {
-        let Ok(service) = self.service.lock().map(|s| s.clone()) else {
+        let Ok(exchange) = self.exchange.lock().map(|s| s.clone()) else {
             // Poisoned only by a panic in `clone`: the job (and its room) is dropped, its
             // connection sees no answer and nginx a 502.
             tracing::error!(
@@ -124,7 +162,7 @@ where
         };
         let task = run_one(
             Arc::clone(worker),
-            service,
+            exchange,
             job,
             Arc::clone(&self.in_flight),
         );
@@ -189,23 +227,44 @@ impl InFlight {
 
 /// How far a response got before its future ended or was dropped.
 #[derive(Default)]
-struct Progress {
+pub(crate) struct Progress {
     /// The status line and headers are on their way: a failure now can only cut the body.
-    head_sent: bool,
+    pub head_sent: bool,
     /// The tail (END_REQUEST) is on its way: nothing more is to be sent.
-    ended: bool,
-    status: u16,
+    pub ended: bool,
+    pub status: u16,
 }
 
-/// One request of a service, from its room to its END_REQUEST.
-async fn run_one<S, B>(worker: Arc<Worker>, service: S, job: Job, in_flight: Arc<Mutex<InFlight>>)
-where
-    S: Service<HttpRequest, Response = http::Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
+impl Progress {
+    /// Answers with `code` and nothing else (nothing was sent yet).
+    pub(crate) async fn answer_status(
+        &mut self,
+        code: http::StatusCode,
+        id: u16,
+        out: &mpsc::Sender<Out>,
+    ) {
+        self.status = code.as_u16();
+        self.head_sent = true;
+        self.ended = true;
+        let _ = out.send(encode(id, response::status(code), out)).await;
+    }
+
+    /// Ends a response whose head is out, with what was sent of its body.
+    pub(crate) async fn cut_short(&mut self, id: u16, out: &mpsc::Sender<Out>) {
+        self.ended = true;
+        let mut tail = BytesMut::with_capacity(TAIL_RECORDS_LEN);
+        ResponseWriter::new(id).finish(&mut tail);
+        let _ = out.send(Out::Last(id, tail)).await;
+    }
+}
+
+/// One request of an [`Exchange`], from its room to its END_REQUEST.
+async fn run_one<X: Exchange>(
+    worker: Arc<Worker>,
+    exchange: X,
+    job: Job,
+    in_flight: Arc<Mutex<InFlight>>,
+) {
     let Job {
         waiting:
             Waiting {
@@ -242,13 +301,7 @@ where
     worker.board.add_accepted();
 
     let mut progress = Progress::default();
-    let work = CatchUnwind(Box::pin(respond(
-        service,
-        to_http(request),
-        id,
-        &out,
-        &mut progress,
-    )));
+    let work = CatchUnwind(Box::pin(exchange.answer(request, id, &out, &mut progress)));
     let outcome = match worker.settings.request_timeout {
         Some(limit) => tokio::time::timeout(limit, work).await.ok(),
         None => Some(work.await),
@@ -273,7 +326,7 @@ where
                     .request_timeout
                     .unwrap_or_default()
                     .as_millis() as u64,
-                "request timeout: dropping the service's future, answering 504"
+                "request timeout: abandoning the request (its future is dropped), answering 504"
             );
             Some(http::StatusCode::GATEWAY_TIMEOUT)
         }
@@ -281,17 +334,15 @@ where
     // The future is gone (ended, panicked or dropped): what it did not send is sent here.
     if let Some(code) = failed {
         if !progress.head_sent {
-            progress.status = code.as_u16();
-            let _ = out.send(encode(id, response::status(code), &out)).await;
+            progress.answer_status(code, id, &out).await;
         } else if !progress.ended {
-            let mut tail = BytesMut::with_capacity(TAIL_RECORDS_LEN);
-            ResponseWriter::new(id).finish(&mut tail);
-            let _ = out.send(Out::Last(id, tail)).await;
+            progress.cut_short(id, &out).await;
         }
     }
 
     let now = clock::now();
     let duration = now.saturating_sub(started);
+    worker.board.add_request(progress.status, duration);
     if let (Some(key), Ok(mut f)) = (key, in_flight.lock()) {
         f.end(&slot, key, duration, worker.cap, now);
     }
@@ -336,11 +387,7 @@ async fn respond<S, B>(
         Err(e) => {
             tracing::error!(pid = std::process::id(), error = %e, "service failed; answering 500");
             let code = http::StatusCode::INTERNAL_SERVER_ERROR;
-            progress.status = code.as_u16();
-            progress.head_sent = true;
-            progress.ended = true;
-            let _ = out.send(encode(id, response::status(code), out)).await;
-            return;
+            return progress.answer_status(code, id, out).await;
         }
     };
     let (parts, body) = res.into_parts();
