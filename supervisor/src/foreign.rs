@@ -334,7 +334,7 @@ impl Foreign {
                     error = failure.why,
                     "program stopped mid-response; the body is cut short"
                 );
-                self.reap().await;
+                // A child that died is replaced by the next request's `connect`.
                 return progress.cut_short(id, out).await;
             }
             if let Some(refusal) = failure.refused {

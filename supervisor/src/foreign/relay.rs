@@ -74,37 +74,33 @@ pub(super) async fn attempt(
         .await
         .map_err(|e| Failure::new(false, format!("cannot send the request: {e}")))?;
     let mut buf = BytesMut::new();
-    let Some(body) = body else {
-        let done = relay(&mut conn, &mut buf, to, progress).await?;
-        return Ok(match done {
-            Some(()) => Done::Answered(buf.is_empty().then_some(conn)),
-            None => Done::ClientGone,
-        });
-    };
-    // A program may answer before it has read all its input: the body is written alongside
-    // the reading, never before it, or both sides could wait on full buffers.
-    let (done, pumped) = {
-        let (mut rd, mut wr) = conn.split();
-        let pump = pump(&mut wr, body, role);
-        let answer = relay(&mut rd, &mut buf, to, progress);
-        tokio::pin!(pump, answer);
-        let mut pumped = None;
-        loop {
-            tokio::select! {
-                done = &mut answer => break (done?, pumped),
-                sent = &mut pump, if pumped.is_none() => {
-                    if sent.as_ref().is_err_and(|e| e.client_gone) {
-                        return Ok(Done::ClientGone);
+    // Whether every record of the request went out: only then did the program see all of it.
+    let (delivered, all_sent) = match body {
+        None => (relay(&mut conn, &mut buf, to, progress).await?, true),
+        // A program may answer before it has read all its input: the body is written
+        // alongside the reading, never before it, or both sides could wait on full buffers.
+        Some(body) => {
+            let (mut rd, mut wr) = conn.split();
+            let pump = pump(&mut wr, body, role);
+            let answer = relay(&mut rd, &mut buf, to, progress);
+            tokio::pin!(pump, answer);
+            let mut pumped = None;
+            loop {
+                tokio::select! {
+                    done = &mut answer => break (done?, pumped == Some(true)),
+                    sent = &mut pump, if pumped.is_none() => {
+                        if sent.as_ref().is_err_and(|e| e.client_gone) {
+                            return Ok(Done::ClientGone);
+                        }
+                        pumped = Some(sent.is_ok());
                     }
-                    pumped = Some(sent.is_ok());
                 }
             }
         }
     };
-    Ok(match done {
-        // Kept only when every record of the request went out: the program saw all of it.
-        Some(()) => Done::Answered((buf.is_empty() && pumped == Some(true)).then_some(conn)),
-        None => Done::ClientGone,
+    Ok(match delivered {
+        true => Done::Answered((buf.is_empty() && all_sent).then_some(conn)),
+        false => Done::ClientGone,
     })
 }
 
@@ -161,14 +157,14 @@ pub(super) fn end_streams(role: Role, dst: &mut BytesMut) {
     }
 }
 
-/// Relays the answer read from `rd` to nginx: `Some` when it went through whole (what is
-/// left in `buf` was read past its end), `None` when nginx went away first.
+/// Relays the answer read from `rd` to nginx: true when it went through whole (what is left
+/// in `buf` was read past its end), false when nginx went away first.
 async fn relay<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     to: &Nginx<'_>,
     progress: &mut Progress,
-) -> Result<Option<()>, Failure> {
+) -> Result<bool, Failure> {
     let fcgi = ResponseWriter::new(to.id);
     // The header block, until its blank line arrives; then records go out as they come.
     let mut head = Vec::new();
@@ -222,8 +218,7 @@ async fn relay<R: AsyncRead + Unpin>(
                     }
                     fcgi.finish(&mut batch);
                     progress.ended = true;
-                    let sent = to.out.send(Out::Last(to.id, batch)).await;
-                    return Ok(sent.is_ok().then_some(()));
+                    return Ok(to.out.send(Out::Last(to.id, batch)).await.is_ok());
                 }
                 Some(_) => {}
             }
@@ -235,7 +230,7 @@ async fn relay<R: AsyncRead + Unpin>(
                 .await
                 .is_err()
         {
-            return Ok(None);
+            return Ok(false);
         }
         buf.reserve(READ_CHUNK);
         let read = rd.read_buf(buf).await;
@@ -279,7 +274,7 @@ mod tests {
 
     /// Relays what `records` holds (the program's side closed after them) as request 7, and
     /// decodes what nginx would get.
-    async fn relayed(records: &[u8]) -> (Result<Option<()>, Failure>, Progress, Answer) {
+    async fn relayed(records: &[u8]) -> (Result<bool, Failure>, Progress, Answer) {
         let (tx, mut rx) = mpsc::channel(64);
         let mut progress = Progress::default();
         let to = Nginx {
@@ -316,7 +311,7 @@ mod tests {
             ProtocolStatus::RequestComplete,
         );
         let (done, progress, answer) = relayed(&records).await;
-        assert!(matches!(done, Ok(Some(()))), "{done:?}");
+        assert!(matches!(done, Ok(true)), "{done:?}");
         assert!(progress.head_sent && progress.ended);
         assert_eq!(progress.status, 201);
         assert_eq!(answer.status(), 201);
@@ -331,7 +326,7 @@ mod tests {
             ProtocolStatus::RequestComplete,
         );
         let (done, progress, answer) = relayed(&records).await;
-        assert!(matches!(done, Ok(Some(()))), "{done:?}");
+        assert!(matches!(done, Ok(true)), "{done:?}");
         assert_eq!((progress.status, answer.status()), (204, 204));
         assert!(answer.body().is_empty());
     }

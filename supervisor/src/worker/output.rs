@@ -18,6 +18,14 @@ const HEAD_CAPACITY: usize = 256;
 /// the END_REQUEST record (16) the connection appends, so neither grows the buffer.
 pub(crate) const TAIL_RECORDS_LEN: usize = 32;
 
+/// The tail that ends request `id`'s response with what was already sent of it: its head
+/// is out, the rest of its body never will be.
+pub(crate) fn cut_short(id: u16) -> Out {
+    let mut tail = BytesMut::with_capacity(TAIL_RECORDS_LEN);
+    ResponseWriter::new(id).finish(&mut tail);
+    Out::Last(id, tail)
+}
+
 /// Encodes `res` for request `id`. A buffered response becomes one message, returned for the
 /// caller to send; a stream is sent in chunks on `tx` as it is written, and its tail returned.
 pub(crate) fn encode(id: u16, res: Response, tx: &mpsc::Sender<Out>) -> Out {

@@ -11,8 +11,6 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use fcgi::response::ResponseWriter;
 use tokio::sync::mpsc;
 
 use crate::app::body::{send_out, Out};
@@ -213,9 +211,7 @@ pub(crate) fn respond(worker: &Worker, job: Job) -> Answered {
                 uri = request.uri(),
                 "response stream panicked; ending it early"
             );
-            let mut tail = BytesMut::new();
-            ResponseWriter::new(id).finish(&mut tail);
-            Out::Last(id, tail)
+            crate::worker::output::cut_short(id)
         });
     // Counted before the tail goes out, so a client that has its answer (and asks the status
     // page next) finds it counted: the metrics are exact, and the duration is at most what

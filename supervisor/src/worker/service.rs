@@ -35,7 +35,7 @@ use crate::app::request::Request;
 use crate::app::response::{self, encode_head};
 use crate::clock;
 use crate::scoreboard::Slot;
-use crate::worker::output::{encode, TAIL_RECORDS_LEN};
+use crate::worker::output::{self, encode, TAIL_RECORDS_LEN};
 use crate::worker::run::{check_recycle, Job, Waiting};
 use crate::worker::{Application, Handler, Worker};
 
@@ -252,9 +252,7 @@ impl Progress {
     /// Ends a response whose head is out, with what was sent of its body.
     pub(crate) async fn cut_short(&mut self, id: u16, out: &mpsc::Sender<Out>) {
         self.ended = true;
-        let mut tail = BytesMut::with_capacity(TAIL_RECORDS_LEN);
-        ResponseWriter::new(id).finish(&mut tail);
-        let _ = out.send(Out::Last(id, tail)).await;
+        let _ = out.send(output::cut_short(id)).await;
     }
 }
 
