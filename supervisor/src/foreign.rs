@@ -32,7 +32,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use fcgi::record::{self, kind, ProtocolStatus};
@@ -163,20 +163,76 @@ impl Foreign {
     }
 
     /// A connection to a live child, starting one first if there is none or it has exited:
-    /// the one kept from its last request if the child has not closed it, else a new one.
+    /// the one kept from its last request if the child has not closed it, else a new one. A
+    /// child whose socket turns the connection away is exiting: once it is gone, another is
+    /// started and connected to.
     async fn connect(self: &Arc<Self>) -> Result<Link, String> {
+        let mut restarted = false;
+        loop {
+            self.ensure_child().await?;
+            let (socket, program_pid) = {
+                let mut child = self.lock();
+                let process = child.as_mut().ok_or("no program")?;
+                process.served += 1;
+                let program_pid = process.child.id();
+                if let Some(conn) = process.kept.take() {
+                    return Ok(Link {
+                        conn,
+                        program_pid,
+                        reused: true,
+                    });
+                }
+                (process.socket.clone(), program_pid)
+            };
+            let error = match UnixStream::connect(&socket).await {
+                Ok(conn) => {
+                    return Ok(Link {
+                        conn,
+                        program_pid,
+                        reused: false,
+                    })
+                }
+                Err(e) => e,
+            };
+            match self.reap(EXIT_WAIT).await {
+                Some((program_pid, status)) if !restarted => {
+                    tracing::info!(
+                        pid = std::process::id(),
+                        program_pid,
+                        %status,
+                        "program exited as a request arrived; starting another"
+                    );
+                    restarted = true;
+                }
+                _ => {
+                    return Err(format!(
+                        "cannot connect to the program's socket {}: {error}",
+                        socket.display()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Makes sure there is a child: the one running, unless it exited, else a new one.
+    async fn ensure_child(self: &Arc<Self>) -> Result<(), String> {
         let missing = {
             let mut child = self.lock();
             if let Some(process) = child.as_mut() {
-                if let Ok(Some(status)) = process.child.try_wait() {
-                    tracing::info!(
-                        pid = std::process::id(),
-                        program_pid = process.child.id(),
-                        %status,
-                        served = process.served,
-                        "program exited between requests; starting another"
-                    );
-                    *child = None;
+                // A kept connection the child has not closed says it is alive; only without
+                // one is the kernel asked (a waitpid per request otherwise).
+                process.kept = process.kept.take().filter(quiet);
+                if process.kept.is_none() {
+                    if let Ok(Some(status)) = process.child.try_wait() {
+                        tracing::info!(
+                            pid = std::process::id(),
+                            program_pid = process.child.id(),
+                            %status,
+                            served = process.served,
+                            "program exited between requests; starting another"
+                        );
+                        *child = None;
+                    }
                 }
             }
             child.is_none()
@@ -190,31 +246,7 @@ impl Foreign {
                 .map_err(|e| format!("the thread starting the program failed: {e}"))??;
             *self.lock() = Some(started);
         }
-        let (socket, program_pid) = {
-            let mut child = self.lock();
-            let process = child.as_mut().ok_or("no program")?;
-            process.served += 1;
-            let program_pid = process.child.id();
-            if let Some(conn) = process.kept.take().filter(quiet) {
-                return Ok(Link {
-                    conn,
-                    program_pid,
-                    reused: true,
-                });
-            }
-            (process.socket.clone(), program_pid)
-        };
-        let conn = UnixStream::connect(&socket).await.map_err(|e| {
-            format!(
-                "cannot connect to the program's socket {}: {e}",
-                socket.display()
-            )
-        })?;
-        Ok(Link {
-            conn,
-            program_pid,
-            reused: false,
-        })
+        Ok(())
     }
 
     /// Keeps `conn`, whose request is over, for the next request to the same child.
@@ -226,10 +258,10 @@ impl Foreign {
         }
     }
 
-    /// After a connection failed: waits briefly for the child to exit, and if it did, drops it
-    /// (the next request starts another) and says how it ended.
-    async fn reap(&self) -> Option<(u32, ExitStatus)> {
-        let deadline = Instant::now() + EXIT_WAIT;
+    /// After a connection failed: waits up to `wait` for the child to exit, and if it did,
+    /// drops it (the next request starts another) and says how it ended.
+    async fn reap(&self, wait: Duration) -> Option<(u32, ExitStatus)> {
+        let deadline = Instant::now() + wait;
         loop {
             {
                 let mut child = self.lock();
@@ -354,9 +386,18 @@ impl Foreign {
                 return progress.answer_status(code, id, out).await;
             }
             let unanswered = !failure.answered && !streamed;
-            let exit = self.reap().await;
-            if exit.is_none() && link.reused && unanswered && !fresh_retried {
-                // The child lives and closed the kept connection as the request arrived.
+            // A kept connection failing at once most often means the child closed it and
+            // lives on: look without waiting, and try a fresh connection, which finds out if
+            // the child is exiting after all.
+            let retry_fresh = link.reused && unanswered && !fresh_retried;
+            let exit = self
+                .reap(if retry_fresh {
+                    Duration::ZERO
+                } else {
+                    EXIT_WAIT
+                })
+                .await;
+            if exit.is_none() && retry_fresh {
                 fresh_retried = true;
                 continue;
             }

@@ -2,11 +2,11 @@
 //! the workers' sockets.
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Child;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -33,12 +33,14 @@ pub(super) struct Link {
     pub(super) reused: bool,
 }
 
-/// Whether a kept connection is still open and silent: the child closed it otherwise (it does
-/// not keep connections, or it exited), and anything unread on it is not an answer to anything.
-pub(super) fn quiet(conn: &impl AsFd) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+/// Whether a kept connection is still open and silent as far as the event loop has seen (no
+/// system call: it asks the runtime's readiness, which the child's close or stray bytes set).
+/// The child closed it otherwise (it does not keep connections, or it exited), and anything
+/// unread on it is not an answer to anything. A close the event loop has not seen yet shows
+/// as a failed attempt, and the request goes out again on a fresh connection.
+pub(super) fn quiet(conn: &tokio::net::UnixStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    conn.poll_read_ready(&mut cx).is_pending()
 }
 
 /// A running child and its socket.
