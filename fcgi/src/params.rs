@@ -129,6 +129,15 @@ impl Params {
         self.get(name).and_then(|v| std::str::from_utf8(v).ok())
     }
 
+    /// `value` (one of these pairs' values, from [`Params::get`] or [`Params::iter`]) as a
+    /// slice of the shared buffer the pairs live in: no copy, for types that keep their bytes
+    /// (`http::HeaderValue`, `http::uri::PathAndQuery`). `None` for bytes from elsewhere.
+    pub fn shared(&self, value: &[u8]) -> Option<Bytes> {
+        let start = (value.as_ptr() as usize).checked_sub(self.buf.as_ptr() as usize)?;
+        let end = start.checked_add(value.len())?;
+        (end <= self.buf.len()).then(|| self.buf.slice(start..end))
+    }
+
     /// Every pair, in arrival order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&[u8], &[u8])> {
         self.pairs
@@ -211,6 +220,26 @@ mod tests {
         assert_eq!(p.get("a"), Some(&b"y"[..]));
         assert_eq!(p.get("b").map(|v| v.len()), Some(0));
         assert_eq!(p.iter().filter(|(n, _)| *n == b"a").count(), 2);
+    }
+
+    #[test]
+    fn a_value_is_shared_without_a_copy_and_outside_bytes_are_refused() {
+        let raw = Bytes::from_static(b"\x01\x03ayes\x01\x00b");
+        let p = Params::decode(raw.clone(), 10).expect("valid");
+        let value = p.get("a").expect("present");
+        let shared = p.shared(value).expect("inside");
+        assert_eq!(&shared[..], b"yes");
+        assert_eq!(
+            shared.as_ptr(),
+            value.as_ptr(),
+            "the same bytes, not a copy"
+        );
+        assert_eq!(
+            p.shared(p.get("b").expect("empty")).map(|b| b.len()),
+            Some(0)
+        );
+        let elsewhere = vec![b'y', b'e', b's'];
+        assert_eq!(p.shared(&elsewhere), None, "bytes of another buffer");
     }
 
     #[test]

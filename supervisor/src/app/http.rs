@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use fcgi::Params;
-use http::uri::{Authority, Scheme};
-use http::{HeaderMap, Method, Uri, Version};
+use http::uri::{Authority, Parts, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 use http_body::{Frame, SizeHint};
 use tokio::sync::mpsc;
 
@@ -175,17 +175,19 @@ pub(crate) fn to_http(request: Request) -> HttpRequest {
 /// `HTTPS` / `REQUEST_SCHEME` and the authority from `HTTP_HOST` (else `SERVER_NAME` and
 /// `SERVER_PORT`); the path alone when either is missing or invalid.
 fn uri(params: &Params) -> Uri {
+    // `REQUEST_URI` is sliced out of the buffer the params arrived in, not copied: a service
+    // that clones the URI (axum's `OriginalUri`) then shares it too.
     let target = match params.get_str("REQUEST_URI").filter(|u| !u.is_empty()) {
-        Some(u) => u.to_string(),
+        Some(u) => shared(params, u.as_bytes()),
         None => {
             let path = params.get_str("DOCUMENT_URI").unwrap_or("/");
             match params.get_str("QUERY_STRING").filter(|q| !q.is_empty()) {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
+                Some(q) => Bytes::from(format!("{path}?{q}")),
+                None => Bytes::copy_from_slice(path.as_bytes()),
             }
         }
     };
-    let Ok(path) = target.parse::<http::uri::PathAndQuery>() else {
+    let Ok(path) = PathAndQuery::from_maybe_shared(target) else {
         return Uri::from_static("/");
     };
     let https = params
@@ -199,8 +201,8 @@ fn uri(params: &Params) -> Uri {
             .and_then(|s| s.parse::<Scheme>().ok())
     };
     let authority = params
-        .get_str("HTTP_HOST")
-        .and_then(|h| h.parse::<Authority>().ok())
+        .get("HTTP_HOST")
+        .and_then(|h| Authority::from_maybe_shared(shared(params, h)).ok())
         .or_else(|| {
             let name = params.get_str("SERVER_NAME").filter(|n| !n.is_empty())?;
             let port = params.get_str("SERVER_PORT").filter(|p| !p.is_empty());
@@ -211,14 +213,24 @@ fn uri(params: &Params) -> Uri {
             host.parse::<Authority>().ok()
         });
     match (scheme, authority) {
-        (Some(scheme), Some(authority)) if path.as_str().starts_with('/') => Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
-            .path_and_query(path.clone())
-            .build()
-            .unwrap_or_else(|_| Uri::from(path)),
+        (Some(scheme), Some(authority)) if path.as_str().starts_with('/') => {
+            let mut parts = Parts::default();
+            parts.scheme = Some(scheme);
+            parts.authority = Some(authority);
+            parts.path_and_query = Some(path);
+            // A scheme, an authority and an absolute path always make a URI.
+            Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+        }
         _ => Uri::from(path),
     }
+}
+
+/// `value`, one of the params' values, as a slice of their buffer (a copy only for bytes
+/// from elsewhere, which `Params` never hands out).
+fn shared(params: &Params, value: &[u8]) -> Bytes {
+    params
+        .shared(value)
+        .unwrap_or_else(|| Bytes::copy_from_slice(value))
 }
 
 fn version(protocol: Option<&str>) -> Version {
@@ -237,13 +249,7 @@ fn headers(params: &Params) -> HeaderMap {
     let mut map = HeaderMap::new();
     for (name, value) in params.iter() {
         let header = if let Some(rest) = name.strip_prefix(b"HTTP_") {
-            let mut h = rest.to_ascii_lowercase();
-            for b in &mut h {
-                if *b == b'_' {
-                    *b = b'-';
-                }
-            }
-            http::HeaderName::from_bytes(&h).ok()
+            header_name(rest)
         } else if name == b"CONTENT_TYPE" {
             Some(http::header::CONTENT_TYPE)
         } else if name == b"CONTENT_LENGTH" {
@@ -259,11 +265,36 @@ fn headers(params: &Params) -> HeaderMap {
             // nginx sends both, empty, on every request without a body.
             continue;
         }
-        if let (Some(n), Ok(v)) = (header, http::HeaderValue::from_bytes(value)) {
-            map.append(n, v);
+        // The value is looked at only for a header (every other CGI variable is skipped), and
+        // shares the params' buffer.
+        if let Some(n) = header {
+            if let Ok(v) = HeaderValue::from_maybe_shared(shared(params, value)) {
+                map.append(n, v);
+            }
         }
     }
     map
+}
+
+/// The header an `HTTP_*` variable stands for: `X_FORWARDED_FOR` is `x-forwarded-for`.
+fn header_name(var: &[u8]) -> Option<HeaderName> {
+    // Header names fit on the stack; a longer one (nginx allows them) takes the heap.
+    let mut stack = [0u8; 64];
+    let mut heap = Vec::new();
+    let name = if var.len() <= stack.len() {
+        &mut stack[..var.len()]
+    } else {
+        heap.resize(var.len(), 0);
+        &mut heap[..]
+    };
+    for (to, &from) in name.iter_mut().zip(var) {
+        *to = if from == b'_' {
+            b'-'
+        } else {
+            from.to_ascii_lowercase()
+        };
+    }
+    HeaderName::from_bytes(name).ok()
 }
 
 fn remote_addr(params: &Params) -> Option<SocketAddr> {

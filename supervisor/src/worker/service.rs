@@ -211,12 +211,25 @@ impl InFlight {
 
     /// Counts a request out; the slot goes on showing the oldest still running (`end_request`
     /// moved its start to now).
-    fn end(&mut self, slot: &Slot<'_>, key: u64, duration: Duration, cap: u32, now: Duration) {
-        self.running.remove(&key);
+    fn end(
+        &mut self,
+        slot: &Slot<'_>,
+        key: u64,
+        duration: Duration,
+        cap: u32,
+        now: Duration,
+    ) -> Option<Shown> {
+        let shown = self.running.remove(&key);
         slot.end_request(duration, cap, now);
         if let Some((_, o)) = self.running.first_key_value() {
             slot.show_request(o.method.as_str(), &o.uri, o.content_length, o.started);
         }
+        shown
+    }
+
+    /// The URI of request `key`, for a log line.
+    fn uri(&self, key: u64) -> &str {
+        self.running.get(&key).map_or("", |s| s.uri.as_str())
     }
 
     /// When the oldest request started.
@@ -282,34 +295,37 @@ async fn run_one<X: Exchange>(
     } = job;
     let slot = worker.board.slot(worker.slot);
     let started = clock::now();
-    let method = request.method();
-    let uri = request.uri().to_string();
-    let key = in_flight.lock().ok().map(|mut f| {
-        f.begin(
-            &slot,
-            Shown {
-                method: method.clone(),
-                uri: uri.clone(),
-                content_length: request.content_length().unwrap_or(0),
-                started,
-            },
-            worker.cap,
-        )
-    });
+    // The request's method and URI live in its in-flight entry (the slot shows them from
+    // there): log lines borrow them back rather than keep copies.
+    let shown = Shown {
+        method: request.method(),
+        uri: request.uri().to_string(),
+        content_length: request.content_length().unwrap_or(0),
+        started,
+    };
+    let uri_of = |key: u64| in_flight.lock().map(|f| f.uri(key).to_string());
+    let key = match in_flight.lock() {
+        Ok(mut f) => f.begin(&slot, shown, worker.cap),
+        // Poisoned only by a panic inside `InFlight` itself: the request runs unshown.
+        Err(_) => u64::MAX,
+    };
     worker.board.add_accepted();
 
     let mut progress = Progress::default();
-    let work = CatchUnwind(Box::pin(exchange.answer(request, id, &out, &mut progress)));
-    let outcome = match worker.settings.request_timeout {
-        Some(limit) => tokio::time::timeout(limit, work).await.ok(),
-        None => Some(work.await),
+    let outcome = {
+        let answer = std::pin::pin!(exchange.answer(request, id, &out, &mut progress));
+        let work = CatchUnwind(answer);
+        match worker.settings.request_timeout {
+            Some(limit) => tokio::time::timeout(limit, work).await.ok(),
+            None => Some(work.await),
+        }
     };
     let failed = match outcome {
         Some(Ok(())) => None,
         Some(Err(cause)) => {
             tracing::error!(
                 pid = std::process::id(),
-                uri,
+                uri = uri_of(key).unwrap_or_default(),
                 panic = crate::worker::run::panic_message(&cause),
                 "service panicked; answering 500"
             );
@@ -318,7 +334,7 @@ async fn run_one<X: Exchange>(
         None => {
             tracing::warn!(
                 pid = std::process::id(),
-                uri,
+                uri = uri_of(key).unwrap_or_default(),
                 timeout_ms = worker
                     .settings
                     .request_timeout
@@ -341,14 +357,15 @@ async fn run_one<X: Exchange>(
     let now = clock::now();
     let duration = now.saturating_sub(started);
     worker.board.add_request(progress.status, duration);
-    if let (Some(key), Ok(mut f)) = (key, in_flight.lock()) {
-        f.end(&slot, key, duration, worker.cap, now);
-    }
-    if worker.settings.access_log {
+    let shown = in_flight
+        .lock()
+        .ok()
+        .and_then(|mut f| f.end(&slot, key, duration, worker.cap, now));
+    if let (true, Some(shown)) = (worker.settings.access_log, shown) {
         tracing::info!(
             pid = std::process::id(),
-            method = %method,
-            uri,
+            method = %shown.method,
+            uri = shown.uri,
             status = progress.status,
             duration_ms = duration.as_secs_f64() * 1000.0,
             "request"
@@ -458,9 +475,9 @@ async fn flush(fcgi: &ResponseWriter, buf: &mut BytesMut, out: &mpsc::Sender<Out
 /// Polls a future inside `catch_unwind`: a panic becomes `Err(payload)` and the future is not
 /// polled again. Unwind safety: the future is dropped right after a panic, and nothing it
 /// shared is used again but the request's output channel, which a panic cannot leave half-sent.
-struct CatchUnwind<F>(Pin<Box<F>>);
+struct CatchUnwind<'a, F>(Pin<&'a mut F>);
 
-impl<F: Future> Future for CatchUnwind<F> {
+impl<F: Future> Future for CatchUnwind<'_, F> {
     type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -613,7 +630,7 @@ mod tests {
             .uri(path)
             .body(crate::app::http::RequestBody::empty())
             .expect("request");
-        let done = CatchUnwind(Box::pin(respond(service, req, 1, &tx, &mut progress)))
+        let done = CatchUnwind(std::pin::pin!(respond(service, req, 1, &tx, &mut progress)))
             .await
             .map_err(|_| ());
         drop(tx);
