@@ -322,6 +322,12 @@ fn serve<R: Application>(
     let runtime = Arc::new(
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            // Before the event loop sleeps, it yields the CPU once. Where nginx, the workers
+            // and a foreign program share few cores, the peer the loop waits for often runs in
+            // that yield, and the loop then finds its bytes without sleeping and being woken (a
+            // context switch each way, and in a VM the wake-up of an idle vCPU). With a core
+            // to spare the yield returns at once. bench/run: +5-15% on 2 cores.
+            .on_thread_park(std::thread::yield_now)
             .build()?,
     );
     let app = app.for_worker(&runtime).map_err(std::io::Error::other)?;
