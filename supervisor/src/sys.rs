@@ -168,6 +168,19 @@ const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 /// holds open (its listeners, its scoreboard, a few connections of its own).
 const CLOEXEC_FALLBACK_FDS: libc::c_int = 4096;
 
+/// Makes this thread, and the threads and processes it starts from now on, `SCHED_BATCH`
+/// (`cpu_scheduling = "batch"`): the same CPU share, no wake-up preemption.
+pub(crate) fn set_batch_scheduling() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid, initialised sched_param that outlives the call, which only
+    // reads it; pid 0 is the calling thread.
+    let done = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if done != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets up `cmd` for a foreign FastCGI program: the child gets SIGKILL when the thread that
 /// spawned it dies (a worker killed for a timeout takes its program along), and no fd above 2
 /// survives its exec (the worker's listeners and connections are not the program's to hold).

@@ -245,13 +245,26 @@ fn proc_limit(pid: i32, name: &str) -> (String, String) {
     (soft, hard)
 }
 
+/// The scheduling policy of a process (field 41 of /proc/PID/stat): 0 `SCHED_OTHER`, 3
+/// `SCHED_BATCH`.
+fn sched_policy(pid: i32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The command name, in parentheses, may hold spaces: fields are counted after it.
+    let (_, rest) = stat.rsplit_once(')').expect("a (comm) field");
+    rest.split_whitespace()
+        .nth(41 - 3)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("a policy field in {stat}"))
+}
+
 #[test]
-fn clear_env_env_and_rlimits_make_the_workers_process() {
+fn clear_env_env_rlimits_and_cpu_scheduling_make_the_workers_process() {
     let dir = TempDir::new("env-limits");
     let conf = dir.path().join("app.toml");
     std::fs::write(
         &conf,
         "workers = 1\nclear_env = true\nrlimit_files = 4096\nrlimit_core = \"unlimited\"\n\
+         cpu_scheduling = \"batch\"\n\
          [env]\nGREETING_TEST = \"x$HOME\"\nPRICE = \"$${HOME}\"\n",
     )
     .expect("config");
@@ -285,6 +298,8 @@ fn clear_env_env_and_rlimits_make_the_workers_process() {
     );
     let master = proc_limit(app.pid(), "Max open files");
     assert_ne!(master.0, "4096", "the master keeps its own limit");
+    assert_eq!(sched_policy(worker), 3, "the worker is SCHED_BATCH");
+    assert_eq!(sched_policy(app.pid()), 0, "the master stays SCHED_OTHER");
     drop(app);
 
     // Without clear_env the master's environment stays, and `env` is laid over it.

@@ -23,7 +23,7 @@ use std::time::Duration;
 pub use clients::AllowedClients;
 use parse::{account_id, parse_duration, parse_mode, parse_size, Account};
 pub use parse::{ListenAddr, Rlimit};
-pub use process::{Identity, WorkerProcess};
+pub use process::{Identity, Scheduling, WorkerProcess};
 pub use program::Program;
 use raw::*;
 pub use raw::{Cli, FD_RESERVE};

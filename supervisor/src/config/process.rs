@@ -1,5 +1,6 @@
 //! What a worker becomes after the fork: the account it switches to (`user`, `group`,
-//! `allow_root`), its environment (`clear_env`, `env`) and its resource limits (`rlimit_*`).
+//! `allow_root`), its environment (`clear_env`, `env`), its resource limits (`rlimit_*`) and its
+//! CPU scheduling policy (`cpu_scheduling`).
 //! Names are resolved here, in the master, so a worker makes no NSS lookups after the fork.
 
 use std::ffi::CString;
@@ -21,7 +22,8 @@ pub struct Identity {
     pub groups: Vec<u32>,
 }
 
-/// The validated `user`, `group`, `allow_root`, `clear_env`, `env` and `rlimit_*` keys.
+/// The validated `user`, `group`, `allow_root`, `clear_env`, `env`, `rlimit_*` and
+/// `cpu_scheduling` keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerProcess {
     /// Whom workers switch to; `None`: they stay whoever the master is.
@@ -36,6 +38,21 @@ pub struct WorkerProcess {
     pub rlimit_files: Option<u64>,
     /// RLIMIT_CORE, soft and hard.
     pub rlimit_core: Option<Rlimit>,
+    /// The CPU scheduling policy of the workers (and the programs they run).
+    pub scheduling: Scheduling,
+}
+
+/// A worker's CPU scheduling policy (`cpu_scheduling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scheduling {
+    /// `SCHED_OTHER`, as every process starts.
+    #[default]
+    Normal,
+    /// `SCHED_BATCH`: the same share of the CPU, but a worker woken by a request waits for
+    /// the running process's turn to end instead of preempting it. Where nginx and the pool
+    /// share saturated cores, nginx then writes many requests per turn and each worker reads
+    /// many: fewer context switches, more throughput.
+    Batch,
 }
 
 /// Validates the keys of [`WorkerProcess`]; `$` references read `master_env`.
@@ -63,6 +80,11 @@ pub fn worker_process(
         env,
         rlimit_files: raw.rlimit_files,
         rlimit_core: parsed("rlimit_core", raw.rlimit_core.as_deref(), parse_size_limit)?,
+        scheduling: match raw.cpu_scheduling.as_deref() {
+            None | Some("normal") => Scheduling::Normal,
+            Some("batch") => Scheduling::Batch,
+            Some(other) => return Err(bad("cpu_scheduling", other, "normal or batch")),
+        },
     })
 }
 
@@ -182,6 +204,17 @@ mod tests {
         assert_eq!(p.identity, None);
         assert!(!p.allow_root && !p.clear_env && p.env.is_empty());
         assert_eq!((p.rlimit_files, p.rlimit_core), (None, None));
+        assert_eq!(p.scheduling, Scheduling::Normal);
+    }
+
+    #[test]
+    fn cpu_scheduling_is_normal_or_batch() {
+        let p = worker_process(&raw("cpu_scheduling = \"batch\""), no_env).expect("valid");
+        assert_eq!(p.scheduling, Scheduling::Batch);
+        let p = worker_process(&raw("cpu_scheduling = \"normal\""), no_env).expect("valid");
+        assert_eq!(p.scheduling, Scheduling::Normal);
+        let err = worker_process(&raw("cpu_scheduling = \"fifo\""), no_env).expect_err("fifo");
+        assert!(err.to_string().contains("normal or batch"), "{err}");
     }
 
     #[test]

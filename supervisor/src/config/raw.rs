@@ -258,6 +258,11 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE")]
     #[serde(default, deserialize_with = "number_or_text")]
     pub rlimit_core: Option<String>,
+    /// Workers' CPU scheduling policy: `normal`, or `batch` (a woken worker does not preempt
+    /// a running process: more throughput when nginx and the pool saturate the cores, later
+    /// wake-ups when other programs keep them busy).
+    #[arg(long, value_name = "POLICY")]
+    pub cpu_scheduling: Option<String>,
     /// A FastCGI program to run as each worker's process (php-cgi, a Perl FCGI script, a
     /// libfcgi binary, fcgiwrap): its path (searched in `PATH` when it has no `/`) and its
     /// arguments, after `--` on the command line; `fcgi-pool` needs it.
@@ -419,6 +424,7 @@ impl Cli {
             env: env_over(self.env, file.env),
             rlimit_files: self.rlimit_files.or(file.rlimit_files),
             rlimit_core: self.rlimit_core.or(file.rlimit_core),
+            cpu_scheduling: self.cpu_scheduling.or(file.cpu_scheduling),
             task_lock_dir: self.task_lock_dir.or(file.task_lock_dir),
             // File-only sections.
             tasks: file.tasks,
@@ -595,6 +601,7 @@ mod tests {
         ("env", r#"{ GREETING = "x$HOME" }"#, &["GREETING=x$HOME"]),
         ("rlimit_files", "4096", &["4096"]),
         ("rlimit_core", r#""unlimited""#, &["unlimited"]),
+        ("cpu_scheduling", r#""batch""#, &["batch"]),
         ("task_lock_dir", r#""/run/app""#, &["/run/app"]),
         // Last: everything after `--` is the program's.
         ("program", r#"["/bin/cat", "-u"]"#, &["/bin/cat", "-u"]),

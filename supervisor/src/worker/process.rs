@@ -11,7 +11,7 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Pid, Uid};
 
-use crate::config::{Identity, Rlimit, WorkerProcess};
+use crate::config::{Identity, Rlimit, Scheduling, WorkerProcess};
 
 /// Applies `p` to this process. Call it while the process has one thread: `setenv` is not
 /// thread-safe (a concurrent `getenv` may read freed memory), and a forked worker of the
@@ -20,6 +20,13 @@ pub(crate) fn become_configured(p: &WorkerProcess) -> io::Result<()> {
     environment(p);
     // Limits before the switch: as root, the hard limit can still be raised.
     limits(p)?;
+    if p.scheduling == Scheduling::Batch {
+        crate::sys::set_batch_scheduling().map_err(|e| {
+            io::Error::other(format!(
+                "cannot set cpu_scheduling = batch: sched_setscheduler: {e}"
+            ))
+        })?;
+    }
     if let Some(id) = &p.identity {
         switch(id)?;
         // No exec'd program gains privileges either (setuid binaries, file capabilities).
@@ -200,6 +207,7 @@ mod tests {
             env: Vec::new(),
             rlimit_files: Some(too_many),
             rlimit_core: None,
+            scheduling: Scheduling::Normal,
         };
         let msg = limits(&p).expect_err("refused").to_string();
         assert!(
