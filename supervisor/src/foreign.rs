@@ -195,13 +195,8 @@ impl Foreign {
                 Err(e) => e,
             };
             match self.reap(EXIT_WAIT).await {
-                Some((program_pid, status)) if !restarted => {
-                    tracing::info!(
-                        pid = std::process::id(),
-                        program_pid,
-                        %status,
-                        "program exited as a request arrived; starting another"
-                    );
+                Some(exit) if !restarted => {
+                    exited_between_requests(&exit);
                     restarted = true;
                 }
                 _ => {
@@ -224,13 +219,11 @@ impl Foreign {
                 process.kept = process.kept.take().filter(quiet);
                 if process.kept.is_none() {
                     if let Ok(Some(status)) = process.child.try_wait() {
-                        tracing::info!(
-                            pid = std::process::id(),
-                            program_pid = process.child.id(),
-                            %status,
-                            served = process.served,
-                            "program exited between requests; starting another"
-                        );
+                        exited_between_requests(&Exited {
+                            pid: process.child.id(),
+                            status,
+                            served: process.served,
+                        });
                         *child = None;
                     }
                 }
@@ -260,7 +253,7 @@ impl Foreign {
 
     /// After a connection failed: waits up to `wait` for the child to exit, and if it did,
     /// drops it (the next request starts another) and says how it ended.
-    async fn reap(&self, wait: Duration) -> Option<(u32, ExitStatus)> {
+    async fn reap(&self, wait: Duration) -> Option<Exited> {
         let deadline = Instant::now() + wait;
         loop {
             {
@@ -268,9 +261,13 @@ impl Foreign {
                 let process = child.as_mut()?;
                 match process.child.try_wait() {
                     Ok(Some(status)) => {
-                        let pid = process.child.id();
+                        let exit = Exited {
+                            pid: process.child.id(),
+                            status,
+                            served: process.served,
+                        };
                         *child = None;
-                        return Some((pid, status));
+                        return Some(exit);
                     }
                     Ok(None) if Instant::now() < deadline => {}
                     _ => return None,
@@ -401,7 +398,12 @@ impl Foreign {
                 fresh_retried = true;
                 continue;
             }
-            if let Some((program_pid, exit_status)) = exit {
+            if let Some(Exited {
+                pid: program_pid,
+                status: exit_status,
+                ..
+            }) = exit
+            {
                 if unanswered && !replayed && exit_status.success() {
                     replayed = true;
                     tracing::info!(
@@ -414,7 +416,7 @@ impl Foreign {
                     continue;
                 }
             }
-            let died = exit.map(|(_, s)| s.to_string());
+            let died = exit.map(|e| e.status.to_string());
             tracing::error!(
                 pid = std::process::id(),
                 uri,
@@ -427,6 +429,26 @@ impl Foreign {
                 .await;
         }
     }
+}
+
+/// A child that exited, as `reap` found it.
+struct Exited {
+    pid: u32,
+    status: ExitStatus,
+    /// Requests it was sent.
+    served: u64,
+}
+
+/// The one line for a child that exited on its own between two requests (its
+/// `PHP_FCGI_MAX_REQUESTS`, say): the next request starts another.
+fn exited_between_requests(exit: &Exited) {
+    tracing::info!(
+        pid = std::process::id(),
+        program_pid = exit.pid,
+        status = %exit.status,
+        served = exit.served,
+        "program exited between requests; starting another"
+    );
 }
 
 /// A request the child is running. Dropped before it is forgotten (the request's task was
