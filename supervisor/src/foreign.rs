@@ -164,71 +164,74 @@ impl Foreign {
 
     /// A connection to a live child, starting one first if there is none or it has exited:
     /// the one kept from its last request if the child has not closed it, else a new one. A
-    /// child whose socket turns the connection away is exiting: once it is gone, another is
-    /// started and connected to.
-    async fn connect(self: &Arc<Self>) -> Result<Link, String> {
-        let mut restarted = false;
+    /// child whose socket refuses the connection is exiting: once it is gone, another is
+    /// started and connected to. Says which child it found gone, if one was, so that the
+    /// caller can tell whether that one had a request of its own.
+    async fn connect(self: &Arc<Self>) -> Result<(Link, Option<Exited>), String> {
+        let mut gone = self.ensure_child().await?;
         loop {
-            self.ensure_child().await?;
             let (socket, program_pid) = {
                 let mut child = self.lock();
                 let process = child.as_mut().ok_or("no program")?;
                 process.served += 1;
                 let program_pid = process.child.id();
                 if let Some(conn) = process.kept.take() {
-                    return Ok(Link {
+                    let link = Link {
                         conn,
                         program_pid,
                         reused: true,
-                    });
+                    };
+                    return Ok((link, gone));
                 }
                 (process.socket.clone(), program_pid)
             };
             let error = match UnixStream::connect(&socket).await {
                 Ok(conn) => {
-                    return Ok(Link {
+                    let link = Link {
                         conn,
                         program_pid,
                         reused: false,
-                    })
+                    };
+                    return Ok((link, gone));
                 }
                 Err(e) => e,
             };
-            match self.reap(EXIT_WAIT).await {
-                Some(exit) if !restarted => {
-                    exited_between_requests(&exit);
-                    restarted = true;
-                }
-                _ => {
-                    return Err(format!(
-                        "cannot connect to the program's socket {}: {error}",
-                        socket.display()
-                    ))
-                }
-            }
+            let refused = error.kind() == std::io::ErrorKind::ConnectionRefused;
+            let exit = match refused && gone.is_none() {
+                true => self.reap(EXIT_WAIT).await,
+                false => None,
+            };
+            let Some(exit) = exit else {
+                return Err(format!(
+                    "cannot connect to the program's socket {}: {error}",
+                    socket.display()
+                ));
+            };
+            gone = Some(exit);
+            self.ensure_child().await?;
         }
     }
 
-    /// Makes sure there is a child: the one running, unless it exited, else a new one.
-    async fn ensure_child(self: &Arc<Self>) -> Result<(), String> {
-        let missing = {
+    /// Makes sure there is a child: the one running, unless it exited (then says how), else
+    /// a new one.
+    async fn ensure_child(self: &Arc<Self>) -> Result<Option<Exited>, String> {
+        let (missing, gone) = {
             let mut child = self.lock();
+            let mut gone = None;
             if let Some(process) = child.as_mut() {
-                // A kept connection the child has not closed says it is alive; only without
-                // one is the kernel asked (a waitpid per request otherwise).
                 process.kept = process.kept.take().filter(quiet);
-                if process.kept.is_none() {
-                    if let Ok(Some(status)) = process.child.try_wait() {
-                        exited_between_requests(&Exited {
-                            pid: process.child.id(),
-                            status,
-                            served: process.served,
-                        });
-                        *child = None;
-                    }
+                // Asked every time, kept connection or not: a program's descendant may hold
+                // the connection open after the program itself exited.
+                if let Ok(Some(status)) = process.child.try_wait() {
+                    gone = Some(Exited {
+                        pid: process.child.id(),
+                        status,
+                        served: process.served,
+                    });
+                    *child = None;
                 }
             }
-            child.is_none()
+            (child.is_none(), gone)
         };
         if missing {
             // Starting waits for the program to answer (tens of milliseconds for php-cgi):
@@ -239,7 +242,7 @@ impl Foreign {
                 .map_err(|e| format!("the thread starting the program failed: {e}"))??;
             *self.lock() = Some(started);
         }
-        Ok(())
+        Ok(gone)
     }
 
     /// Keeps `conn`, whose request is over, for the next request to the same child.
@@ -315,9 +318,13 @@ impl Foreign {
         // Sent again at most once on a fresh connection when a kept one was closing, and at most
         // once to a new child when the child was exiting on its own.
         let (mut fresh_retried, mut replayed) = (false, false);
+        // Why the last attempt failed, while it is not known whether its child ran the
+        // request: it went out on a kept connection that failed, and the child had not exited
+        // yet when that was seen.
+        let mut in_doubt: Option<String> = None;
         loop {
-            let link = match self.connect().await {
-                Ok(link) => link,
+            let (link, gone) = match self.connect().await {
+                Ok(found) => found,
                 Err(why) => {
                     tracing::error!(
                         pid = std::process::id(),
@@ -330,6 +337,20 @@ impl Foreign {
                         .await;
                 }
             };
+            match (gone, in_doubt.take()) {
+                (Some(exit), None) => exited_between_requests(&exit),
+                // The child the last attempt reached has exited since: as below, only one that
+                // exited 0 did not run the request.
+                (Some(exit), Some(why)) => {
+                    if replayed || !exit.status.success() {
+                        return no_answer(&uri, &why, Some(&exit), id, out, progress).await;
+                    }
+                    replayed = true;
+                    sent_again(&uri, &exit);
+                }
+                // It lives, and closed the kept connection without reading the request.
+                (None, _) => {}
+            }
             let streamed = rest_of_body.is_some();
             let running = Running {
                 foreign: &self,
@@ -384,8 +405,8 @@ impl Foreign {
             }
             let unanswered = !failure.answered && !streamed;
             // A kept connection failing at once most often means the child closed it and
-            // lives on: look without waiting, and try a fresh connection, which finds out if
-            // the child is exiting after all.
+            // lives on: look without waiting, and try a fresh connection; if that finds the
+            // child gone after all, the rule below applies there.
             let retry_fresh = link.reused && unanswered && !fresh_retried;
             let exit = self
                 .reap(if retry_fresh {
@@ -394,41 +415,55 @@ impl Foreign {
                     EXIT_WAIT
                 })
                 .await;
-            if exit.is_none() && retry_fresh {
-                fresh_retried = true;
-                continue;
-            }
-            if let Some(Exited {
-                pid: program_pid,
-                status: exit_status,
-                ..
-            }) = exit
-            {
-                if unanswered && !replayed && exit_status.success() {
+            match exit {
+                None if retry_fresh => {
+                    fresh_retried = true;
+                    in_doubt = Some(failure.why);
+                }
+                Some(exit) if unanswered && !replayed && exit.status.success() => {
                     replayed = true;
-                    tracing::info!(
-                        pid = std::process::id(),
-                        program_pid,
-                        status = %exit_status,
-                        uri,
-                        "program exited as the request arrived; sending it to a new one"
-                    );
-                    continue;
+                    sent_again(&uri, &exit);
+                }
+                exit => {
+                    return no_answer(&uri, &failure.why, exit.as_ref(), id, out, progress).await
                 }
             }
-            let died = exit.map(|e| e.status.to_string());
-            tracing::error!(
-                pid = std::process::id(),
-                uri,
-                error = failure.why,
-                program_exit = died.as_deref().unwrap_or("still running"),
-                "program gave no answer; answered 502"
-            );
-            return progress
-                .answer_status(StatusCode::BAD_GATEWAY, id, out)
-                .await;
         }
     }
+}
+
+/// Logs that the child gave no answer (and how it ended, if it did), and answers 502.
+async fn no_answer(
+    uri: &str,
+    why: &str,
+    exit: Option<&Exited>,
+    id: u16,
+    out: &mpsc::Sender<Out>,
+    progress: &mut Progress,
+) {
+    let died = exit.map(|e| e.status.to_string());
+    tracing::error!(
+        pid = std::process::id(),
+        uri,
+        error = why,
+        program_exit = died.as_deref().unwrap_or("still running"),
+        "program gave no answer; answered 502"
+    );
+    progress
+        .answer_status(StatusCode::BAD_GATEWAY, id, out)
+        .await
+}
+
+/// Logs that the child exited 0 as the request arrived, without a byte of answer: it did not
+/// run the request, which goes to its replacement.
+fn sent_again(uri: &str, exit: &Exited) {
+    tracing::info!(
+        pid = std::process::id(),
+        program_pid = exit.pid,
+        status = %exit.status,
+        uri,
+        "program exited as the request arrived; sending it to a new one"
+    );
 }
 
 /// A child that exited, as `reap` found it.

@@ -38,7 +38,9 @@ case '/sleep':
     echo "slept\n";
     break;
 case '/die':
-    // The process dies in the middle of the request, before any output is sent.
+    // The process dies in the middle of the request, before any output is sent; the line
+    // says it ran (a request that ran must not be sent again).
+    file_put_contents(__DIR__ . '/died.log', "ran\n", FILE_APPEND);
     posix_kill(getmypid(), 9);
     break;
 default:
@@ -209,6 +211,13 @@ fn php_cgi_dying_mid_request_costs_that_request_a_502_and_is_replaced() {
         let after = pid_of(&get(&nginx, "/app.php/pid"), "after");
         assert_ne!(before, after, "keep_conn {keep}: a new php-cgi");
     }
+    let died_log = root.join("died.log");
+    let runs = || std::fs::read_to_string(&died_log).map_or(0, |l| l.lines().count());
+    assert_eq!(
+        runs(),
+        2,
+        "each /die ran once, never sent to the replacement"
+    );
     assert_eq!(
         worker_pids(app.pid()),
         workers,
@@ -247,6 +256,7 @@ fn php_cgi_dying_mid_request_costs_that_request_a_502_and_is_replaced() {
             .await
             .expect("an answer, not a closed connection");
         assert_eq!(died.status(), 502);
+        assert_eq!(runs(), 3, "the /die on a kept connection ran once");
         let next = c
             .request_with(fcgi::Role::Responder, true, &params("/pid"), b"", None)
             .await

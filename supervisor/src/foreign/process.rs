@@ -36,9 +36,15 @@ pub(super) struct Link {
 /// Whether a kept connection is still open and silent as far as the event loop has seen (no
 /// system call: it asks the runtime's readiness, which the child's close or stray bytes set).
 /// The child closed it otherwise (it does not keep connections, or it exited), and anything
-/// unread on it is not an answer to anything. A close the event loop has not seen yet shows
-/// as a failed attempt, and the request goes out again on a fresh connection.
+/// unread on it is not an answer to anything. What arrived since the loop last looked is
+/// missed: a close shows as a failed attempt, and the request goes out again on a fresh
+/// connection; bytes a program writes after its END_REQUEST would be read as the start of the
+/// next answer, and fail it, as a program breaking the protocol does.
 pub(super) fn quiet(conn: &tokio::net::UnixStream) -> bool {
+    // With its budget spent, the task gets `Pending` whatever the readiness: not quiet, then.
+    if !tokio::task::coop::has_budget_remaining() {
+        return false;
+    }
     let mut cx = Context::from_waker(Waker::noop());
     conn.poll_read_ready(&mut cx).is_pending()
 }
