@@ -280,6 +280,18 @@ pub fn fetch_pid(via: Via<'_>) -> Result<i32, String> {
     }
 }
 
+/// The scheduling policy of a process (field 41 of /proc/PID/stat): 0 `SCHED_OTHER`, 3
+/// `SCHED_BATCH`.
+pub fn sched_policy(pid: i32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The command name, in parentheses, may hold spaces: fields are counted after it.
+    let (_, rest) = stat.rsplit_once(')').expect("a (comm) field");
+    rest.split_whitespace()
+        .nth(41 - 3)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("a policy field in {stat}"))
+}
+
 /// The live (not zombie) children of `master`, from /proc.
 pub fn worker_pids(master: i32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -22,8 +22,8 @@ pub mod openmetrics;
 pub mod pg;
 
 pub use app::{
-    fcgi_request, fcgi_request_as, fcgi_request_with, fetch_pid, opt_in_if_root, worker_pids, Addr,
-    App, Via, WORKERS_DEADLINE,
+    fcgi_request, fcgi_request_as, fcgi_request_with, fetch_pid, opt_in_if_root, sched_policy,
+    worker_pids, Addr, App, Via, WORKERS_DEADLINE,
 };
 pub use nginx::Nginx;
 

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use e2e::http::{self, Body};
 use e2e::{
-    assert_throughout, bin_path, fcgi_request, opt_in_if_root, wait_until, worker_pids, App, Nginx,
-    TempDir,
+    assert_throughout, bin_path, fcgi_request, opt_in_if_root, sched_policy, wait_until,
+    worker_pids, App, Nginx, TempDir,
 };
 use fcgi::Params;
 use nix::sys::signal::Signal;
@@ -189,6 +189,28 @@ fn php_cgi_answers_its_pid_echoes_a_mib_and_sleeps_with_keep_conn_on_and_off() {
         !dirs[0].path().exists(),
         "the master removed the socket directory"
     );
+}
+
+#[test]
+fn cpu_scheduling_batch_reaches_the_program_the_worker_starts() {
+    require(PHP_CGI);
+    let dir = TempDir::new("foreign-sched");
+    let app = pool(
+        &dir,
+        &["--workers", "1", "--cpu-scheduling", "batch"],
+        &[PHP_CGI],
+        &[],
+    );
+    app.wait_for_workers(1);
+    let worker = worker_pids(app.pid())[0];
+    let programs = worker_pids(worker);
+    assert_eq!(
+        programs.len(),
+        1,
+        "one php-cgi under the worker: {programs:?}"
+    );
+    assert_eq!(sched_policy(worker), 3, "the worker is SCHED_BATCH");
+    assert_eq!(sched_policy(programs[0]), 3, "and so is its program");
 }
 
 #[test]

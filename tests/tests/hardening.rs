@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::{
-    bin_path, fetch_pid, free_port, openmetrics, wait_until, worker_pids, App, TempDir, Via,
-    WORKERS_DEADLINE,
+    bin_path, fetch_pid, free_port, openmetrics, sched_policy, wait_until, worker_pids, App,
+    TempDir, Via, WORKERS_DEADLINE,
 };
 use nix::sys::signal::Signal;
 
@@ -243,18 +243,6 @@ fn proc_limit(pid: i32, name: &str) -> (String, String) {
     let soft = cols.next().expect("soft").to_string();
     let hard = cols.next().expect("hard").to_string();
     (soft, hard)
-}
-
-/// The scheduling policy of a process (field 41 of /proc/PID/stat): 0 `SCHED_OTHER`, 3
-/// `SCHED_BATCH`.
-fn sched_policy(pid: i32) -> u32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    // The command name, in parentheses, may hold spaces: fields are counted after it.
-    let (_, rest) = stat.rsplit_once(')').expect("a (comm) field");
-    rest.split_whitespace()
-        .nth(41 - 3)
-        .and_then(|f| f.parse().ok())
-        .unwrap_or_else(|| panic!("a policy field in {stat}"))
 }
 
 #[test]

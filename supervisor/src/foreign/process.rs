@@ -204,6 +204,22 @@ impl Drop for PoolDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_kept_connection_is_quiet_until_the_program_writes_or_closes() {
+        let (kept, mut program) = tokio::net::UnixStream::pair().expect("pair");
+        assert!(quiet(&kept), "open and silent");
+        program.write_all(b"stray").await.expect("write");
+        kept.readable().await.expect("readable");
+        assert!(!quiet(&kept), "bytes nobody asked for");
+
+        let (kept, program) = tokio::net::UnixStream::pair().expect("pair");
+        assert!(quiet(&kept));
+        drop(program);
+        kept.readable().await.expect("readable");
+        assert!(!quiet(&kept), "closed by the program");
+    }
 
     #[test]
     fn the_socket_directory_is_private_and_only_its_maker_removes_it() {
