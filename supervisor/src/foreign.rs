@@ -197,9 +197,10 @@ impl Foreign {
                 Err(e) => e,
             };
             let refused = error.kind() == std::io::ErrorKind::ConnectionRefused;
-            let exit = match refused && gone.is_none() {
-                true => self.reap(EXIT_WAIT).await,
-                false => None,
+            let exit = if refused && gone.is_none() {
+                self.reap(EXIT_WAIT).await
+            } else {
+                None
             };
             let Some(exit) = exit else {
                 return Err(format!(
@@ -339,14 +340,13 @@ impl Foreign {
             };
             match (gone, in_doubt.take()) {
                 (Some(exit), None) => exited_between_requests(&exit),
-                // The child the last attempt reached has exited since: as below, only one that
-                // exited 0 did not run the request.
-                (Some(exit), Some(why)) => {
-                    if replayed || !exit.status.success() {
-                        return no_answer(&uri, &why, Some(&exit), id, out, progress).await;
-                    }
+                // The child the last attempt reached has exited since.
+                (Some(exit), Some(_)) if may_resend(&exit, replayed) => {
                     replayed = true;
                     sent_again(&uri, &exit);
+                }
+                (Some(exit), Some(why)) => {
+                    return no_answer(&uri, &why, Some(&exit), id, out, progress).await
                 }
                 // It lives, and closed the kept connection without reading the request.
                 (None, _) => {}
@@ -420,7 +420,7 @@ impl Foreign {
                     fresh_retried = true;
                     in_doubt = Some(failure.why);
                 }
-                Some(exit) if unanswered && !replayed && exit.status.success() => {
+                Some(exit) if unanswered && may_resend(&exit, replayed) => {
                     replayed = true;
                     sent_again(&uri, &exit);
                 }
@@ -452,6 +452,14 @@ async fn no_answer(
     progress
         .answer_status(StatusCode::BAD_GATEWAY, id, out)
         .await
+}
+
+/// Whether a request that got no byte of answer from a child that then exited goes to the
+/// child's replacement: only once, and only when the child exited 0, since a program that
+/// exits 0 between requests did not run the one that found it exiting (one that was killed
+/// or crashed may have run it).
+fn may_resend(exit: &Exited, replayed: bool) -> bool {
+    !replayed && exit.status.success()
 }
 
 /// Logs that the child exited 0 as the request arrived, without a byte of answer: it did not

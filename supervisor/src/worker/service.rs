@@ -303,11 +303,14 @@ async fn run_one<X: Exchange>(
         content_length: request.content_length().unwrap_or(0),
         started,
     };
-    let uri_of = |key: u64| in_flight.lock().map(|f| f.uri(key).to_string());
-    let key = match in_flight.lock() {
-        Ok(mut f) => f.begin(&slot, shown, worker.cap),
-        // Poisoned only by a panic inside `InFlight` itself: the request runs unshown.
-        Err(_) => u64::MAX,
+    // `None` only if a panic inside `InFlight` poisoned it: the request then runs unshown.
+    let key = in_flight
+        .lock()
+        .ok()
+        .map(|mut f| f.begin(&slot, shown, worker.cap));
+    let uri_of = |key: Option<u64>| {
+        key.and_then(|k| Some(in_flight.lock().ok()?.uri(k).to_string()))
+            .unwrap_or_default()
     };
     worker.board.add_accepted();
 
@@ -325,7 +328,7 @@ async fn run_one<X: Exchange>(
         Some(Err(cause)) => {
             tracing::error!(
                 pid = std::process::id(),
-                uri = uri_of(key).unwrap_or_default(),
+                uri = uri_of(key),
                 panic = crate::worker::run::panic_message(&cause),
                 "service panicked; answering 500"
             );
@@ -334,7 +337,7 @@ async fn run_one<X: Exchange>(
         None => {
             tracing::warn!(
                 pid = std::process::id(),
-                uri = uri_of(key).unwrap_or_default(),
+                uri = uri_of(key),
                 timeout_ms = worker
                     .settings
                     .request_timeout
@@ -357,10 +360,12 @@ async fn run_one<X: Exchange>(
     let now = clock::now();
     let duration = now.saturating_sub(started);
     worker.board.add_request(progress.status, duration);
-    let shown = in_flight
-        .lock()
-        .ok()
-        .and_then(|mut f| f.end(&slot, key, duration, worker.cap, now));
+    let shown = key.and_then(|k| {
+        in_flight
+            .lock()
+            .ok()?
+            .end(&slot, k, duration, worker.cap, now)
+    });
     if let (true, Some(shown)) = (worker.settings.access_log, shown) {
         tracing::info!(
             pid = std::process::id(),
