@@ -372,7 +372,8 @@ impl Load {
 }
 
 #[test]
-fn php_cgi_reloads_under_load_without_a_failed_request_and_the_status_page_shows_it_busy() {
+fn php_cgi_reloads_and_upgrades_under_load_without_a_failed_request_and_the_status_page_shows_it_busy(
+) {
     require(PHP_CGI);
     let dir = TempDir::new("foreign-php-reload");
     let root = php_root(&dir);
@@ -421,17 +422,35 @@ fn php_cgi_reloads_under_load_without_a_failed_request_and_the_status_page_shows
 
     let ports: Vec<u16> = nginx.iter().map(|(_, n)| n.port()).collect();
     let load = Load::start(&ports);
-    for round in 0..3 {
+    // A binary upgrade re-executes the command line, program and all: the new binary's check
+    // must see its own flags, not hand them to the program after `--`.
+    let signals = [
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+    ];
+    for (round, signal) in signals.into_iter().enumerate() {
         let old: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
-        app.signal(Signal::SIGHUP);
-        wait_until(Duration::from_secs(30), &format!("reload {round}"), || {
-            let now: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
-            now.len() == 2 && now.is_disjoint(&old)
-        });
+        app.signal(signal);
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{signal} {round}"),
+            || {
+                let now: BTreeSet<i32> = worker_pids(app.pid()).into_iter().collect();
+                now.len() == 2 && now.is_disjoint(&old)
+            },
+        );
     }
     let sent = load.finish();
-    eprintln!("{sent} requests to php-cgi through 3 reloads, none failed");
+    eprintln!("{sent} requests to php-cgi through 2 reloads and 2 upgrades, none failed");
     assert!(sent > 0);
+    let log = app.stderr();
+    assert_eq!(
+        log.matches("upgrade: re-executing in place").count(),
+        2,
+        "both upgrades ran:\n{log}"
+    );
 }
 
 /// A libfcgi responder: its pid, the URI, and how many body bytes it read.

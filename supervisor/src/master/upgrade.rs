@@ -83,8 +83,7 @@ fn check_new_binary(argv: &[OsString]) -> Result<(), String> {
         return Err("no argv[0] to check".into());
     };
     let out = Command::new(program)
-        .args(&argv[1..])
-        .arg("--check-config")
+        .args(check_args(argv))
         .env(inherit::ENV_LISTENERS, "")
         .stdin(Stdio::null())
         .output()
@@ -102,6 +101,13 @@ fn check_new_binary(argv: &[OsString]) -> Result<(), String> {
         out.status,
         said.trim()
     ))
+}
+
+/// The arguments of the check of `argv`: `--check-config` first, where it is the pool's flag.
+/// Appended, it would follow a foreign program's `--` (`fcgi-pool ... -- php-cgi`) and be
+/// an argument of the program.
+fn check_args(argv: &[OsString]) -> impl Iterator<Item = &std::ffi::OsStr> {
+    std::iter::once("--check-config".as_ref()).chain(argv.iter().skip(1).map(OsString::as_os_str))
 }
 
 fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
@@ -167,5 +173,39 @@ fn exec_successor(
     match result {
         Err(e) => e,
         Ok(never) => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_check_flag_comes_before_a_programs_arguments() {
+        let argv: Vec<OsString> = [
+            "fcgi-pool",
+            "--workers",
+            "2",
+            "--",
+            "php-cgi",
+            "-c",
+            "x.ini",
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        let args: Vec<&std::ffi::OsStr> = check_args(&argv).collect();
+        assert_eq!(
+            args,
+            [
+                "--check-config",
+                "--workers",
+                "2",
+                "--",
+                "php-cgi",
+                "-c",
+                "x.ini"
+            ]
+        );
     }
 }
