@@ -351,8 +351,8 @@ struct Origin {
     carried: Carried,
 }
 
-/// Serves a connection; one that is to move is made whole again by `reunite` and handed over
-/// with the bytes read from it.
+/// Serves a connection, then makes it whole again with `reunite`: one that is to move is handed
+/// over with the bytes read from it, any other is closed.
 fn spawn_serve<Rd, Wr>(
     rd: Rd,
     wr: Wr,
@@ -382,12 +382,16 @@ fn spawn_serve<Rd, Wr>(
             carried,
             alive.clone(),
         );
-        if let Some((rd, wr, carried)) = served.await {
-            // Handed over: no longer this worker's descriptor to count.
-            drop(open);
-            if let Some(fd) = reunite(rd, wr) {
-                hand_over(&worker, fd, carried, &alive);
+        match served.await {
+            connection::Ended::HandOver(rd, wr, carried) => {
+                // Handed over: no longer this worker's descriptor to count.
+                drop(open);
+                if let Some(fd) = reunite(rd, wr) {
+                    hand_over(&worker, fd, carried, &alive);
+                }
             }
+            // Made whole and closed: no `shutdown` first.
+            connection::Ended::Closed(rd, wr) => drop(reunite(rd, wr)),
         }
     });
 }

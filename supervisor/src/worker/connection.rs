@@ -491,6 +491,16 @@ impl Conn {
     }
 }
 
+/// How serving a connection ended: either way the halves come back, so that the caller closes
+/// or hands over the socket whole (dropping a tokio write half would first `shutdown` it, a
+/// system call per connection that a close does anyway).
+pub(crate) enum Ended<Rd, Wr> {
+    /// To be closed.
+    Closed(Rd, Wr),
+    /// To be handed over, with the bytes read and not yet decoded.
+    HandOver(Rd, Wr, Carried),
+}
+
 /// Serves one connection until the peer closes it, the protocol says to, or the worker drains;
 /// gives it back whole, with the bytes read and not yet decoded, when it is to be handed over.
 /// `reserved`: see [`Conn`]; `carried`: the bytes its previous owner read.
@@ -502,7 +512,7 @@ pub(crate) async fn serve<Rd, Wr>(
     fresh: bool,
     carried: Carried,
     alive: Alive,
-) -> Option<(Rd, Wr, Carried)>
+) -> Ended<Rd, Wr>
 where
     Rd: AsyncRead + Unpin,
     Wr: AsyncWrite + Unpin,
@@ -561,7 +571,7 @@ where
                 "no room for a request: its connection moves to a worker with room"
             );
             let carried = conn.take_read();
-            return Some((rd, wr, carried));
+            return Ended::HandOver(rd, wr, carried);
         }
         loop {
             if place != Place::Here {
@@ -575,7 +585,7 @@ where
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(pid = std::process::id(), error = %e, "closing fastcgi peer connection");
-                    return None;
+                    return Ended::Closed(rd, wr);
                 }
             }
         }
@@ -637,14 +647,14 @@ where
         };
         match next {
             Next::Continue => {}
-            Next::Close => return None,
+            Next::Close => return Ended::Closed(rd, wr),
             Next::Linger => {
                 linger(&mut rd, &mut wr).await;
-                return None;
+                return Ended::Closed(rd, wr);
             }
             Next::HandOver => {
                 let carried = conn.take_read();
-                return Some((rd, wr, carried));
+                return Ended::HandOver(rd, wr, carried);
             }
         }
     }
