@@ -190,6 +190,9 @@ pub(crate) struct Conn {
     moves: u8,
     /// A request waits undecoded for room (see [`Conn::place`]).
     pub(crate) waiting: bool,
+    /// The peer closed while a request waited undecoded for room: it is dropped unrun, as a
+    /// request whose client left while it waited in the queue is.
+    pub(crate) abandoned: bool,
     /// When a waiting request looks again at the latest, if it waits behind a request that
     /// started (see [`Conn::place`]).
     pub(crate) relook_at: Option<Instant>,
@@ -233,6 +236,7 @@ impl Conn {
             timed_out: false,
             moves,
             waiting: false,
+            abandoned: false,
             relook_at: None,
             looks: 0,
             left: None,
@@ -386,6 +390,13 @@ impl Conn {
         self.buf.reserve(READ_RESERVE);
         match read {
             Ok(0) => {
+                if self.waiting {
+                    // nginx closes when its client goes. What it sent is whole records of a
+                    // request never decoded, not a protocol error.
+                    self.buf.clear();
+                    self.abandoned = true;
+                    return Next::Close;
+                }
                 if let Err(e) = self.fcgi.handle_eof(&self.buf) {
                     tracing::warn!(pid = std::process::id(), error = %e, "closing fastcgi peer connection");
                     return Next::Close;
@@ -647,7 +658,12 @@ where
         };
         match next {
             Next::Continue => {}
-            Next::Close => return Ended::Closed(rd, wr),
+            Next::Close => {
+                if conn.abandoned {
+                    abandoned(&worker, "");
+                }
+                return Ended::Closed(rd, wr);
+            }
             Next::Linger => {
                 linger(&mut rd, &mut wr).await;
                 return Ended::Closed(rd, wr);
@@ -758,28 +774,15 @@ pub(crate) fn refuse(worker: &Worker, waiting: Waiting, why: Refused) {
     // Answering and the episode's timer need the runtime's context, which a handler thread
     // lacks.
     let _inside = worker.runtime.enter();
-    worker.board.add_refused(why);
+    if why != Refused::Abandoned {
+        worker.board.add_refused(why);
+    }
     let settings = &worker.settings.admission;
     let (uri, id) = (waiting.request.uri().to_string(), waiting.id);
     let pid = std::process::id();
     let answer = match why {
         Refused::Abandoned => {
-            EPISODES.abandoned.hit(
-                || {
-                    tracing::info!(
-                        pid,
-                        uri,
-                        "a waiting request's client is gone: dropped unrun (counted until quiet)"
-                    )
-                },
-                move |requests| {
-                    tracing::info!(
-                        pid,
-                        requests,
-                        "waiting requests dropped, their client gone: episode over"
-                    )
-                },
-            );
+            abandoned(worker, &uri);
             Out::Last(id, BytesMut::new())
         }
         Refused::QueueTimeout | Refused::QueueFull => {
@@ -806,6 +809,29 @@ pub(crate) fn refuse(worker: &Worker, waiting: Waiting, why: Refused) {
         }
     };
     send_in_runtime(&waiting.out, answer);
+}
+
+/// A waiting request's client is gone (`uri`, if it was decoded): it is dropped unrun, counted
+/// in the scoreboard, and logged once per episode.
+fn abandoned(worker: &Worker, uri: &str) {
+    worker.board.add_refused(Refused::Abandoned);
+    let pid = std::process::id();
+    EPISODES.abandoned.hit(
+        || {
+            tracing::info!(
+                pid,
+                uri,
+                "a waiting request's client is gone: dropped unrun (counted until quiet)"
+            )
+        },
+        move |requests| {
+            tracing::info!(
+                pid,
+                requests,
+                "waiting requests dropped, their client gone: episode over"
+            )
+        },
+    );
 }
 
 /// Half-closes, then drains what the client still sends for at most [`LINGER`].

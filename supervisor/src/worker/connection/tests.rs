@@ -619,6 +619,22 @@ fn a_peer_that_closes_an_idle_connection_is_closed() {
 }
 
 #[test]
+fn a_peer_that_leaves_while_its_request_waits_for_room_abandons_it_without_a_protocol_error() {
+    let now = Instant::now();
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    receive(&mut conn, &request(1, true, b""));
+    assert_eq!(conn.place(now, || false, || None, || false), Place::Wait);
+    assert_eq!(conn.on_read(Ok(0)), Next::Close);
+    assert!(conn.abandoned, "counted as a request dropped unrun");
+    assert!(conn.buf.is_empty());
+    // Not waiting, the same close is a request cut off mid-record.
+    let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
+    receive(&mut conn, &request(1, true, b"")[..5]);
+    assert_eq!(conn.on_read(Ok(0)), Next::Close);
+    assert!(!conn.abandoned);
+}
+
+#[test]
 fn a_record_cut_off_by_the_peer_closing_closes_at_once() {
     let now = Instant::now();
     let mut conn = Conn::new(rules(true), None, &Carried::default(), now);
