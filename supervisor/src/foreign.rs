@@ -554,6 +554,10 @@ impl Application for Foreign {
         *self.lock() = Some(process);
         Ok(Handler::Service(Arc::new(Runner::new(Relay(self)))))
     }
+
+    fn answers_its_timeouts(&self) -> bool {
+        true
+    }
 }
 
 /// Reads the body into `records` as STDIN records, up to [`INLINE_BODY_MAX`]; whether that was

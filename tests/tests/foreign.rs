@@ -668,6 +668,7 @@ fn a_request_timeout_names_the_uri_and_replaces_the_php_cgi_stuck_in_it() {
     app.wait_for_workers(1);
     let [(_, nginx), _] = both_nginx(&dir, &app, &root);
     let php = pid_of(&get(&nginx, "/app.php/pid"), "before");
+    let workers = worker_pids(app.pid());
     let t = Instant::now();
     let r = get(&nginx, "/app.php/sleep?ms=20000");
     assert!(r.status >= 500, "the hung request fails: {}", r.status);
@@ -699,7 +700,19 @@ fn a_request_timeout_names_the_uri_and_replaces_the_php_cgi_stuck_in_it() {
                 .unwrap_or(true)
         },
     );
-    app.wait_for_workers(1);
     let after = pid_of(&get(&nginx, "/app.php/pid"), "after");
     assert_ne!(after, php, "a new php-cgi answers");
+    // The worker's loop answered the timeout itself: the master, which waits a margin past
+    // it, had no worker to end.
+    assert_eq!(
+        worker_pids(app.pid()),
+        workers,
+        "the same worker serves on:\n{}",
+        app.stderr()
+    );
+    assert!(
+        !app.stderr().contains("request timeout: ending worker"),
+        "{}",
+        app.stderr()
+    );
 }

@@ -129,7 +129,8 @@ impl<R: Application> Master<R> {
         let views: Vec<WorkerView> = all.iter().map(|(v, _)| v.clone()).collect();
         if let Some(timeout) = self.cfg.request_timeout {
             let grace = self.cfg.request_timeout_grace;
-            for action in policy::request_timeouts(&views, timeout, grace, now) {
+            let age = policy::ending_age(timeout, self.app.answers_its_timeouts());
+            for action in policy::request_timeouts(&views, age, grace, now) {
                 self.timeout(action, all, now);
             }
         }

@@ -301,6 +301,23 @@ pub enum TimeoutAction {
     },
 }
 
+/// How long past `request_timeout` a request must be before the master ends a worker whose
+/// event loop answers its own timeouts (an async service, a foreign program). The loop answers
+/// at the timeout itself, give or take its lag; its watchdog marks the slot busy at most 0.75 s
+/// past the timeout if the loop is stuck. Acting at the timeout as for a blocking worker
+/// would race the loop's own answer and now and then replace a worker that was fine.
+pub const SELF_TIMED_MARGIN: Duration = Duration::from_secs(1);
+
+/// The age of a request at which the master ends its worker: `request_timeout`, plus
+/// [`SELF_TIMED_MARGIN`] where the worker's loop answers its own timeouts.
+pub fn ending_age(request_timeout: Duration, answers_its_timeouts: bool) -> Duration {
+    if answers_its_timeouts {
+        request_timeout + SELF_TIMED_MARGIN
+    } else {
+        request_timeout
+    }
+}
+
 /// Busy workers whose request started more than `timeout` ago get one Term; those termed more
 /// than `grace` ago get Kill.
 pub fn request_timeouts(

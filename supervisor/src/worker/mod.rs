@@ -134,6 +134,14 @@ pub(crate) trait Application: Send + Sync + 'static {
     {
         Vec::new()
     }
+
+    /// Whether a worker's event loop ends a request at `request_timeout` itself and goes on
+    /// serving (an async service drops its future, a foreign program's relay kills the child),
+    /// so that the master ends the worker only if its loop is stuck. A blocking handler cannot
+    /// be stopped: its worker is ended.
+    fn answers_its_timeouts(&self) -> bool {
+        false
+    }
 }
 
 impl<R: Responder> Application for R {

@@ -86,6 +86,10 @@ where
             .map_err(|e| format!("per-worker service setup failed: {e}"))?;
         Ok(Handler::Service(Arc::new(Runner::new(Called(service)))))
     }
+
+    fn answers_its_timeouts(&self) -> bool {
+        true
+    }
 }
 
 /// What answers one request on the worker's runtime: an async service ([`Called`]), or the

@@ -340,6 +340,31 @@ fn workers_that_die_right_after_becoming_ready_do_not_spin() {
 }
 
 #[test]
+fn a_worker_that_answers_its_own_timeouts_is_ended_only_past_the_margin() {
+    let ws = vec![w(1, WorkerState::Busy, T)];
+    let ms = Duration::from_millis;
+    let blocking = ending_age(secs(5), false);
+    let own = ending_age(secs(5), true);
+    assert_eq!((blocking, own), (secs(5), secs(5) + SELF_TIMED_MARGIN));
+    // 5.2 s in: a blocking worker's thread is stuck, ended; an event loop answering a few
+    // milliseconds late is left to it.
+    assert_eq!(
+        request_timeouts(&ws, blocking, secs(2), T + ms(5200)).len(),
+        1
+    );
+    assert!(request_timeouts(&ws, own, secs(2), T + ms(5200)).is_empty());
+    // Past the margin the loop did not answer (its watchdog marks the slot busy well before
+    // then): ended as any worker.
+    assert_eq!(
+        request_timeouts(&ws, own, secs(2), T + ms(6100)),
+        vec![TimeoutAction::Term {
+            pid: 1,
+            elapsed: ms(6100)
+        }]
+    );
+}
+
+#[test]
 fn timeouts_term_once_then_kill_after_grace() {
     let mut ws = vec![w(1, WorkerState::Busy, T), w(2, WorkerState::Idle, T)];
     let grace = secs(2);
