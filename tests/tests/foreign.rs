@@ -317,6 +317,74 @@ fn php_cgi_exiting_after_php_fcgi_max_requests_never_fails_a_request() {
     assert_eq!(worker_pids(app.pid()), workers, "the worker itself stays");
 }
 
+#[test]
+fn php_cgi_in_an_ondemand_pool_starts_for_a_request_is_recycled_and_is_reaped_when_idle() {
+    require(PHP_CGI);
+    let dir = TempDir::new("foreign-php-ondemand");
+    let root = php_root(&dir);
+    let app = pool(
+        &dir,
+        &[
+            "--pm",
+            "ondemand",
+            "--workers",
+            "2",
+            "--idle-timeout",
+            "1s",
+            "--max-requests",
+            "4",
+            "--max-requests-jitter",
+            "0",
+        ],
+        &[PHP_CGI],
+        &[],
+    );
+    app.wait_for_log("master started");
+    assert_throughout(
+        Duration::from_millis(1200),
+        "ondemand starts with no worker and no php-cgi",
+        || worker_pids(app.pid()).is_empty(),
+    );
+    let nginx = both_nginx(&dir, &app, &root);
+    // php-cgi pid -> requests it answered.
+    let mut answered: std::collections::BTreeMap<i32, usize> = Default::default();
+    for i in 0..12 {
+        let (keep, nginx) = &nginx[i % 2];
+        let php = pid_of(
+            &get(nginx, "/app.php/pid"),
+            &format!("request {i}, keep_conn {keep}"),
+        );
+        let requests = answered.entry(php).or_default();
+        if *requests == 0 {
+            // Its first answer: the worker has more to serve, so both still run.
+            let worker = parent_and_name(php).0;
+            let (master, name) = parent_and_name(worker);
+            assert!(
+                master == app.pid() && name == "fcgi-pool",
+                "php-cgi {php} runs under a worker of the pool, not {worker} ({name}, child of {master})"
+            );
+        }
+        *requests += 1;
+    }
+    for (php, requests) in &answered {
+        assert!(
+            *requests <= 4,
+            "php-cgi {php} answered {requests} requests: its worker recycles after 4"
+        );
+    }
+    assert!(
+        answered.len() >= 3,
+        "12 requests at 4 per worker went to 3 or more: {answered:?}"
+    );
+    // Idle past idle_timeout: the workers stop, and their php-cgi with them.
+    app.wait_for_workers_within(0, Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), "every php-cgi to be gone", || {
+        answered
+            .keys()
+            .all(|php| !Path::new(&format!("/proc/{php}")).exists())
+    });
+}
+
 /// Client threads sending requests through nginx until told to stop (bounded: at most 5000
 /// each); each asserts its answer, so a failure fails its thread.
 struct Load {

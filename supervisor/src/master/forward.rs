@@ -5,10 +5,11 @@
 //! read, and the master passes it to an idle worker (see `passing.rs`).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use bytes::Bytes;
+use nix::sys::socket::{recv, MsgFlags};
 use nix::unistd::Pid;
 
 use super::Worker;
@@ -43,6 +44,28 @@ impl Forwarding {
     /// Whether connections wait for a worker to take them.
     pub(super) fn waiting(&self) -> bool {
         !self.passed.is_empty()
+    }
+
+    /// How many held connections have a request waiting for a worker: one carrying bytes
+    /// its last owner read, or one nginx has written to since. Without this count, an
+    /// `ondemand` pool whose last worker recycled would start none for the next request on
+    /// a kept-alive connection that worker handed over, and nginx would time out on it.
+    /// Held connections nginx has closed are dropped here.
+    pub(super) fn requests_waiting(&mut self) -> usize {
+        self.passed.retain(|(fd, carried, _)| {
+            !carried.is_empty() || !matches!(peek(fd.as_fd()), Peeked::Closed)
+        });
+        self.passed
+            .iter()
+            .filter(|(fd, carried, _)| {
+                !carried.is_empty() || matches!(peek(fd.as_fd()), Peeked::Bytes)
+            })
+            .count()
+    }
+
+    /// The held connections, for the master to wake when a request arrives on one.
+    pub(super) fn held(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.passed.iter().map(|(fd, _, _)| fd.as_fd())
     }
 
     /// Collects what the workers handed over and passes it on: a connection carrying a request
@@ -144,6 +167,29 @@ impl Forwarding {
     }
 }
 
+/// What a held connection has to read.
+enum Peeked {
+    Nothing,
+    Bytes,
+    Closed,
+}
+
+/// Looks at `conn` without taking anything from it.
+fn peek(conn: BorrowedFd<'_>) -> Peeked {
+    let mut byte = [0u8; 1];
+    match recv(
+        conn.as_raw_fd(),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(0) => Peeked::Closed,
+        Ok(_) => Peeked::Bytes,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Peeked::Nothing,
+        // Reset or otherwise broken: nothing will ever be read from it.
+        Err(_) => Peeked::Closed,
+    }
+}
+
 /// Reads the messages waiting on one worker's `channel` (`pid` 0 for a reaped one).
 fn collect(
     pid: i32,
@@ -178,5 +224,40 @@ fn collect(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A held connection and nginx's end of it.
+    fn held(carried: &'static [u8]) -> ((OwnedFd, Bytes, u8), UnixStream) {
+        let (ours, nginx) = UnixStream::pair().expect("socketpair");
+        ((OwnedFd::from(ours), Bytes::from_static(carried), 1), nginx)
+    }
+
+    #[test]
+    fn held_connections_with_a_request_count_as_waiting_and_closed_ones_are_dropped() {
+        let (idle, _idle_peer) = held(b"");
+        let (carrying, _carrying_peer) = held(b"\x01\x01");
+        let (written, mut written_peer) = held(b"");
+        let (closed, closed_peer) = held(b"");
+        let mut f = Forwarding {
+            passed: vec![idle, carrying, written, closed],
+            ..Forwarding::default()
+        };
+        assert_eq!(
+            f.requests_waiting(),
+            1,
+            "only the one carrying bytes so far"
+        );
+        written_peer.write_all(b"\x01\x01").expect("nginx writes");
+        drop(closed_peer);
+        assert_eq!(f.requests_waiting(), 2);
+        assert_eq!(f.held().count(), 3, "the closed one is gone");
+        // Peeking takes nothing: the request is still there for the worker.
+        assert_eq!(f.requests_waiting(), 2);
     }
 }

@@ -171,7 +171,7 @@ impl<R: Application> Master<R> {
     ) {
         // Waiting for a worker: in the kernel's queues, or held by a saturated worker.
         let held: u64 = all.iter().map(|(_, snap)| snap.held).sum();
-        let waiting = self.waiting() + held as usize;
+        let waiting = self.waiting() + held as usize + self.forwarding.requests_waiting();
         let plan = self.policies.pool.tick(current, waiting, now);
         self.publish_stats(all, waiting);
         if let Some(max) = plan.max_reached {

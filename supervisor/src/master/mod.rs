@@ -229,7 +229,10 @@ impl<R: Application> Master<R> {
         if let Some(due) = self.systemd.next_due(now) {
             wake = wake.min(due);
         }
-        if self.generations.reloading() || self.forwarding.waiting() {
+        // Held connections wait for a worker that is coming: look often until it is there.
+        // With none coming (an `ondemand` pool gone idle), a request on one wakes the wait.
+        let held = self.forwarding.waiting() && !self.policies.watch_listeners;
+        if self.generations.reloading() || held {
             // A new generation gets ready in milliseconds; look often until it is.
             wake = wake.min(RELOAD_POLL);
         }
@@ -246,6 +249,13 @@ impl<R: Application> Master<R> {
                 self.listeners
                     .iter()
                     .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+            );
+            // Kept-alive connections handed over with no worker to take them: a request on
+            // one is a reason to start a worker, as a new connection is.
+            fds.extend(
+                self.forwarding
+                    .held()
+                    .map(|c| PollFd::new(c, PollFlags::POLLIN)),
             );
         }
         fds.extend(
