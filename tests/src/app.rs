@@ -46,8 +46,21 @@ impl App {
     /// Starts an already-prepared command whose listeners are `unix` (and no TCP port), and
     /// waits until the master runs. The command's last arguments must reach the server (a
     /// launcher passes them on): `--allow-root` may be appended.
-    pub fn start_command(dir: &TempDir, mut cmd: Command, unix: PathBuf) -> App {
+    pub fn start_command(dir: &TempDir, cmd: Command, unix: PathBuf) -> App {
+        App::start_command_running(dir, cmd, unix, &[])
+    }
+
+    /// As [`App::start_command`], for `fcgi-pool`: `program` goes after the opt-in and `--`.
+    pub fn start_command_running(
+        dir: &TempDir,
+        mut cmd: Command,
+        unix: PathBuf,
+        program: &[&str],
+    ) -> App {
         opt_in_if_root(&mut cmd);
+        if !program.is_empty() {
+            cmd.arg("--").args(program);
+        }
         let app = App {
             proc: Proc::spawn(dir, "app", cmd),
             unix,
