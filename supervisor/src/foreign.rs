@@ -60,6 +60,10 @@ const INLINE_BODY_MAX: usize = 64 * 1024;
 /// previous master hand over (a program that saw `LISTEN_FDS` might try to use fds it does not
 /// have). Every `SUPERVISOR_*` variable is removed too.
 const POOL_ENV: &[&str] = &[
+    // php-cgi would fork this many children of its own, all accepting on its socket: the
+    // worker sends one request at a time, so they would only sit there, and a child killed
+    // at a request timeout would leave them running. The pool's `workers` is the knob.
+    CHILDREN_VAR,
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
@@ -67,6 +71,9 @@ const POOL_ENV: &[&str] = &[
     "WATCHDOG_PID",
     "WATCHDOG_USEC",
 ];
+
+/// php-cgi's own process manager: how many children it forks.
+const CHILDREN_VAR: &str = "PHP_FCGI_CHILDREN";
 
 /// Runs the pool with the configured `program` as each worker's application, and exits the
 /// process (as [`crate::run`] does). What `fcgi-pool` runs.
@@ -100,6 +107,24 @@ impl Foreign {
                  time: leave it at 1 and set workers instead",
                 cfg.max_requests_in_flight
             ));
+        }
+        let children = cfg
+            .process
+            .env
+            .iter()
+            .find(|(name, _)| name == CHILDREN_VAR)
+            .map(|(_, value)| value.clone())
+            .or_else(|| {
+                (!cfg.process.clear_env)
+                    .then(|| std::env::var(CHILDREN_VAR).ok())
+                    .flatten()
+            });
+        if let Some(n) = children.filter(|n| n.trim() != "0" && !n.trim().is_empty()) {
+            tracing::warn!(
+                PHP_FCGI_CHILDREN = n,
+                workers = cfg.pool.workers,
+                "PHP_FCGI_CHILDREN is not passed to the program: each worker runs one process of it, one request at a time; set workers for more processes"
+            );
         }
         Ok(Foreign {
             program,
@@ -557,6 +582,12 @@ impl Application for Foreign {
 
     fn answers_its_timeouts(&self) -> bool {
         true
+    }
+
+    /// The child would die with the worker (`PR_SET_PDEATHSIG`), but not what it forked:
+    /// dropping it kills its whole process group.
+    fn worker_exiting(&self) {
+        drop(self.lock().take());
     }
 }
 

@@ -111,6 +111,19 @@ fn parent_and_name(pid: i32) -> (i32, String) {
     (ppid, name)
 }
 
+/// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
+fn gone(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or_default()
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
+
 /// 1 MiB of bytes that are not a repeating pattern, so a misplaced chunk shows.
 fn mib_body() -> Vec<u8> {
     let mut x: u32 = 0x2545_f491;
@@ -603,6 +616,74 @@ while ($req->Accept() >= 0) {
 "#;
 
 #[test]
+fn php_fcgi_children_is_not_passed_on_so_each_worker_runs_one_php_cgi() {
+    require(PHP_CGI);
+    let dir = TempDir::new("foreign-php-children");
+    let root = php_root(&dir);
+    let app = pool(
+        &dir,
+        &["--workers", "1"],
+        &[PHP_CGI],
+        &[("PHP_FCGI_CHILDREN", "3")],
+    );
+    app.wait_for_workers(1);
+    let [(_, nginx), _] = both_nginx(&dir, &app, &root);
+    let php = pid_of(&get(&nginx, "/app.php/pid"), "php-cgi");
+    let worker = parent_and_name(php).0;
+    assert!(
+        worker_pids(app.pid()).contains(&worker),
+        "the php-cgi answering is the worker's own child"
+    );
+    assert_eq!(
+        worker_pids(php),
+        Vec::<i32>::new(),
+        "php-cgi forked no children of its own"
+    );
+    let log = app.stderr();
+    assert!(
+        log.contains("PHP_FCGI_CHILDREN is not passed to the program"),
+        "{log}"
+    );
+}
+
+/// A Perl FCGI responder that forks a long sleep at start and answers with its pid.
+const FORKING_PERL: &str = r#"use strict;
+use warnings;
+use FCGI;
+my $sleeper = fork() // die "fork: $!";
+if ($sleeper == 0) { exec("sleep", "1000") or exit 1; }
+my $req = FCGI::Request();
+while ($req->Accept() >= 0) {
+    print "Content-Type: text/plain\r\n\r\n$sleeper\n";
+}
+"#;
+
+#[test]
+fn what_a_program_forks_stops_with_it() {
+    require("/usr/bin/perl");
+    let dir = TempDir::new("foreign-forks");
+    let script = dir.path().join("forking.pl");
+    std::fs::write(&script, FORKING_PERL).expect("script");
+    let script = script.display().to_string();
+    let app = pool(&dir, &["--workers", "1"], &["/usr/bin/perl", &script], &[]);
+    app.wait_for_workers(1);
+    let r = fcgi_request(&app.unix(), "GET", "/", b"").expect("answered");
+    let sleeper: i32 = String::from_utf8_lossy(r.body())
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("a pid: {:?}", r.body()));
+    assert!(!gone(sleeper), "the program's child runs");
+    app.signal(Signal::SIGTERM);
+    app.wait_exit(Duration::from_secs(10))
+        .expect("the pool stops");
+    wait_until(
+        Duration::from_secs(10),
+        "the program's child to stop",
+        || gone(sleeper),
+    );
+}
+
+#[test]
 fn a_perl_fcgi_script_serves_through_nginx() {
     require("/usr/bin/perl");
     let dir = TempDir::new("foreign-perl");
@@ -756,17 +837,7 @@ fn a_request_timeout_names_the_uri_and_replaces_the_php_cgi_stuck_in_it() {
     wait_until(
         Duration::from_secs(10),
         "the old php-cgi to be gone",
-        || {
-            std::fs::read_to_string(format!("/proc/{php}/stat"))
-                .map(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .unwrap_or_default()
-                        .trim_start()
-                        .starts_with('Z')
-                })
-                .unwrap_or(true)
-        },
+        || gone(php),
     );
     let after = pid_of(&get(&nginx, "/app.php/pid"), "after");
     assert_ne!(after, php, "a new php-cgi answers");

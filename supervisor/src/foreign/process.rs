@@ -10,6 +10,7 @@ use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use nix::sys::signal::Signal;
 
 /// How long a newly started program has to answer its first connection: php-cgi starts in
 /// tens of milliseconds, a large preload in seconds; a program that takes longer is reported
@@ -125,6 +126,11 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        // Its whole process group (it leads one of its own): whatever it forked goes too.
+        // Only while it is not reaped: until then its pid, the group's id, is not reused.
+        if let (Ok(None), Ok(pid)) = (self.child.try_wait(), i32::try_from(self.child.id())) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);

@@ -142,6 +142,10 @@ pub(crate) trait Application: Send + Sync + 'static {
     fn answers_its_timeouts(&self) -> bool {
         false
     }
+
+    /// The worker is about to exit (its requests are over, or it failed): what it started
+    /// that dying with it would not stop is stopped here. `exit` drops nothing.
+    fn worker_exiting(&self) {}
 }
 
 impl<R: Responder> Application for R {
@@ -306,13 +310,14 @@ pub(crate) fn run<R: Application>(
     settings: Settings,
     channel: Option<std::os::unix::net::UnixStream>,
 ) -> ! {
-    let code = match serve(app, listeners, board, settings, channel) {
+    let code = match serve(Arc::clone(&app), listeners, board, settings, channel) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(pid = std::process::id(), error = %e, "worker failed");
             1
         }
     };
+    app.worker_exiting();
     std::process::exit(code)
 }
 
