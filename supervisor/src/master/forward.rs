@@ -52,15 +52,17 @@ impl Forwarding {
     /// a kept-alive connection that worker handed over, and nginx would time out on it.
     /// Held connections nginx has closed are dropped here.
     pub(super) fn requests_waiting(&mut self) -> usize {
+        let mut waiting = 0;
         self.passed.retain(|(fd, carried, _)| {
-            !carried.is_empty() || !matches!(peek(fd.as_fd()), Peeked::Closed)
+            let peeked = if carried.is_empty() {
+                peek(fd.as_fd())
+            } else {
+                Peeked::Bytes
+            };
+            waiting += usize::from(matches!(peeked, Peeked::Bytes));
+            !matches!(peeked, Peeked::Closed)
         });
-        self.passed
-            .iter()
-            .filter(|(fd, carried, _)| {
-                !carried.is_empty() || matches!(peek(fd.as_fd()), Peeked::Bytes)
-            })
-            .count()
+        waiting
     }
 
     /// The held connections, for the master to wake when a request arrives on one.
