@@ -75,6 +75,22 @@ const POOL_ENV: &[&str] = &[
 /// php-cgi's own process manager: how many children it forks.
 const CHILDREN_VAR: &str = "PHP_FCGI_CHILDREN";
 
+/// A `PHP_FCGI_CHILDREN` asking for children, as the workers would see it: the configured
+/// `env`, else the master's environment unless `clear_env`.
+fn php_children(cfg: &Config) -> Option<String> {
+    let configured = cfg
+        .process
+        .env
+        .iter()
+        .find(|(name, _)| name == CHILDREN_VAR);
+    let value = match configured {
+        Some((_, value)) => value.clone(),
+        None if cfg.process.clear_env => return None,
+        None => std::env::var(CHILDREN_VAR).ok()?,
+    };
+    (!matches!(value.trim(), "" | "0")).then_some(value)
+}
+
 /// Runs the pool with the configured `program` as each worker's application, and exits the
 /// process (as [`crate::run`] does). What `fcgi-pool` runs.
 pub fn run_program() -> ! {
@@ -108,18 +124,7 @@ impl Foreign {
                 cfg.max_requests_in_flight
             ));
         }
-        let children = cfg
-            .process
-            .env
-            .iter()
-            .find(|(name, _)| name == CHILDREN_VAR)
-            .map(|(_, value)| value.clone())
-            .or_else(|| {
-                (!cfg.process.clear_env)
-                    .then(|| std::env::var(CHILDREN_VAR).ok())
-                    .flatten()
-            });
-        if let Some(n) = children.filter(|n| n.trim() != "0" && !n.trim().is_empty()) {
+        if let Some(n) = php_children(cfg) {
             tracing::warn!(
                 PHP_FCGI_CHILDREN = n,
                 workers = cfg.pool.workers,
@@ -189,7 +194,7 @@ impl Foreign {
 
     /// A connection to a live child, starting one first if there is none or it has exited:
     /// the one kept from its last request if the child has not closed it, else a new one. A
-    /// child whose socket refuses the connection is exiting: once it is gone, another is
+    /// child whose socket refuses (or resets) the connection is exiting: once it is gone, another is
     /// started and connected to. Says which child it found gone, if one was, so that the
     /// caller can tell whether that one had a request of its own.
     async fn connect(self: &Arc<Self>) -> Result<(Link, Option<Exited>), String> {
@@ -221,8 +226,14 @@ impl Foreign {
                 }
                 Err(e) => e,
             };
-            let refused = error.kind() == std::io::ErrorKind::ConnectionRefused;
-            let exit = if refused && gone.is_none() {
+            // Refused: the child closed its socket. Reset: it closed the socket with this
+            // connection still in its queue, never accepted. Either way it is exiting, and
+            // the request never reached it.
+            let exiting = matches!(
+                error.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+            );
+            let exit = if exiting && gone.is_none() {
                 self.reap(EXIT_WAIT).await
             } else {
                 None

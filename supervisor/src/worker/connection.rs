@@ -114,6 +114,9 @@ pub(crate) enum Next {
     Continue,
     /// Close the connection now.
     Close,
+    /// Close it now: the peer left while its request waited undecoded for room, and that
+    /// request is dropped unrun, as one whose client left while it waited in the queue is.
+    Abandon,
     /// Half-close, drain what the client still sends for a moment, then close.
     Linger,
     /// Give the connection back whole, to be passed to another worker.
@@ -190,9 +193,6 @@ pub(crate) struct Conn {
     moves: u8,
     /// A request waits undecoded for room (see [`Conn::place`]).
     pub(crate) waiting: bool,
-    /// The peer closed while a request waited undecoded for room: it is dropped unrun, as a
-    /// request whose client left while it waited in the queue is.
-    pub(crate) abandoned: bool,
     /// When a waiting request looks again at the latest, if it waits behind a request that
     /// started (see [`Conn::place`]).
     pub(crate) relook_at: Option<Instant>,
@@ -236,7 +236,6 @@ impl Conn {
             timed_out: false,
             moves,
             waiting: false,
-            abandoned: false,
             relook_at: None,
             looks: 0,
             left: None,
@@ -394,8 +393,7 @@ impl Conn {
                     // nginx closes when its client goes. What it sent is whole records of a
                     // request never decoded, not a protocol error.
                     self.buf.clear();
-                    self.abandoned = true;
-                    return Next::Close;
+                    return Next::Abandon;
                 }
                 if let Err(e) = self.fcgi.handle_eof(&self.buf) {
                     tracing::warn!(pid = std::process::id(), error = %e, "closing fastcgi peer connection");
@@ -658,10 +656,9 @@ where
         };
         match next {
             Next::Continue => {}
-            Next::Close => {
-                if conn.abandoned {
-                    abandoned(&worker, "");
-                }
+            Next::Close => return Ended::Closed(rd, wr),
+            Next::Abandon => {
+                abandoned(&worker, "");
                 return Ended::Closed(rd, wr);
             }
             Next::Linger => {
@@ -774,9 +771,6 @@ pub(crate) fn refuse(worker: &Worker, waiting: Waiting, why: Refused) {
     // Answering and the episode's timer need the runtime's context, which a handler thread
     // lacks.
     let _inside = worker.runtime.enter();
-    if why != Refused::Abandoned {
-        worker.board.add_refused(why);
-    }
     let settings = &worker.settings.admission;
     let (uri, id) = (waiting.request.uri().to_string(), waiting.id);
     let pid = std::process::id();
@@ -786,6 +780,7 @@ pub(crate) fn refuse(worker: &Worker, waiting: Waiting, why: Refused) {
             Out::Last(id, BytesMut::new())
         }
         Refused::QueueTimeout | Refused::QueueFull => {
+            worker.board.add_refused(why);
             if why == Refused::QueueTimeout {
                 let queue_timeout_ms =
                     settings.queue_timeout.unwrap_or_default().as_millis() as u64;
